@@ -1,0 +1,161 @@
+//! One access log line per request, written when its response ends, however it ends.
+//!
+//! The line carries structured fields (journald turns them into `REQUEST_ID=…`, `STATUS=…`).
+//! It never carries headers or the query string: that is where API keys travel.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{HeaderValue, Method, Uri};
+use tokio::time::Instant;
+
+use crate::body::BodyError;
+
+/// Our id for a request, sent back in `x-proxy-request-id` and written in the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    pub const HEADER: &'static str = "x-proxy-request-id";
+
+    /// Unique within a process and, through the start-time seed, across restarts.
+    pub fn next() -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let seed = *SEED.get_or_init(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ (u64::from(std::process::id()) << 40)
+        });
+        Self(splitmix64(
+            seed.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed)),
+        ))
+    }
+
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_str(&self.to_string()).expect("hex is a valid header value")
+    }
+}
+
+/// A bijection on u64, so distinct counters give distinct ids that do not look sequential.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+pub struct AccessRecord {
+    pub id: RequestId,
+    pub method: Method,
+    pub uri: Uri,
+    pub client: SocketAddr,
+    pub generation: u64,
+    pub started: Instant,
+    pub status: u16,
+    pub time_to_headers: Duration,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: u64,
+    cut: Option<String>,
+    enabled: bool,
+}
+
+impl AccessRecord {
+    pub fn new(
+        id: RequestId,
+        method: &Method,
+        uri: &Uri,
+        client: SocketAddr,
+        generation: u64,
+        enabled: bool,
+    ) -> Self {
+        Self {
+            id,
+            method: method.clone(),
+            uri: uri.clone(),
+            client,
+            generation,
+            started: Instant::now(),
+            status: 0,
+            time_to_headers: Duration::ZERO,
+            bytes_in: Arc::default(),
+            bytes_out: 0,
+            cut: None,
+            enabled,
+        }
+    }
+
+    pub fn note_cut(&mut self, error: &BodyError) {
+        self.cut = Some(error.to_string());
+    }
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        if !self.enabled {
+            return;
+        }
+        let total = self.started.elapsed();
+        let path = self.uri.path();
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let ttfb_ms = self.time_to_headers.as_secs_f64() * 1e3;
+        let duration_ms = total.as_secs_f64() * 1e3;
+        match &self.cut {
+            None => tracing::info!(
+                target: "openai_proxy::access",
+                request_id = %self.id,
+                method = %self.method,
+                path,
+                status = self.status,
+                bytes_in,
+                bytes_out = self.bytes_out,
+                ttfb_ms,
+                duration_ms,
+                client = %self.client,
+                generation = self.generation,
+                "{} {} {}",
+                self.method, path, self.status,
+            ),
+            Some(cut) => tracing::warn!(
+                target: "openai_proxy::access",
+                request_id = %self.id,
+                method = %self.method,
+                path,
+                status = self.status,
+                bytes_in,
+                bytes_out = self.bytes_out,
+                ttfb_ms,
+                duration_ms,
+                client = %self.client,
+                generation = self.generation,
+                cut = %cut,
+                "{} {} {} cut after {}B out: {cut}",
+                self.method, path, self.status, self.bytes_out,
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_distinct_hex() {
+        let a = RequestId::next().to_string();
+        let b = RequestId::next().to_string();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

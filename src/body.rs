@@ -1,0 +1,284 @@
+//! Bodies as they stream through: counted, size-limited and watched for silence, never buffered.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use crate::access_log::AccessRecord;
+use crate::error::ProxyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("no body data for {0:?}")]
+    Idle(Duration),
+    #[error("{0}")]
+    Stream(#[from] hyper::Error),
+}
+
+impl BodyError {
+    pub fn to_proxy_error(&self) -> ProxyError {
+        match self {
+            Self::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
+            other => ProxyError::ClientBody(other.to_string()),
+        }
+    }
+}
+
+/// Fails a body that stays silent for longer than its idle timeout. The deadline is moved lazily:
+/// a frame only records the time, and the timer is re-armed when it fires early.
+struct IdleTimer {
+    limit: Duration,
+    last_activity: Instant,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            limit,
+            last_activity: now,
+            sleep: Box::pin(tokio::time::sleep_until(now + limit)),
+        }
+    }
+
+    fn touch(&mut self) {
+        self.last_activity = Instant::now();
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let deadline = self.last_activity + self.limit;
+            if deadline <= Instant::now() {
+                return true;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+/// A client's request body on its way upstream.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    seen: u64,
+    limit: u64,
+    counter: Arc<AtomicU64>,
+    idle: Option<IdleTimer>,
+    /// Over HTTP/2 a failed request body only resets the stream, and the response may never
+    /// come; this tells the waiting request why it failed.
+    failed: Option<oneshot::Sender<ProxyError>>,
+}
+
+impl RequestBody {
+    /// The body, and a receiver that yields its error if it fails (and closes if it does not).
+    pub fn new(
+        inner: Incoming,
+        limit: u64,
+        idle: Duration,
+        counter: Arc<AtomicU64>,
+    ) -> (Self, oneshot::Receiver<ProxyError>) {
+        let (failed, on_failure) = oneshot::channel();
+        let empty = inner.is_end_stream();
+        let body = Self {
+            inner: (!empty).then_some(inner),
+            seen: 0,
+            limit,
+            counter,
+            idle: (!empty).then(|| IdleTimer::new(idle)),
+            failed: (!empty).then_some(failed),
+        };
+        (body, on_failure)
+    }
+
+    pub fn empty() -> Self {
+        Self {
+            inner: None,
+            seen: 0,
+            limit: 0,
+            counter: Arc::default(),
+            idle: None,
+            failed: None,
+        }
+    }
+
+    fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.inner = None;
+        if let Some(failed) = self.failed.take() {
+            let _ = failed.send(error.to_proxy_error());
+        }
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    this.counter.store(this.seen, Ordering::Relaxed);
+                    if this.seen > this.limit {
+                        return this.fail(BodyError::TooLarge { limit: this.limit });
+                    }
+                }
+                if let Some(idle) = this.idle.as_mut() {
+                    idle.touch();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => this.fail(e.into()),
+            Poll::Ready(None) => {
+                this.inner = None;
+                this.failed = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let Some(idle) = this.idle.as_mut() else {
+                    return Poll::Pending;
+                };
+                if !idle.poll_expired(cx) {
+                    return Poll::Pending;
+                }
+                let limit = idle.limit;
+                this.fail(BodyError::Idle(limit))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// What goes back to the client: the upstream's body as it arrives, or one the proxy made.
+/// It carries the request's access record, written when the body ends or is dropped.
+pub struct ResponseBody {
+    kind: ResponseKind,
+    record: Option<AccessRecord>,
+}
+
+enum ResponseKind {
+    Whole(Option<Bytes>),
+    Upstream { inner: Incoming, idle: IdleTimer },
+}
+
+impl ResponseBody {
+    pub fn whole(bytes: Bytes) -> Self {
+        Self {
+            kind: ResponseKind::Whole((!bytes.is_empty()).then_some(bytes)),
+            record: None,
+        }
+    }
+
+    pub fn upstream(inner: Incoming, idle: Duration) -> Self {
+        Self {
+            kind: ResponseKind::Upstream {
+                inner,
+                idle: IdleTimer::new(idle),
+            },
+            record: None,
+        }
+    }
+
+    pub fn set_record(&mut self, record: AccessRecord) {
+        self.record = Some(record);
+    }
+
+    fn count(&mut self, bytes: usize) {
+        if let Some(record) = self.record.as_mut() {
+            record.bytes_out += bytes as u64;
+        }
+    }
+
+    fn finish(&mut self) {
+        self.kind = ResponseKind::Whole(None);
+        // Dropping the record writes the access log line.
+        self.record = None;
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            ResponseKind::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseKind::Upstream { inner, idle } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    idle.touch();
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Stream(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending if idle.poll_expired(cx) => {
+                    Poll::Ready(Some(Err(BodyError::Idle(idle.limit))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        };
+        let polled = ready!(polled);
+        match &polled {
+            Some(Ok(frame)) => {
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                this.count(len);
+            }
+            Some(Err(e)) => {
+                if let Some(record) = this.record.as_mut() {
+                    record.note_cut(e);
+                }
+                this.finish();
+            }
+            None => this.finish(),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Whole(bytes) => bytes.is_none(),
+            ResponseKind::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Whole(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            ResponseKind::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The TOML config: one plain struct per module, composed here, and the value types they share.
+//!
+//! Every value is checked while it is deserialized, so that toml can point at it: an error
+//! always reads `FILE:LINE:COLUMN: message`. Files the config names are read by `generation`,
+//! which reports their errors at the key that named them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::{listeners, logging, proxy, reload, server, upstream};
+
+pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Plain-HTTP listeners (HTTP/1.1 and HTTP/2 with prior knowledge).
+    pub listen: Vec<Spanned<SocketAddr>>,
+    #[serde(default)]
+    pub tls: Option<listeners::TlsConfig>,
+    #[serde(default)]
+    pub upstream: upstream::Config,
+    #[serde(default)]
+    pub server: server::Config,
+    #[serde(default)]
+    pub proxy: proxy::Config,
+    #[serde(default)]
+    pub log: logging::Config,
+    #[serde(default)]
+    pub reload: reload::Config,
+}
+
+/// The text of a config file, kept so that a span anywhere in it can be named by line and column.
+pub struct ConfigFile {
+    pub path: PathBuf,
+    text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    At {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl ConfigFile {
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            text,
+        })
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn parse(&self) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(&self.text).map_err(|e| {
+            let message = e.message().trim_end().to_owned();
+            match e.span() {
+                Some(span) => self.error_at(span, message),
+                None => ConfigError::File {
+                    path: self.path.clone(),
+                    message,
+                },
+            }
+        })?;
+        self.validate(&config)?;
+        Ok(config)
+    }
+
+    /// Checks that need more than one value at a time.
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let tls_listen = config.tls.iter().flat_map(|t| t.listen.iter());
+        let all: Vec<&Spanned<SocketAddr>> = config.listen.iter().chain(tls_listen).collect();
+        if all.is_empty() {
+            return Err(ConfigError::File {
+                path: self.path.clone(),
+                message: "no listener: `listen` (or `tls.listen`) needs at least one address"
+                    .into(),
+            });
+        }
+        for (i, addr) in all.iter().enumerate() {
+            if all[..i]
+                .iter()
+                .any(|earlier| earlier.get_ref() == addr.get_ref())
+            {
+                return Err(self.error_at(
+                    addr.span(),
+                    format!("the address {} is listed twice", addr.get_ref()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        ConfigError::At {
+            path: self.path.clone(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    /// A path named in the config, relative paths taken from the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
+    /// Reads a file named at `key`; an error points at the key's value.
+    pub fn read_named(&self, key: &Spanned<PathBuf>) -> Result<(PathBuf, Vec<u8>), ConfigError> {
+        let path = self.resolve(key.get_ref());
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok((path, bytes)),
+            Err(e) => {
+                Err(self.error_at(key.span(), format!("cannot read {}: {e}", path.display())))
+            }
+        }
+    }
+}
+
+/// A duration written as `"250ms"`, `"30s"`, `"5m"`, `"2h"` or `"1d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duration(pub std::time::Duration);
+
+impl Duration {
+    pub const fn secs(s: u64) -> Self {
+        Self(std::time::Duration::from_secs(s))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+            format!("{text:?} has no unit: write e.g. \"30s\", \"5m\", \"250ms\"")
+        })?;
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration: write e.g. \"30s\", \"5m\""))?;
+        let millis = match unit.trim() {
+            "ms" => Some(n),
+            "s" => n.checked_mul(1_000),
+            "m" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            "d" => n.checked_mul(86_400_000),
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}: use ms, s, m, h or d"
+                ));
+            }
+        }
+        .ok_or_else(|| format!("{text:?} is too long"))?;
+        Ok(Self(std::time::Duration::from_millis(millis)))
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            ms if ms % 3_600_000 == 0 && ms > 0 => write!(f, "{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 && ms > 0 => write!(f, "{}m", ms / 60_000),
+            ms if ms % 1_000 == 0 => write!(f, "{}s", ms / 1_000),
+            ms => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Duration::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration that must be more than zero: a zero timeout would refuse everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeout(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Duration(duration) = Duration::deserialize(d)?;
+        if duration.is_zero() {
+            return Err(serde::de::Error::custom("a timeout must be longer than 0s"));
+        }
+        Ok(Self(duration))
+    }
+}
+
+impl Timeout {
+    pub const fn secs(s: u64) -> Self {
+        Self(std::time::Duration::from_secs(s))
+    }
+}
+
+/// A size in bytes: a whole number, or a string such as `"64KiB"`, `"512MiB"`, `"1GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size: write e.g. \"64KiB\", \"512MiB\""))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}: use B, KB, KiB, MB, MiB, GB or GiB"
+                ));
+            }
+        };
+        n.checked_mul(factor)
+            .map(Self)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        let size = match Raw::deserialize(d)? {
+            Raw::Number(n) => u64::try_from(n)
+                .map(ByteSize)
+                .map_err(|_| "a size cannot be negative".to_owned()),
+            Raw::Text(text) => ByteSize::parse(&text),
+        }
+        .map_err(serde::de::Error::custom)?;
+        if size.0 == 0 {
+            return Err(serde::de::Error::custom("a size limit must be more than 0"));
+        }
+        Ok(size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        ConfigFile {
+            path: PathBuf::from("/etc/openai-proxy/config.toml"),
+            text: text.to_owned(),
+        }
+        .parse()
+    }
+
+    #[test]
+    fn listen_alone_is_a_whole_config() {
+        let config = parse("listen = [\"127.0.0.1:8080\", \"[::1]:8080\"]\n").unwrap();
+        assert_eq!(config.listen.len(), 2);
+        assert_eq!(config.upstream, upstream::Config::default());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let err =
+            parse("listen = [\"127.0.0.1:8080\"]\n[upstream]\nconnect_timeout = \"10 parsecs\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.starts_with("/etc/openai-proxy/config.toml:3:19: "),
+            "{err}"
+        );
+        assert!(err.contains("parsecs"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_errors() {
+        let err = parse("listen = [\"127.0.0.1:8080\"]\nlisten_port = 3\n").unwrap_err();
+        assert!(err.to_string().contains(":2:1: "), "{err}");
+        assert!(err.to_string().contains("listen_port"), "{err}");
+        let err = parse("listen = \"127.0.0.1:8080\"\n").unwrap_err();
+        assert!(err.to_string().contains(":1:10: "), "{err}");
+        let err = parse("listen = [\"127.0.0.1:99999\"]\n").unwrap_err();
+        assert!(err.to_string().contains(":1:11: "), "{err}");
+    }
+
+    #[test]
+    fn impossible_values_are_errors() {
+        let err = parse("listen = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n").unwrap_err();
+        assert!(err.to_string().contains(":1:26: "), "{err}");
+        assert!(parse("listen = []\n").is_err());
+        let err =
+            parse("listen = [\"127.0.0.1:1\"]\n[server]\nmax_request_body = 0\n").unwrap_err();
+        assert!(err.to_string().contains(":3:20: "), "{err}");
+        let err = parse("listen = [\"127.0.0.1:1\"]\n[upstream]\nconnect_timeout = \"0s\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("longer than 0s"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(Duration::parse("250ms").unwrap().0.as_millis(), 250);
+        assert_eq!(Duration::parse("5m").unwrap().0.as_secs(), 300);
+        assert!(Duration::parse("5").is_err());
+        assert!(Duration::parse("5 weeks").is_err());
+        assert_eq!(Duration::parse("90s").unwrap().to_string(), "90s");
+        assert_eq!(ByteSize::parse("512MiB").unwrap().0, 512 << 20);
+        assert_eq!(ByteSize::parse("10KB").unwrap().0, 10_000);
+        assert!(ByteSize::parse("10 furlongs").is_err());
+    }
+}

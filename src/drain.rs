@@ -1,0 +1,138 @@
+//! Draining: a signal every connection honours, and a count whose reaching zero says they are done.
+//!
+//! One `Drain` per listener, so that a reload can retire one listener's connections while the
+//! others serve on; shutdown drains them all. Each connection and each WebSocket tunnel holds a
+//! `Watch`: when the last one is dropped, the drain is complete (the mini-redis pattern).
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Finish what is in flight, take nothing new.
+    Draining,
+    /// The drain timeout passed: stop now.
+    Cut,
+}
+
+pub struct Drain {
+    phase: watch::Sender<Phase>,
+    tracker: mpsc::Sender<()>,
+    all_done: mpsc::Receiver<()>,
+}
+
+/// Held by each connection or tunnel for as long as it lives.
+#[derive(Clone)]
+pub struct Watch {
+    phase: watch::Receiver<Phase>,
+    _tracker: mpsc::Sender<()>,
+}
+
+/// What a finished drain found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub in_flight: usize,
+    pub cut: usize,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drain {
+    pub fn new() -> Self {
+        let (phase, _) = watch::channel(Phase::Serving);
+        let (tracker, all_done) = mpsc::channel(1);
+        Self {
+            phase,
+            tracker,
+            all_done,
+        }
+    }
+
+    pub fn watch(&self) -> Watch {
+        Watch {
+            phase: self.phase.subscribe(),
+            _tracker: self.tracker.clone(),
+        }
+    }
+
+    /// Tells every watcher to finish, waits up to `timeout` for them, then cuts the rest.
+    pub async fn drain(self, timeout: Duration) -> Outcome {
+        let Self {
+            phase,
+            tracker,
+            mut all_done,
+        } = self;
+        let in_flight = tracker.strong_count() - 1;
+        drop(tracker);
+        phase.send_replace(Phase::Draining);
+        if tokio::time::timeout(timeout, all_done.recv()).await.is_ok() {
+            return Outcome { in_flight, cut: 0 };
+        }
+        let cut = all_done.sender_strong_count();
+        phase.send_replace(Phase::Cut);
+        // Cut tasks stop at their next poll; this only waits for them to be scheduled.
+        let _ = tokio::time::timeout(Duration::from_secs(1), all_done.recv()).await;
+        Outcome { in_flight, cut }
+    }
+}
+
+impl Watch {
+    pub fn is_draining(&self) -> bool {
+        *self.phase.borrow() >= Phase::Draining
+    }
+
+    pub async fn draining(&mut self) {
+        self.reached(Phase::Draining).await
+    }
+
+    pub async fn cut(&mut self) {
+        self.reached(Phase::Cut).await
+    }
+
+    async fn reached(&mut self, wanted: Phase) {
+        // The sender lives until the drain completes; if it is gone, the drain is over.
+        let _ = self.phase.wait_for(|phase| *phase >= wanted).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drain_waits_for_watchers_then_cuts() {
+        let drain = Drain::new();
+        let mut polite = drain.watch();
+        let mut stubborn = drain.watch();
+        let polite_task = tokio::spawn(async move { polite.draining().await });
+        let stubborn_task = tokio::spawn(async move { stubborn.cut().await });
+        let outcome = drain.drain(Duration::from_millis(100)).await;
+        assert_eq!(
+            outcome,
+            Outcome {
+                in_flight: 2,
+                cut: 1
+            }
+        );
+        polite_task.await.unwrap();
+        stubborn_task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn drain_with_nothing_in_flight_is_immediate() {
+        let outcome = Drain::new().drain(Duration::from_secs(60)).await;
+        assert_eq!(
+            outcome,
+            Outcome {
+                in_flight: 0,
+                cut: 0
+            }
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! Errors the proxy answers itself, in OpenAI's error shape.
+//!
+//! Every such error knows which side caused it, so that the status tells an SDK user
+//! whether to fix their request, retry later, or look at the proxy's upstream.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+
+/// Who is at fault: decides the status class and the OpenAI `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("CONNECT is refused: this is a reverse proxy for the OpenAI API, not a forward proxy")]
+    ConnectRefused,
+    #[error("absolute-form request targets are refused: this is not a forward proxy")]
+    AbsoluteFormRefused,
+    #[error("the path {0:?} is not served by this proxy")]
+    PathNotAllowed(String),
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request body from the client failed: {0}")]
+    ClientBody(String),
+    #[error("the proxy is at its connection limit; retry shortly")]
+    Overloaded,
+    #[error("could not connect to the upstream: {0}")]
+    UpstreamUnreachable(String),
+    #[error("TLS to the upstream failed: {0}")]
+    UpstreamTls(String),
+    #[error("the upstream did not send response headers within {0:?}")]
+    UpstreamTimeout(std::time::Duration),
+    #[error("the upstream connection failed: {0}")]
+    UpstreamProtocol(String),
+}
+
+impl ProxyError {
+    pub fn side(&self) -> Side {
+        match self {
+            Self::ConnectRefused
+            | Self::AbsoluteFormRefused
+            | Self::PathNotAllowed(_)
+            | Self::Malformed(_)
+            | Self::BodyTooLarge { .. }
+            | Self::ClientBody(_) => Side::Client,
+            Self::Overloaded => Side::Proxy,
+            Self::UpstreamUnreachable(_)
+            | Self::UpstreamTls(_)
+            | Self::UpstreamTimeout(_)
+            | Self::UpstreamProtocol(_) => Side::Upstream,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::ConnectRefused | Self::AbsoluteFormRefused => StatusCode::FORBIDDEN,
+            Self::PathNotAllowed(_) => StatusCode::NOT_FOUND,
+            Self::Malformed(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnreachable(_) | Self::UpstreamTls(_) | Self::UpstreamProtocol(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The machine-readable `code` an SDK user can match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ConnectRefused | Self::AbsoluteFormRefused => "proxy_request_refused",
+            Self::PathNotAllowed(_) => "path_not_allowed",
+            Self::Malformed(_) => "malformed_request",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::ClientBody(_) => "client_body_error",
+            Self::Overloaded => "proxy_overloaded",
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamTls(_) => "upstream_tls_error",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamProtocol(_) => "upstream_error",
+        }
+    }
+
+    fn openai_type(&self) -> &'static str {
+        match self.side() {
+            Side::Client => "invalid_request_error",
+            Side::Upstream => "upstream_error",
+            Side::Proxy => "server_error",
+        }
+    }
+
+    /// `{"error":{"message":…,"type":…,"param":null,"code":…}}`, as OpenAI's SDKs parse it.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.openai_type(),
+                "param": null,
+                "code": self.code(),
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+
+    pub fn into_response<B>(self, body: impl FnOnce(Bytes) -> B) -> http::Response<B> {
+        let mut response = http::Response::new(body(self.body()));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_openai_shape() {
+        let err = ProxyError::BodyTooLarge { limit: 10 };
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "request_too_large");
+        assert!(v["error"]["param"].is_null());
+        assert!(v["error"]["message"].as_str().unwrap().contains("10 bytes"));
+        assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

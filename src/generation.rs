@@ -1,0 +1,206 @@
+//! A generation: one loaded config with everything built from it, immutable once made.
+//!
+//! `Live` holds the current generation in an ArcSwap. A request or connection takes a snapshot
+//! when it starts and keeps it to its end; a reload builds the next generation off to the side
+//! and swaps it in whole, so serving never waits on a reload and never sees half of one.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+
+use crate::config::{Config, ConfigError, ConfigFile};
+use crate::listeners;
+use crate::upstream::Upstream;
+
+pub struct Generation {
+    pub number: u64,
+    pub loaded_at: SystemTime,
+    pub config: Config,
+    pub upstream: Arc<Upstream>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub http: auto::Builder<TokioExecutor>,
+    /// The config file and every file it names, with a fingerprint of their contents as loaded:
+    /// the file watcher reloads when the fingerprint on disk differs.
+    pub files: Vec<PathBuf>,
+    pub fingerprint: u64,
+}
+
+impl Generation {
+    /// Reads, parses, validates and builds; blocking file I/O, so not on the serving path.
+    pub fn load(
+        path: &Path,
+        number: u64,
+        previous: Option<&Generation>,
+    ) -> Result<Self, ConfigError> {
+        let file = ConfigFile::read(path)?;
+        let config = file.parse()?;
+        let mut contents: Vec<listeners::FileRead> =
+            vec![(path.to_owned(), file.text().as_bytes().to_vec())];
+        let tls = match &config.tls {
+            Some(tls) => {
+                let (acceptor, read) = listeners::tls_acceptor(tls, &file)?;
+                contents.extend(read);
+                Some(acceptor)
+            }
+            None => None,
+        };
+        let ca_pem = match &config.upstream.ca_file {
+            Some(key) => {
+                let (path, bytes) = file.read_named(key)?;
+                contents.push((path, bytes.clone()));
+                Some(bytes)
+            }
+            None => None,
+        };
+        let upstream = Upstream::build(
+            &config.upstream,
+            &file,
+            ca_pem,
+            previous.map(|p| &p.upstream),
+        )?;
+        let http = server_builder(&config);
+        let fingerprint = fingerprint(
+            contents
+                .iter()
+                .map(|(p, b)| (p.as_path(), Some(b.as_slice()))),
+        );
+        Ok(Self {
+            number,
+            loaded_at: SystemTime::now(),
+            files: contents.into_iter().map(|(p, _)| p).collect(),
+            fingerprint,
+            config,
+            upstream,
+            tls,
+            http,
+        })
+    }
+
+    /// Every address this generation listens on, and whether it speaks TLS.
+    pub fn listen_addrs(&self) -> impl Iterator<Item = (SocketAddr, bool)> + '_ {
+        let plain = self.config.listen.iter().map(|a| (*a.get_ref(), false));
+        let tls = self
+            .config
+            .tls
+            .iter()
+            .flat_map(|t| t.listen.iter().map(|a| (*a.get_ref(), true)));
+        plain.chain(tls)
+    }
+
+    pub fn is_tls(&self, addr: SocketAddr) -> bool {
+        self.config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.listen.iter().any(|a| *a.get_ref() == addr))
+    }
+
+    /// What it serves, as `openai-proxy check` tells it.
+    pub fn summary(&self) -> String {
+        let addrs: Vec<(SocketAddr, bool)> = self.listen_addrs().collect();
+        self.summary_on(&addrs)
+    }
+
+    /// What it serves on the given (bound) addresses, for logs and `systemctl status`.
+    pub fn summary_on(&self, addrs: &[(SocketAddr, bool)]) -> String {
+        let addrs: Vec<String> = addrs
+            .iter()
+            .map(|(a, tls)| {
+                if *tls {
+                    format!("https://{a}")
+                } else {
+                    format!("http://{a}")
+                }
+            })
+            .collect();
+        let upstream = &self.config.upstream;
+        let host = upstream
+            .host
+            .as_ref()
+            .map(|h| format!(" (Host {})", h.as_str()))
+            .unwrap_or_default();
+        format!(
+            "listening on {}; upstream {}{host}",
+            addrs.join(", "),
+            upstream.url
+        )
+    }
+}
+
+fn server_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let server = &config.server;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout.0)
+        .max_buf_size(server.max_header_size.0.max(8192) as usize)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_size.0).unwrap_or(u32::MAX))
+        .max_concurrent_streams(server.max_streams_per_connection)
+        .adaptive_window(true);
+    builder
+}
+
+/// A hash of each file's path and contents (None: the file could not be read).
+pub fn fingerprint<'a>(files: impl Iterator<Item = (&'a Path, Option<&'a [u8]>)>) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for (path, contents) in files {
+        path.hash(&mut hasher);
+        contents.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+pub struct Live {
+    current: ArcSwap<Generation>,
+    last_reload_error: Mutex<Option<String>>,
+}
+
+impl Live {
+    pub fn new(first: Generation) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(first),
+            last_reload_error: Mutex::new(None),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    pub fn swap(&self, next: Generation) -> Arc<Generation> {
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        *self.last_reload_error.lock().expect("not poisoned") = None;
+        next
+    }
+
+    pub fn reload_failed(&self, error: String) {
+        *self.last_reload_error.lock().expect("not poisoned") = Some(error);
+    }
+
+    /// The `STATUS=` line: what serves where, since when, and why the last reload failed if it did.
+    pub fn status(&self, bound: &[(SocketAddr, bool)]) -> String {
+        let generation = self.snapshot();
+        let mut status = format!(
+            "generation {} loaded {}; {}",
+            generation.number,
+            httpdate::fmt_http_date(generation.loaded_at),
+            generation.summary_on(bound)
+        );
+        if let Some(error) = &*self.last_reload_error.lock().expect("not poisoned") {
+            status.push_str(&format!("; last reload FAILED: {error}"));
+        }
+        status
+    }
+}

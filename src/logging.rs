@@ -1,0 +1,123 @@
+//! Logs: to the journal with structured fields under systemd, else readable lines on stderr.
+//! The level comes from the config (and follows it on reload) unless RUST_LOG overrides it.
+
+use serde::{Deserialize, Deserializer};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a filter such as `info,openai_proxy=debug`.
+    pub level: Level,
+    /// One line per request, at info level.
+    pub access_log: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            level: Level("info".into()),
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level(String);
+
+impl Level {
+    fn filter(&self) -> EnvFilter {
+        EnvFilter::builder()
+            .parse(&self.0)
+            .expect("checked when the config was read")
+    }
+}
+
+impl<'de> Deserialize<'de> for Level {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        EnvFilter::builder()
+            .parse(&text)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a log level: {e}")))?;
+        Ok(Self(text))
+    }
+}
+
+pub struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    from_env: bool,
+}
+
+impl Logging {
+    pub fn init(config: &Config) -> Self {
+        let env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+        let from_env = env.is_some();
+        let initial = match env.map(|v| EnvFilter::builder().parse(v)) {
+            Some(Ok(filter)) => filter,
+            Some(Err(error)) => {
+                eprintln!("openai-proxy: ignoring RUST_LOG: {error}");
+                config.level.filter()
+            }
+            None => config.level.filter(),
+        };
+        let (filter, handle) = reload::Layer::new(initial);
+        let journald = if under_journald() {
+            match tracing_journald::layer() {
+                Ok(layer) => Some(
+                    layer
+                        .with_syslog_identifier("openai-proxy".into())
+                        .with_field_prefix(None),
+                ),
+                Err(error) => {
+                    eprintln!("openai-proxy: journald unreachable, logging to stderr: {error}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let stderr = journald.is_none().then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(false)
+        });
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journald)
+            .with(stderr)
+            .init();
+        Self {
+            filter: handle,
+            from_env,
+        }
+    }
+
+    pub fn apply(&self, config: &Config) {
+        if self.from_env {
+            return;
+        }
+        if let Err(error) = self.filter.reload(config.level.filter()) {
+            tracing::warn!(%error, "could not change the log level");
+        }
+    }
+}
+
+/// systemd sets JOURNAL_STREAM to the device and inode of the stderr it connected to the journal;
+/// if our stderr is still that stream, the journal is where logs belong.
+fn under_journald() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(expected) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(stderr).metadata() else {
+        return false;
+    };
+    expected.to_str() == Some(&format!("{}:{}", meta.dev(), meta.ino()))
+}

@@ -1,0 +1,134 @@
+//! openai-proxy: the daemon's life, start to exit. Each step lives in the module named for it.
+#![deny(unsafe_code)]
+
+mod access_log;
+mod body;
+mod cli;
+mod config;
+mod drain;
+mod error;
+mod generation;
+mod headers;
+mod inherited;
+mod listeners;
+mod logging;
+mod proxy;
+mod reload;
+mod server;
+mod systemd;
+mod upstream;
+mod watch;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use cli::Command;
+use generation::{Generation, Live};
+use inherited::InheritedListener;
+use listeners::ListenerSet;
+use logging::Logging;
+use reload::{Event, Triggers};
+
+fn main() -> ExitCode {
+    let command = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(command) => command,
+        Err(error) => {
+            eprintln!("openai-proxy: {error}\n\n{}", cli::HELP);
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Help => {
+            print!("{}", cli::HELP);
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("openai-proxy {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => check(&config),
+        Command::Run { config } => run(config),
+    }
+}
+
+/// Like `nginx -t`: everything a start would load and build, without binding or serving.
+fn check(config: &Path) -> ExitCode {
+    match Generation::load(config, 1, None) {
+        Ok(generation) => {
+            println!(
+                "openai-proxy: {} is valid: {}",
+                config.display(),
+                generation.summary()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("openai-proxy: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: PathBuf) -> ExitCode {
+    // Before any thread exists: this clears LISTEN_FDS and friends from the environment.
+    let inherited = inherited::take();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+    match runtime.block_on(daemon(config, inherited)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("openai-proxy: cannot start: {error}");
+            systemd::status(&format!("failed to start: {error}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Bind(#[from] listeners::BindError),
+    #[error("cannot watch signals or files: {0}")]
+    Triggers(#[from] std::io::Error),
+}
+
+async fn daemon(config_path: PathBuf, inherited: Vec<InheritedListener>) -> Result<(), StartError> {
+    // Load the config and build everything from it: TLS, the upstream client, limits.
+    let first = Generation::load(&config_path, 1, None)?;
+    let logging = Logging::init(&first.config.log);
+    let live = Arc::new(Live::new(first));
+
+    // Listen: sockets systemd kept for us across a restart, freshly bound ones for the rest.
+    let mut listeners = ListenerSet::start(live.clone(), inherited)?;
+    let triggers = Triggers::start(&live)?;
+
+    // Ready.
+    systemd::spawn_watchdog(live.clone());
+    let status = listeners.status();
+    systemd::ready(&status);
+    tracing::info!("ready: {status}");
+
+    // Serve, reloading on SIGHUP or a changed file, as often as asked.
+    while let Event::Reload = triggers.next().await {
+        if reload::reload(&config_path, &live, &mut listeners, &logging)
+            .await
+            .is_ok()
+        {
+            triggers.follow(&live.snapshot());
+        }
+    }
+
+    // Drain: stop accepting, let what is in flight finish, then exit.
+    let drain_timeout = live.snapshot().config.server.drain_timeout.0;
+    systemd::stopping(&format!("draining for up to {drain_timeout:?}"));
+    tracing::info!(?drain_timeout, "stopping: draining connections");
+    let outcome = listeners.drain(drain_timeout).await;
+    tracing::info!(
+        in_flight = outcome.in_flight,
+        cut = outcome.cut,
+        "drained; exiting"
+    );
+    Ok(())
+}

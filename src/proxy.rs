@@ -1,0 +1,256 @@
+//! One request's way through the proxy: admit it, forward it, relay the answer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Deserializer};
+
+use crate::access_log::{AccessRecord, RequestId};
+use crate::body::{RequestBody, ResponseBody};
+use crate::drain;
+use crate::error::ProxyError;
+use crate::generation::{Generation, Live};
+use crate::headers;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Only paths under these prefixes are forwarded; anything else is answered 404 here.
+    pub allowed_path_prefixes: Vec<PathPrefix>,
+    /// Pass X-Forwarded-For, Forwarded, Via and the like upstream, and add the client's address
+    /// to X-Forwarded-For. Off: the upstream learns nothing about the client.
+    pub forward_client_identity: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            allowed_path_prefixes: vec![PathPrefix("/v1/".into())],
+            forward_client_identity: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPrefix(String);
+
+impl<'de> Deserialize<'de> for PathPrefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if !text.starts_with('/') {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?}: a path prefix starts with '/'"
+            )));
+        }
+        if has_dot_segment(&text) {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?}: a path prefix cannot hold '.' or '..' segments"
+            )));
+        }
+        Ok(Self(text))
+    }
+}
+
+/// `..` could climb out of an allowed prefix at the upstream; `%2e` is the same dot.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
+/// What a connection tells each of its requests.
+#[derive(Clone)]
+pub struct Connection {
+    pub live: Arc<Live>,
+    pub client: SocketAddr,
+    /// Accepted beyond `server.max_connections`: every request is answered 503.
+    pub overloaded: bool,
+    pub drain: drain::Watch,
+}
+
+pub async fn handle(conn: &Connection, request: Request<Incoming>) -> Response<ResponseBody> {
+    // The generation is fixed for this request's whole life, whatever reloads happen meanwhile.
+    let generation = conn.live.snapshot();
+    let id = RequestId::next();
+    let mut record = AccessRecord::new(
+        id,
+        request.method(),
+        request.uri(),
+        conn.client,
+        generation.number,
+        generation.config.log.access_log,
+    );
+    let bytes_in = record.bytes_in.clone();
+    let mut response = match forward(&generation, conn, request, bytes_in).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::debug!(request_id = %id, %error, "answered by the proxy");
+            error.into_response(ResponseBody::whole)
+        }
+    };
+    if (conn.drain.is_draining() || conn.overloaded) && response.version() < Version::HTTP_2 {
+        // This HTTP/1 connection ends after the response: say so to the client.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+        .headers_mut()
+        .insert(RequestId::HEADER, id.header_value());
+    record.status = response.status().as_u16();
+    record.time_to_headers = record.started.elapsed();
+    response.body_mut().set_record(record);
+    response
+}
+
+fn admit(
+    generation: &Generation,
+    conn: &Connection,
+    request: &Request<Incoming>,
+) -> Result<(), ProxyError> {
+    if conn.overloaded {
+        return Err(ProxyError::Overloaded);
+    }
+    if request.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectRefused);
+    }
+    // HTTP/2 always carries :scheme and :authority; in HTTP/1 they mean a forward-proxy request.
+    if request.version() < Version::HTTP_2 && request.uri().authority().is_some() {
+        return Err(ProxyError::AbsoluteFormRefused);
+    }
+    let path = request.uri().path();
+    let allowed = &generation.config.proxy.allowed_path_prefixes;
+    if !allowed.iter().any(|p| path.starts_with(&p.0)) || has_dot_segment(path) {
+        return Err(ProxyError::PathNotAllowed(path.to_owned()));
+    }
+    let limit = generation.config.server.max_request_body.0;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+    match declared {
+        Some(None) => Err(ProxyError::Malformed("invalid Content-Length")),
+        Some(Some(length)) if length > limit => Err(ProxyError::BodyTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
+async fn forward(
+    generation: &Generation,
+    conn: &Connection,
+    mut request: Request<Incoming>,
+    bytes_in: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    admit(generation, conn, &request)?;
+    let upstream = &generation.upstream;
+    let upgrade = request.version() == Version::HTTP_11 && headers::is_upgrade(request.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+
+    let (parts, body) = request.into_parts();
+    let idle = upstream.config().idle_timeout.0;
+    let (body, body_failed) = if upgrade {
+        (RequestBody::empty(), None)
+    } else {
+        let limit = generation.config.server.max_request_body.0;
+        let (body, failed) = RequestBody::new(body, limit, idle, bytes_in);
+        (body, Some(failed))
+    };
+    let mut outgoing = Request::new(body);
+    *outgoing.method_mut() = parts.method;
+    *outgoing.uri_mut() = upstream.uri(&parts.uri);
+    *outgoing.headers_mut() = parts.headers;
+    let headers = outgoing.headers_mut();
+    headers::strip_hop_by_hop(headers, upgrade);
+    if generation.config.proxy.forward_client_identity {
+        append_forwarded_for(headers, conn.client);
+    } else {
+        headers::strip_client_identity(headers);
+    }
+    headers.insert(header::HOST, upstream.host_header().clone());
+
+    let mut response = match body_failed {
+        None => upstream.send(outgoing, upgrade).await?,
+        Some(body_failed) => tokio::select! {
+            response = upstream.send(outgoing, upgrade) => response?,
+            // A closed channel means the body was sent whole: keep waiting for the response.
+            Ok(error) = body_failed => return Err(error),
+        },
+    };
+
+    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (Some(client_upgrade), true) = (client_upgrade, upgraded) {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, conn.drain.clone()));
+    }
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, upgraded && upgrade);
+    let streaming = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if streaming {
+        // An nginx in front of us would otherwise buffer the stream.
+        parts
+            .headers
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, idle),
+    ))
+}
+
+fn append_forwarded_for(headers: &mut http::HeaderMap, client: SocketAddr) {
+    let name = header::HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {}", client.ip()),
+        None => client.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+/// Splices a WebSocket (or any upgraded protocol) both ways until either side closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    mut drain: drain::Watch,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    let started = tokio::time::Instant::now();
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {
+            Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, seconds = started.elapsed().as_secs_f64(), "tunnel closed"),
+            Err(error) => tracing::debug!(%error, "tunnel closed with an error"),
+        },
+        () = drain.cut() => tracing::info!(after = ?started.elapsed(), "tunnel cut at the end of the drain timeout"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_caught_in_any_spelling() {
+        assert!(has_dot_segment("/v1/../admin"));
+        assert!(has_dot_segment("/v1/%2E%2e/admin"));
+        assert!(has_dot_segment("/v1/./x"));
+        assert!(!has_dot_segment("/v1/chat/completions"));
+        assert!(!has_dot_segment("/v1/files/file-abc.jsonl"));
+    }
+}

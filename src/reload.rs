@@ -1,0 +1,139 @@
+//! Reloading: what triggers it (SIGHUP, a changed file) and the reload itself.
+//!
+//! Triggers only set a flag (a `Notify` permit), so any number of them arriving during a reload
+//! coalesce into exactly one more. The reload builds the whole next generation off the serving
+//! path and swaps it in only when every step has succeeded.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::generation::{Generation, Live};
+use crate::listeners::ListenerSet;
+use crate::logging::Logging;
+use crate::systemd;
+use crate::watch::FileWatcher;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Reload when the config file or a file it names changes, not only on SIGHUP.
+    pub watch_files: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { watch_files: true }
+    }
+}
+
+pub enum Event {
+    Reload,
+    Shutdown,
+}
+
+pub struct Triggers {
+    reload: Arc<Notify>,
+    shutdown: Arc<Notify>,
+    files: FileWatcher,
+}
+
+impl Triggers {
+    pub fn start(live: &Live) -> std::io::Result<Self> {
+        let reload = Arc::new(Notify::new());
+        let shutdown = Arc::new(Notify::new());
+        let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+        let (on_reload, on_shutdown) = (reload.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut stopping = false;
+            while let Some(signal) = signals.next().await {
+                match signal {
+                    SIGHUP => on_reload.notify_one(),
+                    _ if stopping => {
+                        tracing::warn!(
+                            signal,
+                            "second stop signal: exiting without waiting for the drain"
+                        );
+                        std::process::exit(0);
+                    }
+                    _ => {
+                        stopping = true;
+                        on_shutdown.notify_one();
+                    }
+                }
+            }
+        });
+        let files = FileWatcher::start(reload.clone(), &live.snapshot())?;
+        Ok(Self {
+            reload,
+            shutdown,
+            files,
+        })
+    }
+
+    pub async fn next(&self) -> Event {
+        tokio::select! {
+            biased;
+            () = self.shutdown.notified() => Event::Shutdown,
+            () = self.reload.notified() => Event::Reload,
+        }
+    }
+
+    /// Watches the files the serving generation was built from.
+    pub fn follow(&self, generation: &Generation) {
+        self.files.follow(generation);
+    }
+}
+
+/// Loads the config again and, if every step succeeds, serves it. A failure changes nothing.
+pub async fn reload(
+    config_path: &Path,
+    live: &Live,
+    listeners: &mut ListenerSet,
+    logging: &Logging,
+) -> Result<Arc<Generation>, String> {
+    let started = Instant::now();
+    let current = live.snapshot();
+    let number = current.number + 1;
+    systemd::reloading(&format!(
+        "reloading {} (generation {number})",
+        config_path.display()
+    ));
+    let path = config_path.to_owned();
+    let loaded =
+        tokio::task::spawn_blocking(move || Generation::load(&path, number, Some(&current)))
+            .await
+            .map_err(|e| format!("the reload task failed: {e}"))
+            .and_then(|loaded| loaded.map_err(|e| e.to_string()));
+    let prepared = loaded.and_then(|next| match listeners.bind_new(&next) {
+        Ok(bound) => Ok((next, bound)),
+        Err(e) => Err(e.to_string()),
+    });
+    let outcome = match prepared {
+        Ok((next, bound)) => {
+            logging.apply(&next.config.log);
+            let drain_timeout = next.config.server.drain_timeout.0;
+            let next = live.swap(next);
+            listeners.apply(bound, &next, drain_timeout);
+            tracing::info!(
+                generation = number,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "config reloaded: {}",
+                listeners.status()
+            );
+            Ok(next)
+        }
+        Err(error) => {
+            tracing::error!(%error, generation = number - 1, "reload failed; the running config keeps serving");
+            live.reload_failed(error.clone());
+            Err(error)
+        }
+    };
+    systemd::ready(&listeners.status());
+    outcome
+}

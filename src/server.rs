@@ -1,0 +1,182 @@
+//! Accepting connections and serving HTTP on them, each honouring its listener's drain.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::{self, ByteSize, Timeout};
+use crate::drain;
+use crate::generation::{Generation, Live};
+use crate::proxy;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// For a client to send a request's headers (and to finish a TLS handshake): slowloris guard.
+    pub header_read_timeout: Timeout,
+    pub max_header_size: ByteSize,
+    /// OpenAI accepts uploads up to 512 MB.
+    pub max_request_body: ByteSize,
+    /// Connections past this are answered 503 and closed.
+    pub max_connections: Limit,
+    /// Concurrent requests on one HTTP/2 connection.
+    pub max_streams_per_connection: u32,
+    /// How long requests, streams and WebSockets in flight may take to finish at shutdown, or
+    /// when a reload removes their listener, before they are cut.
+    pub drain_timeout: config::Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Timeout::secs(30),
+            max_header_size: ByteSize(64 << 10),
+            max_request_body: ByteSize(512 << 20),
+            max_connections: Limit(10_000),
+            max_streams_per_connection: 256,
+            drain_timeout: config::Duration::secs(30),
+        }
+    }
+}
+
+/// A count that must be at least one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub usize);
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match usize::deserialize(d)? {
+            0 => Err(serde::de::Error::custom("a limit must be at least 1")),
+            n => Ok(Self(n)),
+        }
+    }
+}
+
+pub async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    live: Arc<Live>,
+    mut drain: drain::Watch,
+    connections: Arc<AtomicUsize>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = drain.draining() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let _ = stream.set_nodelay(true);
+                let count = OpenConnection::new(&connections);
+                tokio::spawn(serve_connection(
+                    stream,
+                    client,
+                    addr,
+                    live.clone(),
+                    drain.clone(),
+                    count,
+                ));
+            }
+            Err(error) => {
+                // Out of file descriptors, most likely: the connection waits in the backlog
+                // until one is free, so pause rather than spin.
+                tracing::warn!(%addr, %error, "accept failed");
+                tokio::select! {
+                    () = drain.draining() => return,
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Counts itself among the open connections for as long as it lives.
+struct OpenConnection {
+    counter: Arc<AtomicUsize>,
+    open: usize,
+}
+
+impl OpenConnection {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        let open = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        Self {
+            counter: counter.clone(),
+            open,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+    live: Arc<Live>,
+    drain: drain::Watch,
+    count: OpenConnection,
+) {
+    let generation = live.snapshot();
+    let conn = Arc::new(proxy::Connection {
+        live: live.clone(),
+        client,
+        overloaded: count.open > generation.config.server.max_connections.0,
+        drain,
+    });
+    let tls = generation.tls.as_ref().filter(|_| generation.is_tls(local));
+    match tls {
+        Some(acceptor) => {
+            let timeout = generation.config.server.header_read_timeout.0;
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_http(stream, &generation, conn).await,
+                Ok(Err(error)) => tracing::debug!(%client, %error, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
+            }
+        }
+        None => serve_http(stream, &generation, conn).await,
+    }
+    drop(count);
+}
+
+async fn serve_http<I>(io: I, generation: &Generation, conn: Arc<proxy::Connection>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut drain = conn.drain.clone();
+    let client = conn.client;
+    let service = service_fn(move |request| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(&conn, request).await) }
+    });
+    let connection = generation
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = drain.draining() => {
+            // Idle HTTP/1 connections close now, busy ones after their response; HTTP/2 gets GOAWAY.
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.cut() => return,
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%client, %error, "connection ended with an error");
+    }
+}

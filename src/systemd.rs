@@ -1,0 +1,94 @@
+//! Talking to systemd: readiness, reload and stop notices, status, the watchdog and the fd store.
+//!
+//! Outside systemd (no NOTIFY_SOCKET) every call here does nothing. A failed notification is
+//! logged and otherwise ignored: the proxy serves whether or not systemd hears of it.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+use crate::generation::Live;
+
+fn send(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "could not notify systemd");
+    }
+}
+
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC=` systemd 253+ requires, in one message.
+pub fn reloading(status: &str) {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status(status)]),
+        Err(error) => tracing::warn!(%error, "cannot read CLOCK_MONOTONIC"),
+    }
+}
+
+pub fn stopping(status: &str) {
+    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
+/// The fd store name of a listener: FDNAME allows no ':', so `127.0.0.1:8080` is
+/// `listen-127.0.0.1-8080` and `[::1]:8080` is `listen-[--1]-8080`.
+pub fn listener_name(addr: SocketAddr) -> String {
+    format!("listen-{addr}").replace(':', "-")
+}
+
+/// Hands a copy of a listening socket to systemd, which keeps it open across our restarts.
+pub fn store_listener(addr: SocketAddr, listener: &impl AsFd) {
+    let name = listener_name(addr);
+    let states = [NotifyState::FdStore, NotifyState::FdName(&name)];
+    if let Err(error) = sd_notify::notify_with_fds(&states, &[listener.as_fd()]) {
+        tracing::warn!(%addr, %error, "could not store the listening socket with systemd");
+    }
+}
+
+pub fn forget_listener(name: &str) {
+    send(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
+}
+
+/// With `WatchdogSec=` set, pings at half the interval, but only after proving that the runtime
+/// still schedules tasks and a listener still accepts a connection.
+pub fn spawn_watchdog(live: Arc<Live>) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let generation = live.snapshot();
+            let Some((addr, _)) = generation.listen_addrs().next() else {
+                continue;
+            };
+            match accepts(addr, interval / 4).await {
+                Ok(()) => send(&[NotifyState::Watchdog]),
+                Err(error) => {
+                    tracing::warn!(%addr, %error, "watchdog: own listener does not accept; not pinging")
+                }
+            }
+        }
+    });
+}
+
+async fn accepts(mut addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let connect = tokio::task::spawn_blocking(move || TcpStream::connect_timeout(&addr, timeout));
+    connect.await.map_err(std::io::Error::other)?.map(drop)
+}

@@ -1,0 +1,559 @@
+//! The forwarding proxy over real sockets: a fake OpenAI upstream with a CA made here, the real
+//! binary in between, real HTTP/1.1, HTTP/2, TLS and WebSocket clients.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode, Version};
+use http_body_util::Full;
+use tokio_tungstenite::tungstenite::Message;
+
+fn chat() -> serde_json::Value {
+    serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_post_round_trip_with_host_and_sni_of_openai() {
+    bounded(30, async {
+        for alpn in [Alpn::Both, Alpn::Http1Only] {
+            let pki = Pki::new();
+            let upstream = FakeUpstream::start(&pki, alpn).await;
+            let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+            for client in [http_client(), http2_client()] {
+                let answer = send(
+                    &client,
+                    post_json(&proxy.url("/v1/chat/completions?x=1"), chat()),
+                )
+                .await;
+                assert_eq!(answer.status, StatusCode::OK);
+                assert_eq!(answer.json()["object"], "chat.completion");
+                assert_eq!(
+                    answer.headers["x-request-id"], "req_upstream_123",
+                    "OpenAI's id is relayed"
+                );
+                assert_eq!(answer.headers["x-proxy-request-id"].len(), 16);
+                let seen = upstream.last();
+                assert_eq!(seen.sni.as_deref(), Some("api.openai.com"));
+                assert!(
+                    seen.host().starts_with("api.openai.com"),
+                    "Host was {}",
+                    seen.host()
+                );
+                assert!(
+                    seen.uri.ends_with("/v1/chat/completions?x=1"),
+                    "{}",
+                    seen.uri
+                );
+                assert_eq!(
+                    seen.headers["authorization"],
+                    "Bearer sk-test-SECRET-KEY-123"
+                );
+                assert_eq!(seen.headers["content-type"], "application/json");
+                assert_eq!(
+                    serde_json::from_slice::<serde_json::Value>(&seen.body).unwrap(),
+                    chat()
+                );
+                let expected = if alpn == Alpn::Both {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                };
+                assert_eq!(
+                    seen.version, expected,
+                    "HTTP/2 upstream exactly when ALPN offers it"
+                );
+                if seen.version == Version::HTTP_11 {
+                    assert_eq!(seen.headers["host"], "api.openai.com");
+                }
+            }
+            assert!(
+                !proxy.logs().contains("SECRET"),
+                "the key never reaches the log"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_base_path_is_prefixed() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let config = format!(
+            "listen = [\"127.0.0.1:0\"]\n[upstream]\nurl = \"https://127.0.0.1:{}/openai/\"\nhost = \"api.openai.com\"\nca_file = \"{}\"\n",
+            upstream.addr.port(),
+            pki.ca_pem.display()
+        );
+        let proxy = Proxy::start(&config);
+        let answer = send(&http_client(), post_json(&proxy.url("/v1/embeddings"), chat())).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(upstream.last().uri.ends_with("/openai/v1/embeddings"), "{}", upstream.last().uri);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sse_event_reaches_the_client_within_50ms() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        for (client, id) in [(http_client(), "h1"), (http2_client(), "h2")] {
+            let arrivals =
+                stream_chat(&client, &proxy.url("/v1/chat/completions"), id, 5, 200).await;
+            let sent = upstream.sent_events.lock().unwrap()[id].clone();
+            assert_eq!(sent.len(), 5);
+            for (i, (sent, arrived)) in sent.iter().zip(&arrivals).enumerate() {
+                let lag = arrived.duration_since(*sent);
+                assert!(
+                    lag < Duration::from_millis(50),
+                    "event {i} via {id} took {lag:?}"
+                );
+            }
+            // The events really were spread out: nothing was held back and released at once.
+            assert!(arrivals[4].duration_since(arrivals[0]) >= Duration::from_millis(750));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_proxy() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let url = format!(
+            "ws://{}/v1/realtime?model=gpt-4o-realtime-preview",
+            proxy.http.unwrap()
+        );
+        let request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .unwrap();
+        let (mut ws, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("upgrade through the proxy");
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        for text in ["{\"type\":\"session.update\"}", "second message"] {
+            ws.send(Message::text(text)).await.unwrap();
+            let echoed = ws.next().await.unwrap().unwrap();
+            assert_eq!(echoed, Message::text(text));
+        }
+        ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::binary(vec![1u8, 2, 3])
+        );
+        ws.close(None).await.unwrap();
+        let seen = upstream.last();
+        assert_eq!(seen.uri, "/v1/realtime?model=gpt-4o-realtime-preview");
+        assert_eq!(seen.version, Version::HTTP_11, "upgrades go over HTTP/1.1");
+        assert_ne!(seen.alpn.as_deref(), Some("h2"));
+        assert_eq!(seen.headers["host"], "api.openai.com");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_and_client_identity_headers_are_removed() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Http1Only).await;
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let request = Request::post(proxy.url("/v1/hop"))
+            .header("connection", "x-client-hop")
+            .header("x-client-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authorization", "Basic c2VjcmV0")
+            .header("proxy-connection", "keep-alive")
+            .header("x-forwarded-for", "10.1.2.3")
+            .header("x-real-ip", "10.1.2.3")
+            .header("forwarded", "for=10.1.2.3")
+            .header("via", "1.1 corp-proxy")
+            .header("cf-connecting-ip", "10.1.2.3")
+            .header("openai-organization", "org-123")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let answer = send(&http_client(), request).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let seen = upstream.last();
+        for gone in [
+            "x-client-hop",
+            "keep-alive",
+            "proxy-authorization",
+            "proxy-connection",
+            "x-forwarded-for",
+            "x-real-ip",
+            "forwarded",
+            "via",
+            "cf-connecting-ip",
+            "te",
+            "upgrade",
+        ] {
+            assert!(
+                !seen.headers.contains_key(gone),
+                "{gone} reached the upstream"
+            );
+        }
+        assert_eq!(seen.headers["openai-organization"], "org-123");
+        for gone in ["x-upstream-hop", "keep-alive", "proxy-authorization"] {
+            assert!(
+                !answer.headers.contains_key(gone),
+                "{gone} reached the client"
+            );
+        }
+        assert_eq!(&answer.body[..], b"hop");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_identity_passes_only_when_the_config_asks() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&basic_config(
+            &upstream,
+            &pki,
+            "[proxy]\nforward_client_identity = true\n",
+        ));
+        let mut request = post_json(&proxy.url("/v1/x"), chat());
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", "10.1.2.3".parse().unwrap());
+        request
+            .headers_mut()
+            .insert("via", "1.1 corp".parse().unwrap());
+        send(&http_client(), request).await;
+        let seen = upstream.last();
+        assert_eq!(seen.headers["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+        assert_eq!(seen.headers["via"], "1.1 corp");
+    })
+    .await;
+}
+
+/// Sends raw bytes and returns the raw answer, for requests no well-behaved client would make.
+fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_an_open_proxy() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let addr = proxy.http.unwrap();
+        let cases = [
+            ("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "403", "proxy_request_refused"),
+            ("GET http://example.com/v1/models HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n", "403", "proxy_request_refused"),
+            ("GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "404", "path_not_allowed"),
+            ("GET /v1/../admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "404", "path_not_allowed"),
+            ("GET /v1/%2e%2e/admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "404", "path_not_allowed"),
+            ("GET /v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "404", "path_not_allowed"),
+        ];
+        for (request, status, code) in cases {
+            let answer = raw(addr, request);
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{request:?} got {answer}");
+            assert!(answer.contains(&format!("\"code\":\"{code}\"")), "{request:?} got {answer}");
+            assert!(answer.contains("\"type\":\"invalid_request_error\""), "{answer}");
+        }
+        assert!(upstream.received().is_empty(), "nothing refused reached the upstream");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_gives_502_in_openai_shape_within_the_connect_timeout() {
+    bounded(20, async {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let config = format!(
+            "listen = [\"127.0.0.1:0\"]\n[upstream]\nurl = \"https://127.0.0.1:{port}\"\nhost = \"api.openai.com\"\nconnect_timeout = \"2s\"\n"
+        );
+        let proxy = Proxy::start(&config);
+        let started = Instant::now();
+        let answer = send(&http_client(), post_json(&proxy.url("/v1/chat/completions"), chat())).await;
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        let error = &answer.json()["error"];
+        assert_eq!(error["code"], "upstream_unreachable");
+        assert_eq!(error["type"], "upstream_error");
+        assert!(error["param"].is_null());
+        assert!(error["message"].as_str().unwrap().contains("connect"), "{error}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_upstream_certificate_is_a_502_tls_error() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let other_ca = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let config = format!(
+            "listen = [\"127.0.0.1:0\"]\n[upstream]\nurl = \"https://127.0.0.1:{}\"\nhost = \"api.openai.com\"\nca_file = \"{}\"\n",
+            upstream.addr.port(),
+            other_ca.ca_pem.display()
+        );
+        let proxy = Proxy::start(&config);
+        let answer = send(&http_client(), post_json(&proxy.url("/v1/chat/completions"), chat())).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(answer.json()["error"]["code"], "upstream_tls_error", "{}", answer.json());
+        assert!(upstream.received().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_headers_give_504() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(
+            &basic_config(&upstream, &pki, "")
+                .replace("[upstream]\n", "[upstream]\nresponse_timeout = \"300ms\"\n"),
+        );
+        let mut request = post_json(&proxy.url("/v1/chat/completions"), chat());
+        request
+            .headers_mut()
+            .insert("x-test-delay-headers-ms", "3000".parse().unwrap());
+        let answer = send(&http_client(), request).await;
+        assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(answer.json()["error"]["code"], "upstream_timeout");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_are_relayed_unchanged() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let answer = send(&http_client(), post_json(&proxy.url("/v1/error"), chat())).await;
+        assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            answer.json()["error"]["message"],
+            "Rate limit reached (upstream's own words)"
+        );
+        assert_eq!(answer.headers["x-request-id"], "req_upstream_123");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_body_gives_413() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, "[server]\nmax_request_body = \"1KiB\"\n"));
+        // Declared too large: refused before anything is read or sent.
+        let big = Request::post(proxy.url("/v1/files"))
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(Bytes::from(vec![b'x'; 2048])))
+            .unwrap();
+        let answer = send(&http_client(), big).await;
+        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(answer.json()["error"]["code"], "request_too_large");
+        // Undeclared (chunked) and too large: cut while streaming, still a 413.
+        let chunked = raw(
+            proxy.http.unwrap(),
+            &format!(
+                "POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+                "y".repeat(2048)
+            ),
+        );
+        assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
+        assert!(chunked.contains("request_too_large"), "{chunked}");
+        // Exactly at the limit passes.
+        let fits = Request::post(proxy.url("/v1/files"))
+            .body(Full::new(Bytes::from(vec![b'x'; 1024])))
+            .unwrap();
+        let answer = send(&http_client(), fits).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.json()["bytes"], 1024);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_speaks_h2_and_http11() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let extra = format!(
+            "[tls]\nlisten = [\"127.0.0.2:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            pki.cert_pem.display(),
+            pki.key_pem.display()
+        );
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, &extra));
+        let https = proxy.https.expect("a TLS listener");
+        for h2 in [true, false] {
+            let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*pki.client).clone())
+                .https_only();
+            let connector = if h2 {
+                builder.enable_http2().build()
+            } else {
+                builder.enable_http1().build()
+            };
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .http2_only(h2)
+                    .build(connector);
+            let request = post_json(&format!("https://{https}/v1/chat/completions"), chat());
+            let response = client.request(request).await.expect("TLS to the proxy");
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(
+                response.version(),
+                if h2 {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                }
+            );
+        }
+    })
+    .await;
+}
+
+#[test]
+fn check_accepts_good_configs_and_explains_bad_ones() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (
+            out.status.code(),
+            text(&out.stdout),
+            text(&out.stderr),
+            path,
+        )
+    };
+    let (code, stdout, _, _) = check("listen = [\"127.0.0.1:8080\"]\n");
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout.lines().count(), 1, "one line: {stdout}");
+    assert!(
+        stdout.contains("is valid") && stdout.contains("https://api.openai.com"),
+        "{stdout}"
+    );
+
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/openai-proxy/config.toml");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", shipped])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the shipped config is valid: {out:?}");
+
+    let with_tls = format!(
+        "listen = [\"127.0.0.1:8080\"]\n[tls]\nlisten = [\"[::1]:8443\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.cert_pem.display(),
+        pki.key_pem.display()
+    );
+    assert_eq!(check(&with_tls).0, Some(0));
+
+    let bad = [
+        (
+            "listen = [\"127.0.0.1:8080\"]\n[upstream]\nurll = \"https://x\"\n",
+            ":3:1: ",
+            "urll",
+        ),
+        (
+            "listen = [\"127.0.0.1:8080\"]\n[server]\ndrain_timeout = 30\n",
+            ":3:17: ",
+            "string",
+        ),
+        (
+            "listen = [\"127.0.0.1:8080\"]\n[upstream]\nconnect_timeout = \"soon\"\n",
+            ":3:19: ",
+            "soon",
+        ),
+        (
+            "listen = [\"127.0.0.1:80800\"]\n",
+            ":1:11: ",
+            "socket address",
+        ),
+        ("listen = [\"127.0.0.1:8080\"\n", ":1:", "TOML"),
+        (
+            "listen = [\"127.0.0.1:8080\"]\n[tls]\nlisten = [\"127.0.0.1:8443\"]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
+            ":4:13: ",
+            "/nonexistent/cert.pem",
+        ),
+        (
+            "listen = [\"127.0.0.1:8080\"]\n[upstream]\nca_file = \"/etc/hostname\"\n",
+            ":3:11: ",
+            "no PEM certificate",
+        ),
+    ];
+    for (text, location, words) in bad {
+        let (code, _, stderr, path) = check(text);
+        assert_eq!(code, Some(1), "{text:?} should fail");
+        let expected = format!("{}{location}", path.display());
+        assert!(
+            stderr.contains(&expected),
+            "{text:?}: expected {expected:?} in {stderr}"
+        );
+        assert!(
+            stderr.to_lowercase().contains(&words.to_lowercase()),
+            "{text:?}: expected {words:?} in {stderr}"
+        );
+    }
+    let (code, _, stderr, _) = check("");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("listen"), "{stderr}");
+}
+
+#[test]
+fn version_and_help() {
+    let out = std::process::Command::new(BIN)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("openai-proxy {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("check"));
+    let out = std::process::Command::new(BIN)
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
