@@ -164,6 +164,8 @@ pub fn fingerprint<'a>(files: impl Iterator<Item = (&'a Path, Option<&'a [u8]>)>
 pub struct Live {
     current: ArcSwap<Generation>,
     last_reload_error: Mutex<Option<String>>,
+    /// The addresses really listened on (port 0 resolved), for the watchdog's self-check.
+    listening: Mutex<Vec<SocketAddr>>,
 }
 
 impl Live {
@@ -171,7 +173,16 @@ impl Live {
         Self {
             current: ArcSwap::from_pointee(first),
             last_reload_error: Mutex::new(None),
+            listening: Mutex::new(Vec::new()),
         }
+    }
+
+    pub fn set_listening(&self, addrs: Vec<SocketAddr>) {
+        *self.listening.lock().expect("not poisoned") = addrs;
+    }
+
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        self.listening.lock().expect("not poisoned").clone()
     }
 
     pub fn snapshot(&self) -> Arc<Generation> {

@@ -208,6 +208,8 @@ impl ListenerSet {
                 tracing::info!(%addr, in_flight = outcome.in_flight, cut = outcome.cut, "retired listener drained");
             });
         }
+        self.live
+            .set_listening(self.running.values().map(|r| r.local).collect());
     }
 
     /// The `STATUS=` line, with the addresses really bound (port 0 resolved).

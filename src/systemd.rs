@@ -68,8 +68,7 @@ pub fn spawn_watchdog(live: Arc<Live>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let generation = live.snapshot();
-            let Some((addr, _)) = generation.listen_addrs().next() else {
+            let Some(addr) = live.listening().first().copied() else {
                 continue;
             };
             match accepts(addr, interval / 4).await {

@@ -555,22 +555,33 @@ impl Proxy {
     }
 
     pub fn spawn(dir: TempDir, config_path: PathBuf, options: ProxyOptions) -> Self {
-        let notify = NotifySocket::new(dir.path());
         let mut command = Command::new(BIN);
         command
             .arg("--config")
             .arg(&config_path)
-            .env("NOTIFY_SOCKET", &notify.path)
             .env_remove("RUST_LOG")
             .env_remove("JOURNAL_STREAM")
             .env_remove("LISTEN_FDS")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env_remove("WATCHDOG_USEC");
         for (k, v) in &options.env {
             command.env(k, v);
         }
+        Self::spawn_command(dir, config_path, command, options.wait_ready)
+    }
+
+    /// Runs `command` (the proxy, or something that execs it) with the test's notify socket.
+    pub fn spawn_command(
+        dir: TempDir,
+        config_path: PathBuf,
+        mut command: Command,
+        wait_ready: bool,
+    ) -> Self {
+        let notify = NotifySocket::new(dir.path());
+        command
+            .env("NOTIFY_SOCKET", &notify.path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
@@ -589,7 +600,7 @@ impl Proxy {
             http: None,
             https: None,
         };
-        if options.wait_ready {
+        if wait_ready {
             proxy.wait_ready(0);
         }
         proxy
