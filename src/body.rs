@@ -1,12 +1,13 @@
 //! Bodies as they stream through: counted, size-limited and watched for silence, never buffered.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
@@ -69,9 +70,41 @@ impl IdleTimer {
     }
 }
 
+/// The client's request body, shared between the request sent upstream and the handler: when
+/// the proxy answers an error itself, the handler reads and discards what the client is still
+/// sending. Closing a connection with unread data makes the kernel reset it, and the client
+/// would see a broken pipe instead of our answer.
+#[derive(Clone)]
+pub struct ClientBody(Arc<Mutex<Option<Incoming>>>);
+
+impl ClientBody {
+    pub fn new(body: Incoming) -> Self {
+        let body = (!body.is_end_stream()).then_some(body);
+        Self(Arc::new(Mutex::new(body)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Incoming>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads what is left of the body in the background, for up to `within`, then drops it
+    /// (and with it, if unfinished, the connection).
+    pub fn discard_rest(&self, within: Duration) {
+        let Some(mut body) = self.lock().take() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+            let _ = tokio::time::timeout(within, drain).await;
+        });
+    }
+}
+
 /// A client's request body on its way upstream.
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     seen: u64,
     limit: u64,
     counter: Arc<AtomicU64>,
@@ -84,13 +117,13 @@ pub struct RequestBody {
 impl RequestBody {
     /// The body, and a receiver that yields its error if it fails (and closes if it does not).
     pub fn new(
-        inner: Incoming,
+        inner: ClientBody,
         limit: u64,
         idle: Duration,
         counter: Arc<AtomicU64>,
     ) -> (Self, oneshot::Receiver<ProxyError>) {
         let (failed, on_failure) = oneshot::channel();
-        let empty = inner.is_end_stream();
+        let empty = inner.lock().is_none();
         let body = Self {
             inner: (!empty).then_some(inner),
             seen: 0,
@@ -113,6 +146,7 @@ impl RequestBody {
         }
     }
 
+    /// Stops sending; what the client still sends stays in the shared body to be discarded.
     fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.inner = None;
         if let Some(failed) = self.failed.take() {
@@ -131,10 +165,24 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
+        let Some(shared) = this.inner.as_ref() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = {
+            let mut slot = shared.lock();
+            match slot.as_mut() {
+                Some(body) => {
+                    let polled = Pin::new(body).poll_frame(cx);
+                    if let Poll::Ready(None) = polled {
+                        *slot = None;
+                    }
+                    polled
+                }
+                // The handler took it back: the request has already failed.
+                None => Poll::Ready(None),
+            }
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
@@ -168,13 +216,17 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.inner
+            .as_ref()
+            .is_none_or(|shared| shared.lock().as_ref().is_none_or(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
+        let hint = self
+            .inner
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+            .and_then(|shared| shared.lock().as_ref().map(Body::size_hint));
+        hint.unwrap_or_else(|| SizeHint::with_exact(0))
     }
 }
 

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Deserializer};
 
 use crate::access_log::{AccessRecord, RequestId};
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{ClientBody, RequestBody, ResponseBody};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
@@ -85,10 +85,14 @@ pub async fn handle(conn: &Connection, request: Request<Incoming>) -> Response<R
         generation.config.log.access_log,
     );
     let bytes_in = record.bytes_in.clone();
-    let mut response = match forward(&generation, conn, request, bytes_in).await {
+    let (mut parts, body) = request.into_parts();
+    let body = ClientBody::new(body);
+    let mut response = match forward(&generation, conn, &mut parts, body.clone(), bytes_in).await {
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(request_id = %id, %error, "answered by the proxy");
+            // Like nginx's lingering close: the client may still be sending.
+            body.discard_rest(DISCARD_TIME);
             error.into_response(ResponseBody::whole)
         }
     };
@@ -107,29 +111,33 @@ pub async fn handle(conn: &Connection, request: Request<Incoming>) -> Response<R
     response
 }
 
+/// How long the proxy keeps reading a request body it answered early, so that the client gets
+/// the answer rather than a reset.
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn admit(
     generation: &Generation,
     conn: &Connection,
-    request: &Request<Incoming>,
+    request: &http::request::Parts,
 ) -> Result<(), ProxyError> {
     if conn.overloaded {
         return Err(ProxyError::Overloaded);
     }
-    if request.method() == Method::CONNECT {
+    if request.method == Method::CONNECT {
         return Err(ProxyError::ConnectRefused);
     }
     // HTTP/2 always carries :scheme and :authority; in HTTP/1 they mean a forward-proxy request.
-    if request.version() < Version::HTTP_2 && request.uri().authority().is_some() {
+    if request.version < Version::HTTP_2 && request.uri.authority().is_some() {
         return Err(ProxyError::AbsoluteFormRefused);
     }
-    let path = request.uri().path();
+    let path = request.uri.path();
     let allowed = &generation.config.proxy.allowed_path_prefixes;
     if !allowed.iter().any(|p| path.starts_with(&p.0)) || has_dot_segment(path) {
         return Err(ProxyError::PathNotAllowed(path.to_owned()));
     }
     let limit = generation.config.server.max_request_body.0;
     let declared = request
-        .headers()
+        .headers
         .get(header::CONTENT_LENGTH)
         .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
     match declared {
@@ -142,15 +150,19 @@ fn admit(
 async fn forward(
     generation: &Generation,
     conn: &Connection,
-    mut request: Request<Incoming>,
+    parts: &mut http::request::Parts,
+    body: ClientBody,
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    admit(generation, conn, &request)?;
+    admit(generation, conn, parts)?;
     let upstream = &generation.upstream;
-    let upgrade = request.version() == Version::HTTP_11 && headers::is_upgrade(request.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
 
-    let (parts, body) = request.into_parts();
     let idle = upstream.config().idle_timeout.0;
     let (body, body_failed) = if upgrade {
         (RequestBody::empty(), None)
@@ -160,11 +172,13 @@ async fn forward(
         (body, Some(failed))
     };
     let mut outgoing = Request::new(body);
-    *outgoing.method_mut() = parts.method;
+    *outgoing.method_mut() = parts.method.clone();
     *outgoing.uri_mut() = upstream.uri(&parts.uri);
-    *outgoing.headers_mut() = parts.headers;
+    *outgoing.headers_mut() = std::mem::take(&mut parts.headers);
     let headers = outgoing.headers_mut();
     headers::strip_hop_by_hop(headers, upgrade);
+    // hyper already answered the client's `Expect: 100-continue`; it is not the upstream's to answer.
+    headers.remove(header::EXPECT);
     if generation.config.proxy.forward_client_identity {
         append_forwarded_for(headers, conn.client);
     } else {

@@ -308,7 +308,8 @@ fn classify(error: &hyper_util::client::legacy::Error) -> ProxyError {
         }
         source = cause(e);
     }
-    let detail = chain(error);
+    // Not hyper's "client error (Connect)" wrapper, which means nothing to an SDK user.
+    let detail = std::error::Error::source(error).map_or_else(|| error.to_string(), chain);
     if error.is_connect() {
         ProxyError::UpstreamUnreachable(detail)
     } else {

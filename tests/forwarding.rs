@@ -557,3 +557,74 @@ fn version_and_help() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_never_logged_even_at_trace_level() {
+    bounded(30, async {
+        let pki = Pki::new();
+        for alpn in [Alpn::Both, Alpn::Http1Only] {
+            let upstream = FakeUpstream::start(&pki, alpn).await;
+            let proxy = Proxy::start_with(
+                &basic_config(&upstream, &pki, ""),
+                ProxyOptions {
+                    env: vec![("RUST_LOG".into(), "trace".into())],
+                    ..Default::default()
+                },
+            );
+            for client in [http_client(), http2_client()] {
+                let mut request = post_json(&proxy.url("/v1/chat/completions"), chat());
+                request
+                    .headers_mut()
+                    .insert("x-api-key", "sk-test-SECRET-KEY-123".parse().unwrap());
+                assert_eq!(send(&client, request).await.status, StatusCode::OK);
+                let mut refused = post_json(&proxy.url("/nope"), chat());
+                refused.headers_mut().insert(
+                    "proxy-authorization",
+                    "Basic SECRET-KEY-PROXY".parse().unwrap(),
+                );
+                assert_eq!(send(&client, refused).await.status, StatusCode::NOT_FOUND);
+            }
+            let logs = eventually(5 * Duration::from_secs(1), "trace logs", || {
+                let logs = proxy.logs();
+                logs.contains("/nope").then_some(logs)
+            })
+            .await;
+            assert!(logs.lines().count() > 50, "trace logging is on");
+            assert!(!logs.contains("SECRET"), "a key reached the log");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_still_reads_the_body_the_client_is_sending() {
+    bounded(20, async {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let config = format!("listen = [\"127.0.0.1:0\"]\n[upstream]\nurl = \"https://127.0.0.1:{port}\"\n");
+        let proxy = Proxy::start(&config);
+        let mut stream = std::net::TcpStream::connect(proxy.http.unwrap()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = "POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n";
+        for round in 0..2 {
+            stream.write_all(head.as_bytes()).unwrap();
+            // The 502 comes before the body has been sent...
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !answer.ends_with(b"}") {
+                let n = stream.read(&mut buf).unwrap();
+                assert!(n > 0, "round {round}: connection closed before the answer");
+                answer.extend_from_slice(&buf[..n]);
+            }
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 502"), "round {round}: {answer}");
+            assert!(answer.contains("upstream_unreachable"), "{answer}");
+            // ...and the body can still be sent whole, then the connection serves again.
+            stream
+                .write_all(&vec![b'z'; 1_000_000])
+                .unwrap_or_else(|e| panic!("round {round}: the proxy stopped reading: {e}"));
+        }
+    })
+    .await;
+}
