@@ -110,38 +110,33 @@ impl Drop for AccessRecord {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let ttfb_ms = self.time_to_headers.as_secs_f64() * 1e3;
         let duration_ms = total.as_secs_f64() * 1e3;
-        match &self.cut {
-            None => tracing::info!(
-                target: "openai_proxy::access",
-                request_id = %self.id,
-                method = %self.method,
-                path,
-                status = self.status,
-                bytes_in,
-                bytes_out = self.bytes_out,
-                ttfb_ms,
-                duration_ms,
-                client = %self.client,
-                generation = self.generation,
-                "{} {} {}",
-                self.method, path, self.status,
-            ),
-            Some(cut) => tracing::warn!(
-                target: "openai_proxy::access",
-                request_id = %self.id,
-                method = %self.method,
-                path,
-                status = self.status,
-                bytes_in,
-                bytes_out = self.bytes_out,
-                ttfb_ms,
-                duration_ms,
-                client = %self.client,
-                generation = self.generation,
-                cut = %cut,
-                "{} {} {} cut after {}B out: {cut}",
-                self.method, path, self.status, self.bytes_out,
-            ),
+        // One set of fields; a cut response is a warning, the rest are info.
+        macro_rules! access {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "openai_proxy::access",
+                    $level,
+                    request_id = %self.id,
+                    method = %self.method,
+                    path,
+                    status = self.status,
+                    bytes_in,
+                    bytes_out = self.bytes_out,
+                    ttfb_ms,
+                    duration_ms,
+                    client = %self.client,
+                    generation = self.generation,
+                    cut = self.cut.as_deref(),
+                    "{} {} {}",
+                    self.method,
+                    path,
+                    self.status,
+                )
+            };
+        }
+        match self.cut {
+            None => access!(tracing::Level::INFO),
+            Some(_) => access!(tracing::Level::WARN),
         }
     }
 }
