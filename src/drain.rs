@@ -30,6 +30,13 @@ pub struct Watch {
     _tracker: mpsc::Sender<()>,
 }
 
+/// Held by an accept loop: it hears the drain but is not counted in it, and hands each
+/// connection it accepts a `Watch` that is.
+pub struct Signal {
+    phase: watch::Receiver<Phase>,
+    tracker: mpsc::WeakSender<()>,
+}
+
 /// What a finished drain found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -54,10 +61,10 @@ impl Drain {
         }
     }
 
-    pub fn watch(&self) -> Watch {
-        Watch {
+    pub fn signal(&self) -> Signal {
+        Signal {
             phase: self.phase.subscribe(),
-            _tracker: self.tracker.clone(),
+            tracker: self.tracker.downgrade(),
         }
     }
 
@@ -79,6 +86,20 @@ impl Drain {
         // Cut tasks stop at their next poll; this only waits for them to be scheduled.
         let _ = tokio::time::timeout(Duration::from_secs(1), all_done.recv()).await;
         Outcome { in_flight, cut }
+    }
+}
+
+impl Signal {
+    /// A counted watch for a new connection; None once the drain has begun.
+    pub fn watch(&self) -> Option<Watch> {
+        Some(Watch {
+            phase: self.phase.clone(),
+            _tracker: self.tracker.upgrade()?,
+        })
+    }
+
+    pub async fn draining(&mut self) {
+        let _ = self.phase.wait_for(|phase| *phase >= Phase::Draining).await;
     }
 }
 
@@ -108,8 +129,8 @@ mod tests {
     #[tokio::test]
     async fn drain_waits_for_watchers_then_cuts() {
         let drain = Drain::new();
-        let mut polite = drain.watch();
-        let mut stubborn = drain.watch();
+        let mut polite = drain.signal().watch().unwrap();
+        let mut stubborn = drain.signal().watch().unwrap();
         let polite_task = tokio::spawn(async move { polite.draining().await });
         let stubborn_task = tokio::spawn(async move { stubborn.cut().await });
         let outcome = drain.drain(Duration::from_millis(100)).await;

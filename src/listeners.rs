@@ -187,7 +187,7 @@ impl ListenerSet {
                 listener,
                 addr,
                 self.live.clone(),
-                drain.watch(),
+                drain.signal(),
                 self.connections.clone(),
             ));
             self.running.insert(addr, Running { local, drain });

@@ -64,7 +64,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     addr: SocketAddr,
     live: Arc<Live>,
-    mut drain: drain::Watch,
+    mut drain: drain::Signal,
     connections: Arc<AtomicUsize>,
 ) {
     loop {
@@ -75,6 +75,9 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, client)) => {
+                let Some(watch) = drain.watch() else {
+                    return;
+                };
                 let _ = stream.set_nodelay(true);
                 let count = OpenConnection::new(&connections);
                 tokio::spawn(serve_connection(
@@ -82,7 +85,7 @@ pub async fn accept_loop(
                     client,
                     addr,
                     live.clone(),
-                    drain.clone(),
+                    watch,
                     count,
                 ));
             }
