@@ -14,6 +14,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access_log::AccessRecord;
 use crate::error::ProxyError;
+use crate::upstream::InFlight;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -239,7 +240,11 @@ pub struct ResponseBody {
 
 enum ResponseKind {
     Whole(Option<Bytes>),
-    Upstream { inner: Incoming, idle: IdleTimer },
+    Upstream {
+        inner: Incoming,
+        idle: IdleTimer,
+        _in_flight: Option<InFlight>,
+    },
 }
 
 impl ResponseBody {
@@ -250,11 +255,12 @@ impl ResponseBody {
         }
     }
 
-    pub fn upstream(inner: Incoming, idle: Duration) -> Self {
+    pub fn upstream(inner: Incoming, idle: Duration, in_flight: Option<InFlight>) -> Self {
         Self {
             kind: ResponseKind::Upstream {
                 inner,
                 idle: IdleTimer::new(idle),
+                _in_flight: in_flight,
             },
             record: None,
         }
@@ -288,7 +294,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             ResponseKind::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseKind::Upstream { inner, idle } => match Pin::new(inner).poll_frame(cx) {
+            ResponseKind::Upstream { inner, idle, .. } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     idle.touch();
                     Poll::Ready(Some(Ok(frame)))

@@ -16,8 +16,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use crate::config::{Config, ConfigError, ConfigFile};
-use crate::listeners;
 use crate::upstream::Upstream;
+use crate::{listeners, workers};
 
 pub struct Generation {
     pub number: u64,
@@ -30,6 +30,8 @@ pub struct Generation {
     /// the file watcher reloads when the fingerprint on disk differs.
     pub files: Vec<PathBuf>,
     pub fingerprint: u64,
+    /// Worker threads; fixed at start, so a reload keeps the first generation's number.
+    pub workers: usize,
 }
 
 impl Generation {
@@ -41,6 +43,15 @@ impl Generation {
     ) -> Result<Self, ConfigError> {
         let file = ConfigFile::read(path)?;
         let config = file.parse()?;
+        let workers = match previous {
+            Some(previous) => {
+                if config.server.workers != previous.config.server.workers {
+                    tracing::warn!("server.workers changes only with a restart");
+                }
+                previous.workers
+            }
+            None => workers::count(config.server.workers),
+        };
         let mut contents: Vec<listeners::FileRead> =
             vec![(path.to_owned(), file.text().as_bytes().to_vec())];
         let tls = match &config.tls {
@@ -63,6 +74,7 @@ impl Generation {
             &config.upstream,
             &file,
             ca_pem,
+            workers,
             previous.map(|p| &p.upstream),
         )?;
         let http = server_builder(&config);
@@ -76,6 +88,7 @@ impl Generation {
             loaded_at: SystemTime::now(),
             files: contents.into_iter().map(|(p, _)| p).collect(),
             fingerprint,
+            workers,
             config,
             upstream,
             tls,

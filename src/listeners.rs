@@ -23,6 +23,7 @@ use crate::config::{ConfigError, ConfigFile};
 use crate::drain::{self, Drain};
 use crate::generation::{Generation, Live};
 use crate::inherited::InheritedListener;
+use crate::workers::Workers;
 use crate::{server, systemd};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -84,6 +85,8 @@ pub struct BindError {
 
 pub struct ListenerSet {
     live: Arc<Live>,
+    /// Every listener is served by an accept loop on each worker.
+    workers: Vec<tokio::runtime::Handle>,
     /// Connections open across all listeners, checked against `server.max_connections`.
     connections: Arc<AtomicUsize>,
     /// By configured address (which may have port 0); each with the address it is bound to.
@@ -93,6 +96,7 @@ pub struct ListenerSet {
 struct Running {
     local: SocketAddr,
     drain: Drain,
+    accept_loops: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Sockets ready to serve, not yet serving. Dropping it closes the fresh ones.
@@ -107,7 +111,11 @@ struct BoundSocket {
 
 impl ListenerSet {
     /// Takes over the sockets systemd handed us that the config still wants, binds the rest.
-    pub fn start(live: Arc<Live>, inherited: Vec<InheritedListener>) -> Result<Self, BindError> {
+    pub fn start(
+        live: Arc<Live>,
+        workers: &Workers,
+        inherited: Vec<InheritedListener>,
+    ) -> Result<Self, BindError> {
         let generation = live.snapshot();
         let mut adopted: HashMap<SocketAddr, InheritedListener> =
             inherited.into_iter().map(|l| (l.addr, l)).collect();
@@ -146,10 +154,11 @@ impl ListenerSet {
         }
         let mut set = Self {
             live,
+            workers: workers.handles().to_vec(),
             connections: Arc::default(),
             running: HashMap::new(),
         };
-        set.apply(Bound(sockets), &generation, Duration::ZERO);
+        set.serve(Bound(sockets), &generation);
         Ok(set)
     }
 
@@ -168,8 +177,14 @@ impl ListenerSet {
         Ok(Bound(bound))
     }
 
-    /// Serves the new sockets and retires the listeners `generation` no longer has.
-    pub fn apply(&mut self, bound: Bound, generation: &Generation, drain_timeout: Duration) {
+    /// Serves the new sockets and retires the listeners `generation` no longer has. Returns once
+    /// the retired ones accept nothing more, so that READY=1 means the new listeners are in place.
+    pub async fn apply(&mut self, bound: Bound, generation: &Generation, drain_timeout: Duration) {
+        self.serve(bound, generation);
+        self.retire(generation, drain_timeout).await;
+    }
+
+    fn serve(&mut self, bound: Bound, generation: &Generation) {
         for BoundSocket {
             addr,
             listener,
@@ -179,19 +194,45 @@ impl ListenerSet {
             if fresh {
                 systemd::store_listener(addr, &listener);
             }
-            let listener = TcpListener::from_std(listener).expect("inside the runtime");
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(%addr, %local, tls = generation.is_tls(addr), "listening");
             let drain = Drain::new();
-            tokio::spawn(server::accept_loop(
-                listener,
+            let mut accept_loops = Vec::with_capacity(self.workers.len());
+            for worker in &self.workers {
+                // Each worker polls its own descriptor of the one socket; the kernel hands each
+                // connection to one of them.
+                let listener = match listener.try_clone() {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::error!(%addr, %error, "cannot share the socket with a worker");
+                        continue;
+                    }
+                };
+                let (live, signal, connections) =
+                    (self.live.clone(), drain.signal(), self.connections.clone());
+                accept_loops.push(worker.spawn(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            server::accept_loop(listener, addr, live, signal, connections).await
+                        }
+                        Err(error) => tracing::error!(%addr, %error, "cannot accept on a worker"),
+                    }
+                }));
+            }
+            self.running.insert(
                 addr,
-                self.live.clone(),
-                drain.signal(),
-                self.connections.clone(),
-            ));
-            self.running.insert(addr, Running { local, drain });
+                Running {
+                    local,
+                    drain,
+                    accept_loops,
+                },
+            );
         }
+        self.live
+            .set_listening(self.running.values().map(|r| r.local).collect());
+    }
+
+    async fn retire(&mut self, generation: &Generation, drain_timeout: Duration) {
         let wanted: Vec<SocketAddr> = generation.listen_addrs().map(|(a, _)| a).collect();
         let retired: Vec<SocketAddr> = self
             .running
@@ -200,13 +241,21 @@ impl ListenerSet {
             .copied()
             .collect();
         for addr in retired {
-            let Running { drain, .. } = self.running.remove(&addr).expect("listed above");
+            let Running {
+                drain,
+                accept_loops,
+                ..
+            } = self.running.remove(&addr).expect("listed above");
             systemd::forget_listener(&systemd::listener_name(addr));
-            tracing::info!(%addr, "stopped listening; draining its connections");
             tokio::spawn(async move {
                 let outcome = drain.drain(drain_timeout).await;
                 tracing::info!(%addr, in_flight = outcome.in_flight, cut = outcome.cut, "retired listener drained");
             });
+            // Each accept loop closes its descriptor as it ends; with the last, the socket.
+            for accept_loop in accept_loops {
+                let _ = accept_loop.await;
+            }
+            tracing::info!(%addr, "stopped listening; draining its connections");
         }
         self.live
             .set_listening(self.running.values().map(|r| r.local).collect());

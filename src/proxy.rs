@@ -186,12 +186,16 @@ async fn forward(
     }
     headers.insert(header::HOST, upstream.host_header().clone());
 
-    let mut response = match body_failed {
+    let (mut response, in_flight) = match body_failed {
         None => upstream.send(outgoing, upgrade).await?,
-        Some(body_failed) => tokio::select! {
-            response = upstream.send(outgoing, upgrade) => response?,
+        Some(mut body_failed) => tokio::select! {
+            // A request that failed because its body did says so, not how the upstream saw it.
+            response = upstream.send(outgoing, upgrade) => match response {
+                Ok(response) => response,
+                Err(error) => return Err(body_failed.try_recv().unwrap_or(error)),
+            },
             // A closed channel means the body was sent whole: keep waiting for the response.
-            Ok(error) = body_failed => return Err(error),
+            Ok(error) = &mut body_failed => return Err(error),
         },
     };
 
@@ -215,7 +219,7 @@ async fn forward(
     }
     Ok(Response::from_parts(
         parts,
-        ResponseBody::upstream(body, idle),
+        ResponseBody::upstream(body, idle, in_flight),
     ))
 }
 

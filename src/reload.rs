@@ -119,7 +119,7 @@ pub async fn reload(
             logging.apply(&next.config.log);
             let drain_timeout = next.config.server.drain_timeout.0;
             let next = live.swap(next);
-            listeners.apply(bound, &next, drain_timeout);
+            listeners.apply(bound, &next, drain_timeout).await;
             tracing::info!(
                 generation = number,
                 ms = started.elapsed().as_secs_f64() * 1e3,

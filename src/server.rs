@@ -32,6 +32,8 @@ pub struct Config {
     /// How long requests, streams and WebSockets in flight may take to finish at shutdown, or
     /// when a reload removes their listener, before they are cut.
     pub drain_timeout: config::Duration,
+    /// Worker threads; 0: one per CPU. Read at start only.
+    pub workers: usize,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             max_connections: Limit(10_000),
             max_streams_per_connection: 256,
             drain_timeout: config::Duration::secs(30),
+            workers: 0,
         }
     }
 }

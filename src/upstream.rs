@@ -5,7 +5,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -24,6 +25,7 @@ use toml::Spanned;
 use crate::body::RequestBody;
 use crate::config::{ConfigError, ConfigFile, Timeout};
 use crate::error::ProxyError;
+use crate::workers;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -159,7 +161,9 @@ type Connector = HttpsConnector<HttpConnector<ConnectTo>>;
 pub struct Upstream {
     config: Config,
     ca_pem: Option<Vec<u8>>,
-    client: Client<Connector, RequestBody>,
+    /// Per worker thread, so that a request and its upstream connection share a thread.
+    pools: Vec<WorkerPool>,
+    connector: Connector,
     /// HTTP/1.1 only and unpooled: WebSocket upgrades cannot ride an HTTP/2 connection.
     upgrade_client: Client<Connector, RequestBody>,
     scheme: Scheme,
@@ -174,11 +178,13 @@ impl Upstream {
         config: &Config,
         file: &ConfigFile,
         ca_pem: Option<Vec<u8>>,
+        workers: usize,
         previous: Option<&Arc<Upstream>>,
     ) -> Result<Arc<Upstream>, ConfigError> {
         if let Some(previous) = previous
             && previous.config == *config
             && previous.ca_pem == ca_pem
+            && previous.pools.len() == workers.max(1)
         {
             return Ok(previous.clone());
         }
@@ -223,20 +229,20 @@ impl Upstream {
                 builder.enable_http1().wrap_connector(http)
             }
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout.0)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .http2_adaptive_window(true)
-            .build(connector(config.http2));
+        let connector_for_pools = connector(config.http2);
+        let pools = (0..workers.max(1))
+            .map(|_| WorkerPool {
+                lanes: Mutex::new(vec![Lane::new(config, &connector_for_pools)]),
+            })
+            .collect();
         let upgrade_client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(connector(false));
         Ok(Arc::new(Upstream {
             config: config.clone(),
             ca_pem,
-            client,
+            pools,
+            connector: connector_for_pools,
             upgrade_client,
             scheme: url.scheme.clone(),
             authority,
@@ -269,22 +275,92 @@ impl Upstream {
             .expect("scheme, authority and path are each valid")
     }
 
+    /// Sends a request; the response comes with the mark of the connection it occupies, to be
+    /// held until its body ends.
     pub async fn send(
         &self,
         request: Request<RequestBody>,
         upgrade: bool,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let client = if upgrade {
-            &self.upgrade_client
+    ) -> Result<(Response<Incoming>, Option<InFlight>), ProxyError> {
+        let (client, in_flight) = if upgrade {
+            (self.upgrade_client.clone(), None)
         } else {
-            &self.client
+            self.lane()
         };
         let timeout = self.config.response_timeout.0;
         match tokio::time::timeout(timeout, client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => Ok((response, in_flight)),
             Ok(Err(e)) => Err(classify(&e)),
             Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
         }
+    }
+}
+
+impl Upstream {
+    /// The least busy client of this worker; over HTTP/2, a new one (and so a new connection)
+    /// when every connection already carries its share of streams.
+    fn lane(&self) -> (Client<Connector, RequestBody>, Option<InFlight>) {
+        let pool = &self.pools[workers::current() % self.pools.len()];
+        let mut lanes = pool.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.config.http2 {
+            // HTTP/1.1 connections carry one request each; the one pool opens as many as needed.
+            return (lanes[0].client.clone(), None);
+        }
+        let (index, busiest) = lanes
+            .iter()
+            .enumerate()
+            .map(|(i, lane)| (i, lane.in_flight.load(Ordering::Relaxed)))
+            .min_by_key(|&(_, in_flight)| in_flight)
+            .expect("a pool has a lane");
+        let index = if busiest >= STREAMS_PER_CONNECTION {
+            lanes.push(Lane::new(&self.config, &self.connector));
+            lanes.len() - 1
+        } else {
+            index
+        };
+        let lane = &lanes[index];
+        lane.in_flight.fetch_add(1, Ordering::Relaxed);
+        (lane.client.clone(), Some(InFlight(lane.in_flight.clone())))
+    }
+}
+
+/// How many requests one HTTP/2 connection carries before another is opened. Upstreams cap the
+/// streams of a connection (nginx at 128, Cloudflare at 256); a request past the cap would wait
+/// for a stream to end, and an SSE stream can last minutes.
+const STREAMS_PER_CONNECTION: usize = 100;
+
+struct WorkerPool {
+    lanes: Mutex<Vec<Lane>>,
+}
+
+/// A client with a pool of its own: over HTTP/2 that is one multiplexed connection.
+struct Lane {
+    client: Client<Connector, RequestBody>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Lane {
+    fn new(config: &Config, connector: &Connector) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout.0)
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .http2_adaptive_window(true)
+            .build(connector.clone());
+        Self {
+            client,
+            in_flight: Arc::default(),
+        }
+    }
+}
+
+/// Counts a request against its connection's share until dropped with the response body.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

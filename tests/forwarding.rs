@@ -379,16 +379,19 @@ async fn over_limit_body_gives_413() {
         let answer = send(&http_client(), big).await;
         assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(answer.json()["error"]["code"], "request_too_large");
-        // Undeclared (chunked) and too large: cut while streaming, still a 413.
-        let chunked = raw(
-            proxy.http.unwrap(),
-            &format!(
-                "POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
-                "y".repeat(2048)
-            ),
-        );
-        assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
-        assert!(chunked.contains("request_too_large"), "{chunked}");
+        // Undeclared (chunked) and too large: cut while streaming, still a 413 (several times:
+        // over HTTP/2 the body's failure and the reset stream race each other).
+        for _ in 0..5 {
+            let chunked = raw(
+                proxy.http.unwrap(),
+                &format!(
+                    "POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+                    "y".repeat(2048)
+                ),
+            );
+            assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
+            assert!(chunked.contains("request_too_large"), "{chunked}");
+        }
         // Exactly at the limit passes.
         let fits = Request::post(proxy.url("/v1/files"))
             .body(Full::new(Bytes::from(vec![b'x'; 1024])))
@@ -625,6 +628,51 @@ async fn an_early_answer_still_reads_the_body_the_client_is_sending() {
                 .write_all(&vec![b'z'; 1_000_000])
                 .unwrap_or_else(|e| panic!("round {round}: the proxy stopped reading: {e}"));
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_streams_than_one_http2_connection_carries_do_not_wait() {
+    bounded(60, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        // One worker: its pool alone must grow past one HTTP/2 connection.
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, "[server]\nworkers = 1\n"));
+        let url = proxy.url("/v1/chat/completions");
+        // All over one HTTP/2 connection to the proxy, to keep the test's own load light.
+        let client = http2_client();
+        let started = Instant::now();
+        let streams: Vec<_> = (0..250)
+            .map(|i| {
+                let (url, client) = (url.clone(), client.clone());
+                tokio::spawn(async move {
+                    stream_chat(&client, &url, &format!("many-{i}"), 3, 1000).await
+                })
+            })
+            .collect();
+        for stream in streams {
+            let arrivals = stream.await.expect("every stream completes");
+            // A stream queued behind a full connection would wait for one to end: 2s or more.
+            let first = arrivals[0].duration_since(started);
+            assert!(
+                first < Duration::from_millis(1500),
+                "a stream waited {first:?} for its first event"
+            );
+        }
+        let connections = upstream
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            connections >= 3,
+            "250 streams at 100 a connection need 3 connections, saw {connections}"
+        );
+        assert!(
+            upstream
+                .received()
+                .iter()
+                .all(|r| r.version == Version::HTTP_2)
+        );
     })
     .await;
 }

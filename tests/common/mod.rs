@@ -148,6 +148,8 @@ pub struct FakeUpstream {
     pub received: Arc<Mutex<Vec<Received>>>,
     /// When each SSE event left the upstream, by stream id (the `x-test-stream` header).
     pub sent_events: Arc<Mutex<HashMap<String, Vec<Instant>>>>,
+    /// TLS connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -172,11 +174,14 @@ impl FakeUpstream {
         let received = Arc::new(Mutex::new(Vec::new()));
         let sent_events = Arc::new(Mutex::new(HashMap::new()));
         let (rec, sent) = (received.clone(), sent_events.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let acceptor = acceptor.clone();
                 let (rec, sent) = (rec.clone(), sent.clone());
                 tokio::spawn(async move {
@@ -202,6 +207,7 @@ impl FakeUpstream {
             addr,
             received,
             sent_events,
+            connections,
             task,
         }
     }
