@@ -165,7 +165,7 @@ pub struct Upstream {
     pools: Vec<WorkerPool>,
     connector: Connector,
     /// HTTP/1.1 only and unpooled: WebSocket upgrades cannot ride an HTTP/2 connection.
-    upgrade_client: Client<Connector, RequestBody>,
+    upgrade_client: Arc<Client<Connector, RequestBody>>,
     scheme: Scheme,
     /// The Host header and the URI authority sent upstream: `host`, with the url's port if
     /// that is not the scheme's default.
@@ -235,9 +235,11 @@ impl Upstream {
                 lanes: Mutex::new(vec![Lane::new(config, &connector_for_pools)]),
             })
             .collect();
-        let upgrade_client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build(connector(false));
+        let upgrade_client = Arc::new(
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(connector(false)),
+        );
         Ok(Arc::new(Upstream {
             config: config.clone(),
             ca_pem,
@@ -299,7 +301,7 @@ impl Upstream {
 impl Upstream {
     /// The least busy client of this worker; over HTTP/2, a new one (and so a new connection)
     /// when every connection already carries its share of streams.
-    fn lane(&self) -> (Client<Connector, RequestBody>, Option<InFlight>) {
+    fn lane(&self) -> (Arc<Client<Connector, RequestBody>>, Option<InFlight>) {
         let pool = &self.pools[workers::current() % self.pools.len()];
         let mut lanes = pool.lanes.lock().unwrap_or_else(|p| p.into_inner());
         if !self.config.http2 {
@@ -335,7 +337,8 @@ struct WorkerPool {
 
 /// A client with a pool of its own: over HTTP/2 that is one multiplexed connection.
 struct Lane {
-    client: Client<Connector, RequestBody>,
+    /// In an Arc: cloning a Client clones its connector, which costs more than a request should.
+    client: Arc<Client<Connector, RequestBody>>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -349,7 +352,7 @@ impl Lane {
             .http2_adaptive_window(true)
             .build(connector.clone());
         Self {
-            client,
+            client: Arc::new(client),
             in_flight: Arc::default(),
         }
     }
