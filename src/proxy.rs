@@ -184,7 +184,8 @@ async fn forward(
     } else {
         headers::strip_client_identity(headers);
     }
-    headers.insert(header::HOST, upstream.host_header().clone());
+    // hyper sets it from the upstream URI: Host over HTTP/1.1, :authority over HTTP/2.
+    headers.remove(header::HOST);
 
     let (mut response, in_flight) = match body_failed {
         None => upstream.send(outgoing, upgrade).await?,

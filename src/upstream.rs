@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::Client;
@@ -110,15 +110,6 @@ impl UpstreamUrl {
             text: text.to_owned(),
         })
     }
-
-    fn is_default_port(&self) -> bool {
-        self.port
-            == if self.scheme == Scheme::HTTPS {
-                443
-            } else {
-                80
-            }
-    }
 }
 
 impl std::fmt::Display for UpstreamUrl {
@@ -167,10 +158,9 @@ pub struct Upstream {
     /// HTTP/1.1 only and unpooled: WebSocket upgrades cannot ride an HTTP/2 connection.
     upgrade_client: Arc<Client<Connector, RequestBody>>,
     scheme: Scheme,
-    /// The Host header and the URI authority sent upstream: `host`, with the url's port if
-    /// that is not the scheme's default.
+    /// The URI authority sent upstream, from which hyper makes the Host header over HTTP/1.1 and
+    /// :authority over HTTP/2 (never both: some servers refuse a request that has both).
     authority: Authority,
-    host_header: HeaderValue,
 }
 
 impl Upstream {
@@ -198,17 +188,13 @@ impl Upstream {
             path: file.path.clone(),
             message: format!("{host:?} is not a valid TLS server name"),
         })?;
-        let authority_text = if url.is_default_port() {
-            bracket_ipv6(host)
-        } else {
-            format!("{}:{}", bracket_ipv6(host), url.port)
-        };
+        // Exactly `host`, never with the url's port: the connection goes where the url says
+        // (see ConnectTo), and the Host header (HTTP/1.1) or :authority (HTTP/2) says `host`.
+        let authority_text = bracket_ipv6(host);
         let authority: Authority = authority_text.parse().map_err(|_| ConfigError::File {
             path: file.path.clone(),
             message: format!("{authority_text:?} is not a valid upstream authority"),
         })?;
-        let host_header =
-            HeaderValue::from_str(host).expect("a valid server name is a valid header");
         let connect_to = ConnectTo {
             host: Arc::from(url.host.as_str()),
             port: url.port,
@@ -248,12 +234,7 @@ impl Upstream {
             upgrade_client,
             scheme: url.scheme.clone(),
             authority,
-            host_header,
         }))
-    }
-
-    pub fn host_header(&self) -> &HeaderValue {
-        &self.host_header
     }
 
     pub fn config(&self) -> &Config {

@@ -128,11 +128,16 @@ pub struct Received {
 }
 
 impl Received {
-    /// The Host the upstream saw: the Host header, or HTTP/2's :authority without its port.
+    /// The Host the upstream saw: the Host header, or HTTP/2's :authority.
     pub fn host(&self) -> String {
         match self.headers.get("host") {
             Some(h) => h.to_str().unwrap().to_owned(),
-            None => self.uri.clone(),
+            None => self
+                .uri
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.authority().map(|a| a.to_string()))
+                .unwrap_or_default(),
         }
     }
 }
