@@ -300,10 +300,10 @@ async fn fifty_reloads_under_load_lose_nothing() {
             ok > 100 && streams > 10,
             "the load ran: {ok} requests, {streams} streams"
         );
-        assert!(
-            proxy.logs().contains("reload failed"),
-            "failures are logged"
-        );
+        eventually(5 * SECOND, "reload failures in the log", || {
+            proxy.logs().contains("reload failed").then_some(())
+        })
+        .await;
         let messages = proxy.notify.messages();
         let last = messages.iter().rev().find(|m| is_ready(m)).unwrap();
         assert!(!status_of(last).contains("FAILED"));
@@ -336,10 +336,10 @@ async fn a_failed_reload_is_reported_with_its_location() {
             status.contains("generation 1"),
             "the old generation serves: {status}"
         );
-        assert!(
-            proxy.logs().contains(&location),
-            "the log has file:line:column"
-        );
+        eventually(5 * SECOND, "file:line:column in the log", || {
+            proxy.logs().contains(&location).then_some(())
+        })
+        .await;
         assert_eq!(super_status(&proxy).await, Some(StatusCode::OK));
     })
     .await;
@@ -661,11 +661,13 @@ async fn sockets_passed_by_systemd_are_adopted_and_stale_ones_dropped() {
             !messages.iter().any(|m| m.contains("FDSTORE=1\n")),
             "an adopted socket is not stored twice: {messages:?}"
         );
-        assert!(
-            proxy.logs().contains("adopted a listening socket"),
-            "{}",
-            proxy.logs()
-        );
+        eventually(5 * SECOND, "the adoption in the log", || {
+            proxy
+                .logs()
+                .contains("adopted a listening socket")
+                .then_some(())
+        })
+        .await;
         assert!(
             tokio::net::TcpStream::connect(("127.0.0.1", stale))
                 .await
