@@ -37,7 +37,12 @@ impl RequestId {
     }
 
     pub fn header_value(self) -> HeaderValue {
-        HeaderValue::from_str(&self.to_string()).expect("hex is a valid header value")
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 16];
+        for (i, byte) in text.iter_mut().enumerate() {
+            *byte = HEX[(self.0 >> (60 - 4 * i) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&text).expect("hex is a valid header value")
     }
 }
 
@@ -152,5 +157,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 16);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        let id = RequestId::next();
+        assert_eq!(id.header_value(), id.to_string().as_str());
     }
 }

@@ -40,16 +40,16 @@ impl BodyError {
 struct IdleTimer {
     limit: Duration,
     last_activity: Instant,
-    sleep: Pin<Box<Sleep>>,
+    /// Made the first time the body has to wait: most bodies never do, and then cost no timer.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl IdleTimer {
     fn new(limit: Duration) -> Self {
-        let now = Instant::now();
         Self {
             limit,
-            last_activity: now,
-            sleep: Box::pin(tokio::time::sleep_until(now + limit)),
+            last_activity: Instant::now(),
+            sleep: None,
         }
     }
 
@@ -58,15 +58,19 @@ impl IdleTimer {
     }
 
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.last_activity + self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         loop {
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
             let deadline = self.last_activity + self.limit;
             if deadline <= Instant::now() {
                 return true;
             }
-            self.sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset(deadline);
         }
     }
 }

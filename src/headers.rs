@@ -50,21 +50,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
+    remove_where(headers, |name| {
+        HOP_BY_HOP.contains(name) || (!upgrade && name == header::UPGRADE)
+    });
     if upgrade {
         headers.insert(
             header::CONNECTION,
             header::HeaderValue::from_static("upgrade"),
         );
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
 pub fn strip_client_identity(headers: &mut HeaderMap) {
-    for name in &CLIENT_IDENTITY {
+    remove_where(headers, |name| CLIENT_IDENTITY.contains(name));
+}
+
+/// One pass over the names present, which most requests and responses have few of and none to
+/// remove; looking up every unwanted name in turn hashed each one, every time.
+fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
+    let found: Vec<HeaderName> = headers.keys().filter(|n| unwanted(n)).cloned().collect();
+    for name in found {
         headers.remove(name);
     }
 }
