@@ -1,0 +1,236 @@
+//! Many concurrent SSE streams through a target, each on its own HTTP/1.1 connection, started
+//! evenly over `--ramp-ms`. Per stream: time to first event (from sending the request to the
+//! first complete `data:` event); per event: the gap since the previous one (the upstream sends
+//! them `--interval-ms` apart) and the delivery lag (arrival minus the upstream's send stamp).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use http::StatusCode;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::args::Args;
+use crate::client::Target;
+use crate::{monotonic_ns, stats};
+
+#[derive(Default)]
+struct Timings {
+    ttfe_ns: Vec<u64>,
+    /// Per event after the first: when it arrived, the gap since the one before, its lag.
+    events_after_first: Vec<(Instant, u64, u64)>,
+    first_lag_ns: u64,
+    first_at: Option<Instant>,
+    done_at: Option<Instant>,
+    events: u64,
+}
+
+pub fn run(argv: &[String]) -> Result<(), String> {
+    let args = Args::parse(
+        argv,
+        &[
+            "url",
+            "ca",
+            "server-name",
+            "streams",
+            "ramp-ms",
+            "events",
+            "interval-ms",
+            "timeout-secs",
+        ],
+    )?;
+    let target = Target::new(
+        args.required("url")?,
+        args.optional("ca"),
+        args.optional("server-name"),
+    )?;
+    let streams: u32 = args.number("streams", 100)?;
+    let ramp = Duration::from_millis(args.number("ramp-ms", 1000)?);
+    let events: u32 = args.number("events", 20)?;
+    let interval_ms: u64 = args.number("interval-ms", 50)?;
+    let timeout = Duration::from_secs(args.number("timeout-secs", 30)?);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let report = runtime.block_on(async move {
+        let started = Instant::now();
+        // However the target behaves, the run ends by this deadline.
+        let deadline = started + ramp + timeout;
+        let mut tasks = Vec::with_capacity(streams as usize);
+        for i in 0..streams {
+            let at = started + ramp.mul_f64(f64::from(i) / f64::from(streams.max(1)));
+            let target = target.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                match tokio::time::timeout_at(deadline, one_stream(&target, events)).await {
+                    Ok(result) => result,
+                    Err(_) => Err("not finished by the deadline".to_owned()),
+                }
+            }));
+        }
+        let mut done = Vec::with_capacity(streams as usize);
+        let mut ok = 0u32;
+        let mut errors: BTreeMap<String, u32> = BTreeMap::new();
+        for task in tasks {
+            match task.await {
+                Ok(Ok(t)) => {
+                    ok += 1;
+                    done.push(t);
+                }
+                Ok(Err(e)) => *errors.entry(e).or_default() += 1,
+                Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+            }
+        }
+        // The window in which every stream was open at once: from the last first event to the
+        // first [DONE]. Gaps there are the ones taken "with N concurrent streams"; the ramp
+        // before it is busy with connecting and handshakes, which TTFE measures.
+        let window_start = done.iter().filter_map(|t| t.first_at).max();
+        let window_end = done.iter().filter_map(|t| t.done_at).min();
+        let (mut ttfe, mut gap, mut lag, mut gap_all_open, mut lag_all_open) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut events_total = 0;
+        for t in done {
+            events_total += t.events;
+            ttfe.extend(t.ttfe_ns);
+            lag.push(t.first_lag_ns);
+            for (at, g, l) in t.events_after_first {
+                gap.push(g);
+                lag.push(l);
+                if let (Some(start), Some(end)) = (window_start, window_end)
+                    && at >= start
+                    && at <= end
+                {
+                    gap_all_open.push(g);
+                    lag_all_open.push(l);
+                }
+            }
+        }
+        let window_ms = match (window_start, window_end) {
+            (Some(start), Some(end)) if end > start => (end - start).as_secs_f64() * 1e3,
+            _ => 0.0,
+        };
+        json!({
+            "streams": streams,
+            "ok": ok,
+            "failed": streams - ok,
+            "errors": errors,
+            "events_per_stream": events,
+            "interval_ms": interval_ms,
+            "events": events_total,
+            "seconds": started.elapsed().as_secs_f64(),
+            "ttfe": stats::summary(ttfe),
+            "gap": stats::summary(gap),
+            "lag": stats::summary(lag),
+            "all_open_window_ms": window_ms,
+            "gap_all_open": stats::summary(gap_all_open),
+            "lag_all_open": stats::summary(lag_all_open),
+        })
+    });
+    println!("{report}");
+    Ok(())
+}
+
+async fn one_stream(target: &Target, events: u32) -> Result<Timings, String> {
+    let mut conn = target.connect().await?;
+    let request = target.request(&crate::request_body(true));
+    let sent = Instant::now();
+    let response = conn
+        .sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("status {}", response.status()));
+    }
+    let mut body = response.into_body();
+    let mut buffer: Vec<u8> = Vec::with_capacity(1024);
+    let mut timings = Timings::default();
+    let mut last: Option<Instant> = None;
+    let mut done = false;
+    while !done {
+        let frame = match body.frame().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Err(format!("body: {e}")),
+            None => break,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let now = Instant::now();
+        let now_ns = monotonic_ns();
+        buffer.extend_from_slice(&data);
+        while let Some(end) = find(&buffer, b"\n\n") {
+            let event: Vec<u8> = buffer.drain(..end + 2).collect();
+            let Some(payload) = event.strip_prefix(b"data: ") else {
+                continue;
+            };
+            if payload.starts_with(b"[DONE]") {
+                done = true;
+                break;
+            }
+            let seq = field(payload, b"\"bench_seq\":").ok_or("an event without bench_seq")?;
+            if seq != timings.events {
+                return Err(format!("event {seq} arrived where {} was due", timings.events));
+            }
+            let sent_ns = field(payload, b"\"bench_sent_ns\":").ok_or("no bench_sent_ns")?;
+            let lag = now_ns.saturating_sub(sent_ns);
+            match last {
+                None => {
+                    timings.ttfe_ns.push((now - sent).as_nanos() as u64);
+                    timings.first_lag_ns = lag;
+                    timings.first_at = Some(now);
+                }
+                Some(previous) => {
+                    let gap = (now - previous).as_nanos() as u64;
+                    timings.events_after_first.push((now, gap, lag));
+                }
+            }
+            last = Some(now);
+            timings.events += 1;
+        }
+    }
+    timings.done_at = Some(Instant::now());
+    if !done {
+        return Err("the stream ended before data: [DONE]".into());
+    }
+    if timings.events != u64::from(events) {
+        return Err(format!("{} events where {events} were due", timings.events));
+    }
+    drop(conn.sender);
+    conn.task.abort();
+    Ok(timings)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The unsigned number after `key` in a JSON text.
+fn field(json: &[u8], key: &[u8]) -> Option<u64> {
+    let start = find(json, key)? + key.len();
+    let digits = json[start..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&json[start..start + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_and_separators() {
+        let event = br#"{"x":1,"bench_seq":12,"bench_sent_ns":987654321}"#;
+        assert_eq!(field(event, b"\"bench_seq\":"), Some(12));
+        assert_eq!(field(event, b"\"bench_sent_ns\":"), Some(987654321));
+        assert_eq!(field(event, b"\"missing\":"), None);
+        assert_eq!(find(b"data: a\n\ndata: b", b"\n\n"), Some(7));
+    }
+}
