@@ -290,22 +290,28 @@ async fn never_an_open_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_gives_502_in_openai_shape_within_the_connect_timeout() {
     bounded(20, async {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = closed.local_addr().unwrap().port();
-        drop(closed);
-        let config = format!(
-            "listen = [\"127.0.0.1:0\"]\n[upstream]\nurl = \"https://127.0.0.1:{port}\"\nhost = \"api.openai.com\"\nconnect_timeout = \"2s\"\n"
-        );
+        let config = down_upstream_config("connect_timeout = \"2s\"\n");
         let proxy = Proxy::start(&config);
         let started = Instant::now();
-        let answer = send(&http_client(), post_json(&proxy.url("/v1/chat/completions"), chat())).await;
-        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        let answer = send(
+            &http_client(),
+            post_json(&proxy.url("/v1/chat/completions"), chat()),
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
         assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
         let error = &answer.json()["error"];
         assert_eq!(error["code"], "upstream_unreachable");
         assert_eq!(error["type"], "upstream_error");
         assert!(error["param"].is_null());
-        assert!(error["message"].as_str().unwrap().contains("connect"), "{error}");
+        assert!(
+            error["message"].as_str().unwrap().contains("connect"),
+            "{error}"
+        );
     })
     .await;
 }
@@ -604,10 +610,7 @@ async fn api_keys_are_never_logged_even_at_trace_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_answer_still_reads_the_body_the_client_is_sending() {
     bounded(20, async {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = closed.local_addr().unwrap().port();
-        drop(closed);
-        let config = format!("listen = [\"127.0.0.1:0\"]\n[upstream]\nurl = \"https://127.0.0.1:{port}\"\n");
+        let config = down_upstream_config("");
         let proxy = Proxy::start(&config);
         let mut stream = std::net::TcpStream::connect(proxy.http.unwrap()).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

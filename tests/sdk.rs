@@ -236,20 +236,6 @@ fn header<'a>(seen: &'a Received, name: &str) -> &'a str {
         .unwrap()
 }
 
-/// The Host the upstream saw: the Host header, or HTTP/2's :authority.
-fn authority(seen: &Received) -> String {
-    match seen.headers.get("host") {
-        Some(host) => host.to_str().unwrap().to_owned(),
-        None => seen
-            .uri
-            .parse::<http::Uri>()
-            .unwrap()
-            .authority()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-    }
-}
-
 fn path_of(seen: &Received) -> String {
     seen.uri.parse::<http::Uri>().unwrap().path().to_owned()
 }
@@ -280,7 +266,7 @@ async fn sdk_round_trip(sdk: Sdk) {
             let what = format!("{sdk:?} {} {}", seen.method, seen.uri);
             assert_eq!(seen.method, http::Method::POST, "{what}");
             assert_eq!(seen.sni.as_deref(), Some("api.openai.com"), "{what}");
-            assert_eq!(authority(seen), "api.openai.com", "{what}");
+            assert_eq!(seen.host(), "api.openai.com", "{what}");
             assert_eq!(
                 header(seen, "authorization"),
                 format!("Bearer {KEY}"),
@@ -364,12 +350,7 @@ async fn sdk_round_trip(sdk: Sdk) {
 
 async fn sdk_sees_proxy_errors(sdk: Sdk) {
     sdk.require_installed();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
-    let proxy = Proxy::start(&format!(
-        "listen = [\"127.0.0.1:0\"]\n[upstream]\nurl = \"https://127.0.0.1:{port}\"\nhost = \"api.openai.com\"\nconnect_timeout = \"2s\"\n"
-    ));
+    let proxy = Proxy::start(&down_upstream_config("connect_timeout = \"2s\"\n"));
     // What the proxy itself says is the reference the SDK's error must carry word for word.
     let answer = send(
         &http_client(),

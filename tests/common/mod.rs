@@ -737,6 +737,16 @@ pub fn post_json(url: &str, body: serde_json::Value) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A config whose upstream is a loopback port nothing listens on.
+pub fn down_upstream_config(extra_upstream: &str) -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    format!(
+        "listen = [\"127.0.0.1:0\"]\n[upstream]\nurl = \"https://127.0.0.1:{port}\"\nhost = \"api.openai.com\"\n{extra_upstream}"
+    )
+}
+
 /// A plain listener and the fake upstream, as most tests want them.
 pub fn basic_config(upstream: &FakeUpstream, pki: &Pki, extra: &str) -> String {
     format!(
