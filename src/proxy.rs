@@ -85,6 +85,7 @@ pub async fn handle(conn: &Connection, request: Request<Incoming>) -> Response<R
         generation.config.log.access_log,
     );
     let bytes_in = record.bytes_in.clone();
+    let client_version = request.version();
     let (mut parts, body) = request.into_parts();
     let body = ClientBody::new(body);
     let mut response = match forward(&generation, conn, &mut parts, body.clone(), bytes_in).await {
@@ -96,7 +97,7 @@ pub async fn handle(conn: &Connection, request: Request<Incoming>) -> Response<R
             error.into_response(ResponseBody::whole)
         }
     };
-    if (conn.drain.is_draining() || conn.overloaded) && response.version() < Version::HTTP_2 {
+    if (conn.drain.is_draining() || conn.overloaded) && client_version < Version::HTTP_2 {
         // This HTTP/1 connection ends after the response: say so to the client.
         response
             .headers_mut()

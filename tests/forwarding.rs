@@ -681,3 +681,39 @@ async fn more_streams_than_one_http2_connection_carries_do_not_wait() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_get_503_and_are_closed() {
+    bounded(20, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&basic_config(
+            &upstream,
+            &pki,
+            "[server]\nmax_connections = 1\n",
+        ));
+        // The first connection stays open, and is served.
+        let first = http_client();
+        assert_eq!(
+            send(&first, post_json(&proxy.url("/v1/a"), chat()))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        // A second one, while the first is open, is over the limit.
+        let answer = raw(proxy.http.unwrap(), "GET /v1/b HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("\"code\":\"proxy_overloaded\""), "{answer}");
+        assert!(
+            answer.to_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        assert_eq!(
+            send(&first, post_json(&proxy.url("/v1/c"), chat()))
+                .await
+                .status,
+            StatusCode::OK
+        );
+    })
+    .await;
+}
