@@ -2,8 +2,9 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-/// Meaningful for one connection only (RFC 9110 §7.6.1), so never forwarded.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Meaningful for one connection only (RFC 9110 §7.6.1), so never forwarded. (A static, not a
+/// const: a const array is built and dropped again at every use.)
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -14,7 +15,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// Headers that tell the upstream who the client is.
-const CLIENT_IDENTITY: [HeaderName; 7] = [
+static CLIENT_IDENTITY: [HeaderName; 7] = [
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-real-ip"),
     header::FORWARDED,

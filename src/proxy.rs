@@ -56,6 +56,10 @@ impl<'de> Deserialize<'de> for PathPrefix {
 
 /// `..` could climb out of an allowed prefix at the upstream; `%2e` is the same dot.
 fn has_dot_segment(path: &str) -> bool {
+    // Nearly every path has neither a dot nor an escape: no segment to look at then.
+    if !path.contains(['.', '%']) {
+        return false;
+    }
     path.split('/').any(|segment| {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
         decoded == "." || decoded == ".."

@@ -243,13 +243,16 @@ impl Upstream {
 
     /// The upstream URI for a client's path and query, under the url's base path.
     pub fn uri(&self, client: &Uri) -> Uri {
-        let path_and_query = client.path_and_query().map_or("/", PathAndQuery::as_str);
-        let path_and_query = if self.config.url.base_path.is_empty() {
-            PathAndQuery::try_from(path_and_query)
-        } else {
-            PathAndQuery::try_from(format!("{}{path_and_query}", self.config.url.base_path))
-        }
-        .expect("a valid path under a valid base path is valid");
+        let base = &self.config.url.base_path;
+        let path_and_query = match client.path_and_query() {
+            // Shares the client's bytes: no copy, no second parse.
+            Some(pq) if base.is_empty() => pq.clone(),
+            pq => {
+                let pq = pq.map_or("/", PathAndQuery::as_str);
+                PathAndQuery::try_from(format!("{base}{pq}"))
+                    .expect("a valid path under a valid base path is valid")
+            }
+        };
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
