@@ -99,7 +99,7 @@ impl Signal {
     }
 
     pub async fn draining(&mut self) {
-        let _ = self.phase.wait_for(|phase| *phase >= Phase::Draining).await;
+        reached(&mut self.phase, Phase::Draining).await
     }
 }
 
@@ -109,17 +109,17 @@ impl Watch {
     }
 
     pub async fn draining(&mut self) {
-        self.reached(Phase::Draining).await
+        reached(&mut self.phase, Phase::Draining).await
     }
 
     pub async fn cut(&mut self) {
-        self.reached(Phase::Cut).await
+        reached(&mut self.phase, Phase::Cut).await
     }
+}
 
-    async fn reached(&mut self, wanted: Phase) {
-        // The sender lives until the drain completes; if it is gone, the drain is over.
-        let _ = self.phase.wait_for(|phase| *phase >= wanted).await;
-    }
+async fn reached(phase: &mut watch::Receiver<Phase>, wanted: Phase) {
+    // The sender lives until the drain completes; if it is gone, the drain is over.
+    let _ = phase.wait_for(|phase| *phase >= wanted).await;
 }
 
 #[cfg(test)]
