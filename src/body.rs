@@ -24,6 +24,8 @@ pub enum BodyError {
     Idle(Duration),
     #[error("{0}")]
     Stream(#[from] hyper::Error),
+    #[error("{0}")]
+    Read(#[from] crate::http1::BodyReadError),
 }
 
 impl BodyError {
@@ -75,20 +77,55 @@ impl IdleTimer {
     }
 }
 
+/// A client's request body as it arrives: off an HTTP/1.1 connection, or an HTTP/2 stream.
+pub enum Inbound {
+    Http1(crate::http1::IncomingBody),
+    Http2(Incoming),
+}
+
+impl Body for Inbound {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(body) => body.is_end_stream(),
+            Self::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Http1(body) => body.size_hint(),
+            Self::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
 /// The client's request body, shared between the request sent upstream and the handler: when
 /// the proxy answers an error itself, the handler reads and discards what the client is still
 /// sending. Closing a connection with unread data makes the kernel reset it, and the client
 /// would see a broken pipe instead of our answer.
 #[derive(Clone)]
-pub struct ClientBody(Arc<Mutex<Option<Incoming>>>);
+pub struct ClientBody(Arc<Mutex<Option<Inbound>>>);
 
 impl ClientBody {
-    pub fn new(body: Incoming) -> Self {
+    pub fn new(body: Inbound) -> Self {
         let body = (!body.is_end_stream()).then_some(body);
         Self(Arc::new(Mutex::new(body)))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Incoming>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Inbound>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -201,7 +238,7 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => this.fail(e.into()),
+            Poll::Ready(Some(Err(e))) => this.fail(e),
             Poll::Ready(None) => {
                 this.inner = None;
                 this.failed = None;

@@ -26,6 +26,8 @@ pub enum ProxyError {
     Malformed(&'static str),
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("request head exceeds the limit of {limit} bytes")]
+    HeadersTooLarge { limit: u64 },
     #[error("the request body from the client failed: {0}")]
     ClientBody(String),
     #[error("the proxy is at its connection limit; retry shortly")]
@@ -48,6 +50,7 @@ impl ProxyError {
             | Self::PathNotAllowed(_)
             | Self::Malformed(_)
             | Self::BodyTooLarge { .. }
+            | Self::HeadersTooLarge { .. }
             | Self::ClientBody(_) => Side::Client,
             Self::Overloaded => Side::Proxy,
             Self::UpstreamUnreachable(_)
@@ -63,6 +66,7 @@ impl ProxyError {
             Self::PathNotAllowed(_) => StatusCode::NOT_FOUND,
             Self::Malformed(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) | Self::UpstreamTls(_) | Self::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
@@ -78,6 +82,7 @@ impl ProxyError {
             Self::PathNotAllowed(_) => "path_not_allowed",
             Self::Malformed(_) => "malformed_request",
             Self::BodyTooLarge { .. } => "request_too_large",
+            Self::HeadersTooLarge { .. } => "request_headers_too_large",
             Self::ClientBody(_) => "client_body_error",
             Self::Overloaded => "proxy_overloaded",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 
 use crate::config::{Config, ConfigError, ConfigFile};
 use crate::upstream::Upstream;
@@ -25,7 +25,7 @@ pub struct Generation {
     pub config: Config,
     pub upstream: Arc<Upstream>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    pub http: auto::Builder<TokioExecutor>,
+    pub http2: http2::Builder<TokioExecutor>,
     /// The config file and every file it names, with a fingerprint of their contents as loaded:
     /// the file watcher reloads when the fingerprint on disk differs.
     pub files: Vec<PathBuf>,
@@ -77,7 +77,7 @@ impl Generation {
             workers,
             previous.map(|p| &p.upstream),
         )?;
-        let http = server_builder(&config);
+        let http2 = http2_builder(&config);
         let fingerprint = fingerprint(
             contents
                 .iter()
@@ -92,7 +92,7 @@ impl Generation {
             config,
             upstream,
             tls,
-            http,
+            http2,
         })
     }
 
@@ -112,6 +112,15 @@ impl Generation {
             .tls
             .as_ref()
             .is_some_and(|t| t.listen.iter().any(|a| *a.get_ref() == addr))
+    }
+
+    pub fn http1_settings(&self) -> crate::http1::Settings {
+        let server = &self.config.server;
+        crate::http1::Settings {
+            header_read_timeout: server.header_read_timeout.0,
+            keepalive_timeout: server.keepalive_timeout.0,
+            max_header_size: usize::try_from(server.max_header_size.0).unwrap_or(usize::MAX),
+        }
     }
 
     /// What it serves, as `openai-proxy check` tells it.
@@ -146,17 +155,10 @@ impl Generation {
     }
 }
 
-fn server_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+fn http2_builder(config: &Config) -> http2::Builder<TokioExecutor> {
     let server = &config.server;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout.0)
-        .max_buf_size(server.max_header_size.0.max(8192) as usize)
-        .keep_alive(true);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(server.max_header_size.0).unwrap_or(u32::MAX))
         .max_concurrent_streams(server.max_streams_per_connection)

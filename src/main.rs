@@ -9,6 +9,7 @@ mod drain;
 mod error;
 mod generation;
 mod headers;
+mod http1;
 mod inherited;
 mod listeners;
 mod logging;

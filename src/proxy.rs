@@ -4,12 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Deserializer};
 
 use crate::access_log::{AccessRecord, RequestId};
-use crate::body::{ClientBody, RequestBody, ResponseBody};
+use crate::body::{ClientBody, Inbound, RequestBody, ResponseBody};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
@@ -76,7 +75,7 @@ pub struct Connection {
     pub drain: drain::Watch,
 }
 
-pub async fn handle(conn: &Connection, request: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn handle(conn: &Connection, request: Request<Inbound>) -> Response<ResponseBody> {
     // The generation is fixed for this request's whole life, whatever reloads happen meanwhile.
     let generation = conn.live.snapshot();
     let id = RequestId::next();
@@ -163,7 +162,7 @@ async fn forward(
     let upstream = &generation.upstream;
     let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
     let client_upgrade = if upgrade {
-        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        parts.extensions.remove::<crate::http1::OnUpgrade>()
     } else {
         None
     };
@@ -182,7 +181,7 @@ async fn forward(
     *outgoing.headers_mut() = std::mem::take(&mut parts.headers);
     let headers = outgoing.headers_mut();
     headers::strip_hop_by_hop(headers, upgrade);
-    // hyper already answered the client's `Expect: 100-continue`; it is not the upstream's to answer.
+    // The client's `Expect: 100-continue` is answered on its connection; not the upstream's to answer.
     headers.remove(header::EXPECT);
     if generation.config.proxy.forward_client_identity {
         append_forwarded_for(headers, conn.client);
@@ -242,18 +241,18 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, client: SocketAddr) {
 
 /// Splices a WebSocket (or any upgraded protocol) both ways until either side closes.
 async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
+    client: crate::http1::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     mut drain: drain::Watch,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
+    let upstream = async { upstream.await.map_err(|e| e.to_string()) };
+    let (mut client, upstream) = match tokio::try_join!(client.connection(), upstream) {
         Ok(pair) => pair,
         Err(error) => {
             tracing::debug!(%error, "upgrade did not complete");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
     let started = tokio::time::Instant::now();
     tokio::select! {

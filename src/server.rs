@@ -9,12 +9,13 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::body::Inbound;
 use crate::config::{self, ByteSize, Timeout};
 use crate::drain;
 use crate::generation::{Generation, Live};
+use crate::http1::{self, ClientIo, Rewind};
 use crate::proxy;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -22,6 +23,8 @@ use crate::proxy;
 pub struct Config {
     /// For a client to send a request's headers (and to finish a TLS handshake): slowloris guard.
     pub header_read_timeout: Timeout,
+    /// How long a kept-alive HTTP/1.1 connection may wait for its next request.
+    pub keepalive_timeout: Timeout,
     pub max_header_size: ByteSize,
     /// OpenAI accepts uploads up to 512 MB.
     pub max_request_body: ByteSize,
@@ -40,6 +43,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             header_read_timeout: Timeout::secs(30),
+            keepalive_timeout: Timeout::secs(75),
             max_header_size: ByteSize(64 << 10),
             max_request_body: ByteSize(512 << 20),
             max_connections: Limit(10_000),
@@ -143,38 +147,74 @@ async fn serve_connection(
         drain,
     });
     let tls = generation.tls.as_ref().filter(|_| generation.is_tls(local));
-    match tls {
+    // One await of serve_http, not one per branch: a task is as large as its largest state, and
+    // each await point of a future holds a slot of its own. The common case, an HTTP/1.1
+    // connection waiting for its next request, should be small; so is the TLS handshake boxed.
+    let (io, h2, cleartext): (ClientIo, bool, bool) = match tls {
         Some(acceptor) => {
             let timeout = generation.config.server.header_read_timeout.0;
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_http(stream, &generation, conn).await,
-                Ok(Err(error)) => tracing::debug!(%client, %error, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
+            match tokio::time::timeout(timeout, Box::pin(acceptor.accept(stream))).await {
+                Ok(Ok(stream)) => {
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    (Box::new(stream), h2, false)
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%client, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%client, "TLS handshake timed out");
+                    return;
+                }
             }
         }
-        None => serve_http(stream, &generation, conn).await,
-    }
+        None => (Box::new(stream), false, true),
+    };
+    serve_http(io, h2, cleartext, &generation, conn).await;
     drop(count);
 }
 
-async fn serve_http<I>(io: I, generation: &Generation, conn: Arc<proxy::Connection>)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// HTTP/2 when TLS negotiated it or a cleartext client opens with its preface; HTTP/1.1 otherwise.
+async fn serve_http(
+    io: ClientIo,
+    h2: bool,
+    cleartext: bool,
+    generation: &Generation,
+    conn: Arc<proxy::Connection>,
+) {
+    let mut drain = conn.drain.clone();
+    let io = if h2 {
+        Rewind::new(bytes::Bytes::new(), io)
+    } else {
+        let settings = generation.http1_settings();
+        let served = tokio::select! {
+            served = http1::serve(io, &settings, &conn, cleartext) => served,
+            () = drain.cut() => return,
+        };
+        match served {
+            http1::Served::Http2(io) => io,
+            http1::Served::Closed => return,
+        }
+    };
+    Box::pin(serve_http2(io, generation, conn)).await;
+}
+
+async fn serve_http2(io: Rewind<ClientIo>, generation: &Generation, conn: Arc<proxy::Connection>) {
     let mut drain = conn.drain.clone();
     let client = conn.client;
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(&conn, request).await) }
+        async move {
+            let request = request.map(Inbound::Http2);
+            Ok::<_, Infallible>(proxy::handle(&conn, request).await)
+        }
     });
-    let connection = generation
-        .http
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    let connection = generation.http2.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = drain.draining() => {
-            // Idle HTTP/1 connections close now, busy ones after their response; HTTP/2 gets GOAWAY.
+            // GOAWAY: streams in flight finish, no new ones start.
             connection.as_mut().graceful_shutdown();
             tokio::select! {
                 result = connection.as_mut() => result,

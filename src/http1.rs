@@ -1,0 +1,949 @@
+//! The HTTP/1.1 side of client connections. It is ours rather than hyper's for what a proxy in
+//! front of SDKs needs: a kept-alive connection waiting for its next request holds no buffer
+//! (hyper holds about 24 KiB per connection, idle or not), a request that cannot be parsed is
+//! answered in OpenAI's error shape rather than with a bare 400, and a request costs fewer
+//! instructions. HTTP/2, over TLS or in cleartext, stays with hyper.
+//!
+//! One task per connection reads a request head, hands the request to the proxy and writes the
+//! response. A request body takes the read half of the connection with it and gives it back once
+//! read to its end; a body left unread ends the connection, since the next request's start is
+//! then unknown.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
+};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+
+use crate::access_log::RequestId;
+use crate::body::{Inbound, ResponseBody};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::proxy;
+
+/// A client connection's byte stream: TCP, or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+pub type ClientIo = Box<dyn Io>;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// For a request head to arrive once it has begun, and for the first one after connecting.
+    pub header_read_timeout: Duration,
+    /// For the next request on a kept-alive connection to begin.
+    pub keepalive_timeout: Duration,
+    pub max_header_size: usize,
+}
+
+/// How a connection left this module.
+pub enum Served {
+    Closed,
+    /// The client sent HTTP/2's cleartext preface: the connection is hyper's now, with the bytes
+    /// already read put back in front.
+    Http2(Rewind<ClientIo>),
+}
+
+/// At most this many header fields in a request head (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// A read on the stack: what a connection waiting for a request head reads into.
+const STACK_READ: usize = 4096;
+/// A request body is read in pieces of at most this many bytes.
+const BODY_READ: usize = 16 << 10;
+/// How long a request body may go on arriving after its response was sent before the
+/// connection is closed instead of kept (nginx's lingering_time).
+const BODY_AFTER_RESPONSE: Duration = Duration::from_secs(30);
+/// After an answer that ends the connection, how long to read and discard what the client is
+/// still sending, so that closing does not reset the connection under the answer.
+const LINGER: Duration = Duration::from_secs(2);
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+pub async fn serve(
+    io: ClientIo,
+    settings: &Settings,
+    conn: &Arc<proxy::Connection>,
+    cleartext: bool,
+) -> Served {
+    let (half, writer) = tokio::io::split(io);
+    let mut halves = (
+        Reader {
+            half,
+            buf: BytesMut::new(),
+        },
+        writer,
+    );
+    let mut drain = conn.drain.clone();
+    let mut first = true;
+    loop {
+        let (mut reader, mut writer) = halves;
+        if reader.buf.is_empty() {
+            // Whatever capacity is left goes: an idle connection holds no buffer.
+            reader.buf = BytesMut::new();
+            let wait = if first {
+                settings.header_read_timeout
+            } else {
+                settings.keepalive_timeout
+            };
+            let arrived = tokio::select! {
+                biased;
+                () = drain.draining() => return Served::Closed,
+                read = tokio::time::timeout(wait, reader.read_some()) => read,
+            };
+            if !matches!(arrived, Ok(Ok(1..))) {
+                return Served::Closed;
+            }
+        }
+        let head = tokio::time::timeout(
+            settings.header_read_timeout,
+            reader.read_head(settings.max_header_size, first && cleartext),
+        )
+        .await;
+        first = false;
+        let next = match head {
+            // Boxed, so that a request's state exists only while it is in flight: a task is as
+            // large as its largest state, and an idle connection's should be small.
+            Ok(Ok(head)) => Box::pin(exchange(head, reader, writer, settings, conn)).await,
+            Ok(Err(HeadError::Http2Preface)) => {
+                let Reader { half, buf } = reader;
+                return Served::Http2(Rewind::new(buf.freeze(), half.unsplit(writer)));
+            }
+            Ok(Err(HeadError::Refused(error))) => {
+                tracing::debug!(client = %conn.client, %error, "request head refused");
+                let mut response = error.into_response(ResponseBody::whole);
+                response
+                    .headers_mut()
+                    .insert(RequestId::HEADER, RequestId::next().header_value());
+                let facts = RequestFacts::refused();
+                if respond(&mut writer, response, &facts, None).await.is_ok() {
+                    linger(reader, writer).await;
+                }
+                None
+            }
+            Ok(Err(HeadError::Closed)) | Err(_) => None,
+        };
+        match next {
+            Some(kept) => halves = kept,
+            None => return Served::Closed,
+        }
+    }
+}
+
+/// One request and its response. Gives the connection back if it can carry another request.
+async fn exchange(
+    head: Head,
+    reader: Reader,
+    mut writer: WriteHalf<ClientIo>,
+    settings: &Settings,
+    conn: &Arc<proxy::Connection>,
+) -> Option<(Reader, WriteHalf<ClientIo>)> {
+    let Head {
+        mut parts,
+        framing,
+        facts,
+        expect_continue,
+        upgrade,
+    } = head;
+    if expect_continue && framing.has_body() {
+        // Sent at once rather than on the body's first read: the proxy streams the body
+        // upstream right away in any case.
+        writer
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .ok()?;
+    }
+    let upgrade = upgrade.then(|| {
+        let (sender, receiver) = oneshot::channel();
+        parts
+            .extensions
+            .insert(OnUpgrade(Arc::new(std::sync::Mutex::new(Some(receiver)))));
+        sender
+    });
+    // The body takes the read half when there is one, and gives it back when read to its end.
+    let (mut reader, body, returned) = match framing {
+        Framing::Empty => (Some(reader), IncomingBody::empty(), None),
+        framing => {
+            let (give_back, returned) = oneshot::channel();
+            let body = IncomingBody::new(reader, framing, give_back);
+            (None, body, Some(returned))
+        }
+    };
+    let request = Request::from_parts(parts, Inbound::Http1(body));
+    let handling = proxy::handle(conn, request);
+    let response = match reader.as_mut() {
+        // A client that hangs up while waiting cancels its request, upstream included.
+        Some(current) => tokio::select! {
+            response = handling => response,
+            () = current.closed(settings.max_header_size) => return None,
+        },
+        None => handling.await,
+    };
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(upgrade), Some(current)) = (upgrade, reader) else {
+            tracing::debug!(client = %conn.client, "upstream switched protocols unasked");
+            return None;
+        };
+        respond(&mut writer, response, &facts, None).await.ok()?;
+        let Reader { half, buf } = current;
+        let _ = upgrade.send(Rewind::new(buf.freeze(), half.unsplit(writer)));
+        return None;
+    }
+
+    let keep = respond(&mut writer, response, &facts, reader.as_mut())
+        .await
+        .ok()?;
+    if let Some(returned) = returned {
+        reader = match tokio::time::timeout(BODY_AFTER_RESPONSE, returned).await {
+            Ok(Ok(current)) => Some(current),
+            _ => None,
+        };
+    }
+    let reader = reader?;
+    if !keep {
+        linger(reader, writer).await;
+        return None;
+    }
+    Some((reader, writer))
+}
+
+/// The read half of a connection and what has been read from it but not yet used.
+pub struct Reader {
+    half: ReadHalf<ClientIo>,
+    buf: BytesMut,
+}
+
+enum HeadError {
+    /// The client went away, or sent something that is not even a broken request.
+    Closed,
+    Http2Preface,
+    Refused(ProxyError),
+}
+
+impl From<io::Error> for HeadError {
+    fn from(_: io::Error) -> Self {
+        Self::Closed
+    }
+}
+
+impl Reader {
+    /// Reads what has arrived. The bytes land on the stack first, so that a connection waiting
+    /// for its next request holds no buffer at all. Ok(0) is the end of the stream.
+    async fn read_some(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            let mut stack = [MaybeUninit::<u8>::uninit(); STACK_READ];
+            let mut read = ReadBuf::uninit(&mut stack);
+            ready!(Pin::new(&mut self.half).poll_read(cx, &mut read))?;
+            self.buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(read.filled().len()))
+        })
+        .await
+    }
+
+    async fn read_head(&mut self, max_size: usize, h2_allowed: bool) -> Result<Head, HeadError> {
+        loop {
+            if h2_allowed {
+                let n = self.buf.len().min(H2_PREFACE.len());
+                if self.buf[..n] == H2_PREFACE[..n] {
+                    if n == H2_PREFACE.len() {
+                        return Err(HeadError::Http2Preface);
+                    }
+                } else if let Some(head) = parse_head(&mut self.buf)? {
+                    return Ok(head);
+                }
+            } else if let Some(head) = parse_head(&mut self.buf)? {
+                return Ok(head);
+            }
+            if self.buf.len() >= max_size {
+                return Err(HeadError::Refused(ProxyError::HeadersTooLarge {
+                    limit: max_size as u64,
+                }));
+            }
+            if self.read_some().await? == 0 {
+                return Err(HeadError::Closed);
+            }
+        }
+    }
+
+    /// Resolves when the client closes the connection (or it fails). What the client sends
+    /// meanwhile, a pipelined request, is kept, up to `max` bytes.
+    async fn closed(&mut self, max: usize) {
+        while self.buf.len() < max {
+            match self.read_some().await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+/// Closes the sending side, then reads and discards for a moment: closing a socket with unread
+/// data resets the connection, and the client could lose the answer just sent. (Boxed, as
+/// `respond` is.)
+fn linger(
+    mut reader: Reader,
+    mut writer: WriteHalf<ClientIo>,
+) -> Pin<Box<impl Future<Output = ()>>> {
+    Box::pin(async move {
+        let _ = writer.shutdown().await;
+        let discard = async {
+            while let Ok(1..) = reader.read_some().await {
+                reader.buf.clear();
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, discard).await;
+    })
+}
+
+struct Head {
+    parts: http::request::Parts,
+    framing: Framing,
+    facts: RequestFacts,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+/// What writing the response needs to know of its request.
+struct RequestFacts {
+    version: Version,
+    head_method: bool,
+    keep_alive: bool,
+}
+
+impl RequestFacts {
+    fn refused() -> Self {
+        Self {
+            version: Version::HTTP_11,
+            head_method: false,
+            keep_alive: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+impl Framing {
+    fn has_body(self) -> bool {
+        !matches!(self, Self::Empty | Self::Length(0))
+    }
+}
+
+/// Parses a complete request head off the front of `buf`; None while it is incomplete.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
+    let malformed = |what| HeadError::Refused(ProxyError::Malformed(what));
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let length = match request.parse_with_uninit_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(malformed("more than 100 header fields"));
+        }
+        Err(httparse::Error::Version) => return Err(malformed("not an HTTP/1.x request")),
+        Err(_) => return Err(malformed("the request head does not parse as HTTP/1.1")),
+    };
+    // The head is about to become shared bytes that the header values point into, so note where
+    // each part lies rather than holding on to the parser's borrowed slices.
+    let base = buf.as_ptr() as usize;
+    let at = |part: &[u8]| -> (usize, usize) {
+        let start = part.as_ptr() as usize - base;
+        (start, start + part.len())
+    };
+    let span = |(start, end): (usize, usize)| -> Range<usize> { start..end };
+    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
+        .map_err(|_| malformed("invalid method"))?;
+    let target = at(request.path.unwrap_or_default().as_bytes());
+    let version = match request.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
+    let count = request.headers.len();
+    for (span, field) in spans.iter_mut().zip(request.headers.iter()) {
+        *span = (at(field.name.as_bytes()), at(field.value));
+    }
+    let head = buf.split_to(length).freeze();
+
+    let uri = Uri::from_maybe_shared(head.slice(span(target)))
+        .map_err(|_| malformed("invalid request target"))?;
+    let mut map = HeaderMap::with_capacity(count);
+    for &(name, value) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[span(name)])
+            .map_err(|_| malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(span(value)))
+            .map_err(|_| malformed("invalid header value"))?;
+        map.append(name, value);
+    }
+
+    let framing = framing(&map, version).map_err(malformed)?;
+    let keep_alive = match version {
+        Version::HTTP_10 => headers::has_token(&map, header::CONNECTION, "keep-alive"),
+        _ => !headers::has_token(&map, header::CONNECTION, "close"),
+    };
+    let expect_continue = version == Version::HTTP_11
+        && map
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade =
+        version == Version::HTTP_11 && framing == Framing::Empty && headers::is_upgrade(&map);
+    let facts = RequestFacts {
+        version,
+        head_method: method == Method::HEAD,
+        keep_alive,
+    };
+    let mut parts = Request::new(()).into_parts().0;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = map;
+    Ok(Some(Head {
+        parts,
+        framing,
+        facts,
+        expect_continue,
+        upgrade,
+    }))
+}
+
+/// Where the request body ends. Anything ambiguous is refused: a proxy that reads a body's
+/// length differently from the server behind it lets one request hide inside another.
+fn framing(map: &HeaderMap, version: Version) -> Result<Framing, &'static str> {
+    if map.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err("Transfer-Encoding in an HTTP/1.0 request");
+        }
+        if map.contains_key(header::CONTENT_LENGTH) {
+            return Err("both Content-Length and Transfer-Encoding");
+        }
+        let mut codings = map
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii);
+        let only_chunked = codings
+            .next()
+            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+            && codings.next().is_none();
+        return if only_chunked {
+            Ok(Framing::Chunked)
+        } else {
+            Err("unsupported Transfer-Encoding")
+        };
+    }
+    let mut length = None;
+    for value in map.get_all(header::CONTENT_LENGTH) {
+        let bytes = value.as_bytes();
+        if bytes.is_empty() || bytes.len() > 19 || !bytes.iter().all(u8::is_ascii_digit) {
+            return Err("invalid Content-Length");
+        }
+        let n: u64 = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or("invalid Content-Length")?;
+        if length.is_some_and(|seen| seen != n) {
+            return Err("conflicting Content-Length values");
+        }
+        length = Some(n);
+    }
+    Ok(length.map_or(Framing::Empty, Framing::Length))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    #[error("the client closed the connection mid-body")]
+    Truncated,
+    #[error("malformed chunked encoding: {0}")]
+    BadChunk(&'static str),
+    #[error("reading the request body: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A request body read straight off the connection.
+pub struct IncomingBody {
+    /// None once the body has ended (or failed, or never was).
+    reading: Option<Reader>,
+    state: BodyState,
+    give_back: Option<oneshot::Sender<Reader>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BodyState {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+}
+
+/// Longest chunk-size line or trailer line accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+impl IncomingBody {
+    fn empty() -> Self {
+        Self {
+            reading: None,
+            state: BodyState::Length(0),
+            give_back: None,
+        }
+    }
+
+    fn new(reader: Reader, framing: Framing, give_back: oneshot::Sender<Reader>) -> Self {
+        let state = match framing {
+            Framing::Empty => BodyState::Length(0),
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::ChunkSize,
+        };
+        let mut body = Self {
+            reading: Some(reader),
+            state,
+            give_back: Some(give_back),
+        };
+        if let BodyState::Length(0) = body.state {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body has been read to its end: the connection can carry the next request.
+    fn finish(&mut self) {
+        if let (Some(reader), Some(give_back)) = (self.reading.take(), self.give_back.take()) {
+            let _ = give_back.send(reader);
+        }
+    }
+
+    fn fail(&mut self, error: BodyReadError) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        self.reading = None;
+        self.give_back = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+/// Takes one line (without its CRLF) off the front of `buf`, if a whole one is there.
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, BodyReadError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let mut line = buf.split_to(end + 1).freeze();
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_CHUNK_LINE => Err(BodyReadError::BadChunk("line too long")),
+        None => Ok(None),
+    }
+}
+
+fn chunk_size(line: &[u8]) -> Result<u64, BodyReadError> {
+    // Extensions after ';' are allowed and ignored.
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(BodyReadError::BadChunk("bad chunk size"));
+    }
+    let text =
+        std::str::from_utf8(digits).map_err(|_| BodyReadError::BadChunk("bad chunk size"))?;
+    u64::from_str_radix(text, 16).map_err(|_| BodyReadError::BadChunk("bad chunk size"))
+}
+
+impl Body for IncomingBody {
+    type Data = Bytes;
+    type Error = BodyReadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(reader) = this.reading.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut reader.buf;
+            match this.state {
+                BodyState::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                BodyState::Length(left) | BodyState::ChunkData(left) if !buf.is_empty() => {
+                    let n = left.min(buf.len() as u64);
+                    let data = buf.split_to(n as usize).freeze();
+                    this.state = match this.state {
+                        BodyState::Length(_) => BodyState::Length(left - n),
+                        _ if left == n => BodyState::ChunkEnd,
+                        _ => BodyState::ChunkData(left - n),
+                    };
+                    if let BodyState::Length(0) = this.state {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyState::Length(left) | BodyState::ChunkData(left) => {
+                    buf.reserve(left.min(BODY_READ as u64) as usize);
+                }
+                BodyState::ChunkSize => match take_line(buf) {
+                    Ok(Some(line)) => {
+                        this.state = match chunk_size(&line) {
+                            Ok(0) => BodyState::Trailers,
+                            Ok(n) => BodyState::ChunkData(n),
+                            Err(e) => return this.fail(e),
+                        };
+                        continue;
+                    }
+                    Ok(None) => buf.reserve(1024),
+                    Err(e) => return this.fail(e),
+                },
+                BodyState::ChunkEnd => {
+                    if buf.len() >= 2 {
+                        if &buf[..2] != b"\r\n" {
+                            return this
+                                .fail(BodyReadError::BadChunk("chunk not followed by CRLF"));
+                        }
+                        let _ = buf.split_to(2);
+                        this.state = BodyState::ChunkSize;
+                        continue;
+                    }
+                    buf.reserve(1024);
+                }
+                // Trailer fields are read and dropped: nothing upstream of us needs them.
+                BodyState::Trailers => match take_line(buf) {
+                    Ok(Some(line)) if line.is_empty() => {
+                        this.state = BodyState::Length(0);
+                        continue;
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => buf.reserve(1024),
+                    Err(e) => return this.fail(e),
+                },
+            }
+            // Not enough buffered for the next step: read more.
+            let reader = this.reading.as_mut().expect("checked above");
+            let read =
+                tokio_util::io::poll_read_buf(Pin::new(&mut reader.half), cx, &mut reader.buf);
+            match ready!(read) {
+                Ok(0) => return this.fail(BodyReadError::Truncated),
+                Ok(_) => {}
+                Err(e) => return this.fail(e.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading.is_none() || matches!(self.state, BodyState::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.reading, self.state) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), BodyState::Length(n)) => SizeHint::with_exact(n),
+            (Some(_), _) => SizeHint::default(),
+        }
+    }
+}
+
+/// Writes a response. Boxed, response included, so that this state exists only while a response
+/// is being written: a task is as large as its largest state, and a connection waiting for its
+/// next request should be small.
+fn respond<'a>(
+    writer: &'a mut WriteHalf<ClientIo>,
+    response: Response<ResponseBody>,
+    request: &'a RequestFacts,
+    reader: Option<&'a mut Reader>,
+) -> Pin<Box<impl Future<Output = io::Result<bool>> + 'a>> {
+    Box::pin(write_response(writer, response, request, reader))
+}
+
+/// How the response body is delimited on the wire.
+enum Delimit {
+    None,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// Writes a response, its body streamed frame by frame as it comes: frames already there are
+/// gathered into one write, and a frame that has to be waited for is preceded by a write of
+/// what is gathered, so an SSE event is never held back. Ok(false): the connection cannot carry
+/// another request after this one.
+async fn write_response(
+    writer: &mut WriteHalf<ClientIo>,
+    response: Response<ResponseBody>,
+    request: &RequestFacts,
+    mut reader: Option<&mut Reader>,
+) -> io::Result<bool> {
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let mut keep =
+        request.keep_alive && !headers::has_token(&parts.headers, header::CONNECTION, "close");
+    let bodiless = request.head_method
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let delimit = if bodiless {
+        Delimit::None
+    } else if let Some(n) = declared {
+        Delimit::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        Delimit::Length(n)
+    } else if request.version == Version::HTTP_11 {
+        Delimit::Chunked
+    } else {
+        keep = false;
+        Delimit::Close
+    };
+
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(match request.version {
+        Version::HTTP_10 => b"HTTP/1.0 ",
+        _ => b"HTTP/1.1 ",
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        // Framing and connection fields are this hop's, written below.
+        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match delimit {
+        Delimit::Length(n) if declared.is_none() => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Delimit::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if request.version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date::write(&mut out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let mut body = std::pin::pin!(body);
+    let mut sent = 0u64;
+    let mut cut = false;
+    if !matches!(delimit, Delimit::None) {
+        loop {
+            // Whatever is ready now joins the pending write; whatever is not yet, is awaited
+            // only after that write.
+            let ready_now =
+                std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await;
+            let frame = match ready_now {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    if !out.is_empty() {
+                        writer.write_all(&out).await?;
+                        writer.flush().await?;
+                        out.clear();
+                    }
+                    next_frame(body.as_mut(), reader.as_deref_mut()).await?
+                }
+            };
+            let data = match frame {
+                None => break,
+                Some(Err(_)) => {
+                    // Cut mid-body: the client sees the body end early, as framed.
+                    keep = false;
+                    cut = true;
+                    break;
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    // Trailers and empty frames have nothing to write.
+                    _ => continue,
+                },
+            };
+            let data = match delimit {
+                Delimit::Length(n) => {
+                    let room = n.saturating_sub(sent);
+                    if (data.len() as u64) > room {
+                        keep = false;
+                        data.slice(..room as usize)
+                    } else {
+                        data
+                    }
+                }
+                _ => data,
+            };
+            sent += data.len() as u64;
+            if let Delimit::Chunked = delimit {
+                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            }
+            if data.len() >= BODY_READ {
+                // Large: written from where it lies rather than copied.
+                writer.write_all(&out).await?;
+                out.clear();
+                writer.write_all(&data).await?;
+            } else {
+                out.extend_from_slice(&data);
+            }
+            if let Delimit::Chunked = delimit {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        match delimit {
+            Delimit::Chunked if !cut => out.extend_from_slice(b"0\r\n\r\n"),
+            Delimit::Length(n) if sent < n => keep = false,
+            _ => {}
+        }
+    }
+    if !out.is_empty() {
+        writer.write_all(&out).await?;
+    }
+    writer.flush().await?;
+    Ok(keep)
+}
+
+/// The next body frame; an error if the client hangs up meanwhile (only noticed while the
+/// request body is done, since until then the read side belongs to it).
+async fn next_frame(
+    mut body: Pin<&mut ResponseBody>,
+    reader: Option<&mut Reader>,
+) -> io::Result<Option<Result<Frame<Bytes>, crate::body::BodyError>>> {
+    use http_body_util::BodyExt;
+    match reader {
+        Some(reader) => tokio::select! {
+            frame = body.frame() => Ok(frame),
+            () = reader.closed(STACK_READ) => Err(io::ErrorKind::ConnectionAborted.into()),
+        },
+        None => Ok(body.frame().await),
+    }
+}
+
+/// The client's side of an upgraded connection, for the tunnel to splice. (Shared, because a
+/// request's extensions must be cloneable.)
+#[derive(Clone)]
+pub struct OnUpgrade(Arc<std::sync::Mutex<Option<oneshot::Receiver<Rewind<ClientIo>>>>>);
+
+impl OnUpgrade {
+    pub async fn connection(self) -> Result<Rewind<ClientIo>, String> {
+        let receiver = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .ok_or("the upgraded connection was already taken")?;
+        receiver
+            .await
+            .map_err(|_| "the client connection closed before the upgrade".to_owned())
+    }
+}
+
+/// A byte stream with bytes already read from it put back in front.
+pub struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(prefix: Bytes, inner: T) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let taken = self.prefix.split_to(n);
+            buf.put_slice(&taken);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The Date field, formatted once a second per thread rather than once a response.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub fn write(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with_borrow_mut(|(at, text)| {
+            if *at != second || text.is_empty() {
+                *at = second;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
