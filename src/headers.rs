@@ -2,39 +2,50 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-/// Meaningful for one connection only (RFC 9110 §7.6.1), so never forwarded. (A static, not a
-/// const: a const array is built and dropped again at every use.)
-static HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::PROXY_AUTHORIZATION,
-];
+/// Meaningful for one connection only (RFC 9110 §7.6.1), so never forwarded. (A match on the
+/// name rather than a list of HeaderNames: it looks at the length first, and runs for every
+/// field of every request and response.)
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "proxy-authorization"
+    )
+}
 
 /// Headers that tell the upstream who the client is.
-static CLIENT_IDENTITY: [HeaderName; 7] = [
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-real-ip"),
-    header::FORWARDED,
-    header::VIA,
-    HeaderName::from_static("cf-connecting-ip"),
-    HeaderName::from_static("true-client-ip"),
-    HeaderName::from_static("x-client-ip"),
-];
+fn is_client_identity(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-forwarded-for"
+            | "x-real-ip"
+            | "forwarded"
+            | "via"
+            | "cf-connecting-ip"
+            | "true-client-ip"
+            | "x-client-ip"
+    )
+}
 
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && has_token(headers, header::CONNECTION, "upgrade")
 }
 
-/// Whether a comma-separated field lists `token` (ASCII case aside), without allocating.
+/// Whether any of the comma-separated fields `name` lists `token`.
 pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+    headers.get_all(name).iter().any(|v| lists(v, token))
+}
+
+/// Whether a comma-separated field value lists `token` (ASCII case aside), without allocating.
+pub fn lists(value: &header::HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
@@ -61,7 +72,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     remove_where(headers, |name| {
-        HOP_BY_HOP.contains(name) || (!upgrade && name == header::UPGRADE)
+        is_hop_by_hop(name) || (!upgrade && name == header::UPGRADE)
     });
     if upgrade {
         headers.insert(
@@ -72,7 +83,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 pub fn strip_client_identity(headers: &mut HeaderMap) {
-    remove_where(headers, |name| CLIENT_IDENTITY.contains(name));
+    remove_where(headers, is_client_identity);
 }
 
 /// One pass over the names present, which most requests and responses have few of and none to

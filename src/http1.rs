@@ -11,7 +11,6 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -346,61 +345,76 @@ impl Framing {
 /// Parses a complete request head off the front of `buf`; None while it is incomplete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let malformed = |what| HeadError::Refused(ProxyError::Malformed(what));
+    let refused = |error: httparse::Error| {
+        malformed(match error {
+            httparse::Error::TooManyHeaders => "more than 100 header fields",
+            httparse::Error::Version => "not an HTTP/1.x request",
+            _ => "the request head does not parse as HTTP/1.1",
+        })
+    };
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let Some(length) = head_end(buf) else {
+        // Incomplete: parsed only to refuse what can never become a request, such as a TLS
+        // handshake sent to a cleartext port, without waiting for the rest.
+        let mut request = httparse::Request::new(&mut []);
+        return match request.parse_with_uninit_headers(buf, &mut fields) {
+            Err(error) => Err(refused(error)),
+            Ok(_) => Ok(None),
+        };
+    };
+    // Parsed where it will stay, so that header values are slices of it rather than copies.
+    let head = buf.split_to(length).freeze();
     let mut request = httparse::Request::new(&mut []);
-    let length = match request.parse_with_uninit_headers(buf, &mut fields) {
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(malformed("more than 100 header fields"));
-        }
-        Err(httparse::Error::Version) => return Err(malformed("not an HTTP/1.x request")),
-        Err(_) => return Err(malformed("the request head does not parse as HTTP/1.1")),
-    };
-    // The head is about to become shared bytes that the header values point into, so note where
-    // each part lies rather than holding on to the parser's borrowed slices.
-    let base = buf.as_ptr() as usize;
-    let at = |part: &[u8]| -> (usize, usize) {
-        let start = part.as_ptr() as usize - base;
-        (start, start + part.len())
-    };
-    let span = |(start, end): (usize, usize)| -> Range<usize> { start..end };
+    match request.parse_with_uninit_headers(&head, &mut fields) {
+        Ok(httparse::Status::Complete(parsed)) if parsed == length => {}
+        Ok(_) => return Err(malformed("the request head does not parse as HTTP/1.1")),
+        Err(error) => return Err(refused(error)),
+    }
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
         .map_err(|_| malformed("invalid method"))?;
-    let target = at(request.path.unwrap_or_default().as_bytes());
+    let uri = Uri::from_maybe_shared(head.slice_ref(request.path.unwrap_or_default().as_bytes()))
+        .map_err(|_| malformed("invalid request target"))?;
     let version = match request.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
-    let count = request.headers.len();
-    for (span, field) in spans.iter_mut().zip(request.headers.iter()) {
-        *span = (at(field.name.as_bytes()), at(field.value));
-    }
-    let head = buf.split_to(length).freeze();
-
-    let uri = Uri::from_maybe_shared(head.slice(span(target)))
-        .map_err(|_| malformed("invalid request target"))?;
-    let mut map = HeaderMap::with_capacity(count);
-    for &(name, value) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[span(name)])
+    // Which of the fields that shape this hop are present, noted in passing: most requests have
+    // none but Content-Length, and looking each one up would hash every name again.
+    let (mut framed, mut connection, mut expect, mut upgrade_field) = (false, false, false, false);
+    let mut map = HeaderMap::with_capacity(request.headers.len());
+    for field in request.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(span(value)))
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value))
             .map_err(|_| malformed("invalid header value"))?;
+        framed |= name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING;
+        connection |= name == header::CONNECTION;
+        expect |= name == header::EXPECT;
+        upgrade_field |= name == header::UPGRADE;
         map.append(name, value);
     }
 
-    let framing = framing(&map, version).map_err(malformed)?;
-    let keep_alive = match version {
-        Version::HTTP_10 => headers::has_token(&map, header::CONNECTION, "keep-alive"),
-        _ => !headers::has_token(&map, header::CONNECTION, "close"),
+    let framing = if framed {
+        framing(&map, version).map_err(malformed)?
+    } else {
+        Framing::Empty
     };
-    let expect_continue = version == Version::HTTP_11
+    let keep_alive = match version {
+        Version::HTTP_10 => {
+            connection && headers::has_token(&map, header::CONNECTION, "keep-alive")
+        }
+        _ => !(connection && headers::has_token(&map, header::CONNECTION, "close")),
+    };
+    let expect_continue = expect
+        && version == Version::HTTP_11
         && map
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade =
-        version == Version::HTTP_11 && framing == Framing::Empty && headers::is_upgrade(&map);
+    let upgrade = upgrade_field
+        && connection
+        && version == Version::HTTP_11
+        && framing == Framing::Empty
+        && headers::is_upgrade(&map);
     let facts = RequestFacts {
         version,
         head_method: method == Method::HEAD,
@@ -418,6 +432,21 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         expect_continue,
         upgrade,
     }))
+}
+
+/// Where a request head ends: after its first empty line (CRLF CRLF, or the bare LF LF that
+/// httparse accepts as well).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(offset) = buf[from..].iter().position(|&b| b == b'\n') {
+        let at = from + offset;
+        match buf.get(at + 1) {
+            Some(b'\n') => return Some(at + 2),
+            Some(b'\r') if buf.get(at + 2) == Some(&b'\n') => return Some(at + 3),
+            _ => from = at + 1,
+        }
+    }
+    None
 }
 
 /// Where the request body ends. Anything ambiguous is refused: a proxy that reads a body's
@@ -692,17 +721,43 @@ async fn write_response(
 ) -> io::Result<bool> {
     let (parts, body) = response.into_parts();
     let status = parts.status;
-    let mut keep =
-        request.keep_alive && !headers::has_token(&parts.headers, header::CONNECTION, "close");
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(match request.version {
+        Version::HTTP_10 => b"HTTP/1.0 ",
+        _ => b"HTTP/1.1 ",
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // One pass over the fields, noting on the way the ones that decide this hop's framing.
+    let (mut declared, mut close, mut dated) = (None, false, false);
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION {
+            close |= headers::lists(value, "close");
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
+                Some(n) if declared.is_none() => declared = Some(n),
+                // Unusable or repeated: the length is written below from what is known.
+                _ => continue,
+            }
+        }
+        dated |= name == header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut keep = request.keep_alive && !close;
     let bodiless = request.head_method
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     let delimit = if bodiless {
         Delimit::None
     } else if let Some(n) = declared {
@@ -715,26 +770,6 @@ async fn write_response(
         keep = false;
         Delimit::Close
     };
-
-    let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(match request.version {
-        Version::HTTP_10 => b"HTTP/1.0 ",
-        _ => b"HTTP/1.1 ",
-    });
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        // Framing and connection fields are this hop's, written below.
-        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
     match delimit {
         Delimit::Length(n) if declared.is_none() => {
             out.extend_from_slice(b"content-length: ");
@@ -751,7 +786,7 @@ async fn write_response(
     } else if request.version == Version::HTTP_10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         date::write(&mut out);
         out.extend_from_slice(b"\r\n");
@@ -945,5 +980,61 @@ mod date {
             }
             out.extend_from_slice(text.as_bytes());
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_ends_at_its_first_empty_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r"), None);
+    }
+
+    fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn only_unambiguous_framing_is_accepted() {
+        let v11 = Version::HTTP_11;
+        assert_eq!(framing(&fields(&[]), v11), Ok(Framing::Empty));
+        assert_eq!(
+            framing(&fields(&[("content-length", "42")]), v11),
+            Ok(Framing::Length(42))
+        );
+        let same_twice = fields(&[("content-length", "7"), ("content-length", "7")]);
+        assert_eq!(framing(&same_twice, v11), Ok(Framing::Length(7)));
+        let chunked = fields(&[("transfer-encoding", "Chunked")]);
+        assert_eq!(framing(&chunked, v11), Ok(Framing::Chunked));
+        for bad in [
+            fields(&[("content-length", "-1")]),
+            fields(&[("content-length", "+5")]),
+            fields(&[("content-length", "5, 5")]),
+            fields(&[("content-length", "5"), ("content-length", "6")]),
+            fields(&[("content-length", "99999999999999999999")]),
+            fields(&[("transfer-encoding", "gzip, chunked")]),
+            fields(&[("transfer-encoding", "chunked, chunked")]),
+            fields(&[("transfer-encoding", "chunked"), ("content-length", "3")]),
+        ] {
+            assert!(framing(&bad, v11).is_err(), "{bad:?}");
+        }
+        assert!(framing(&chunked, Version::HTTP_10).is_err());
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(chunk_size(b"1a").unwrap(), 26);
+        assert_eq!(chunk_size(b"FF;name=value").unwrap(), 255);
+        assert!(chunk_size(b"").is_err());
+        assert!(chunk_size(b"zz").is_err());
+        assert!(chunk_size(b"1234567890abcdef0").is_err());
     }
 }

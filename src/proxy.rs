@@ -188,7 +188,7 @@ async fn forward(
     } else {
         headers::strip_client_identity(headers);
     }
-    // hyper sets it from the upstream URI: Host over HTTP/1.1, :authority over HTTP/2.
+    // Upstream::send sets it: Host over HTTP/1.1, :authority over HTTP/2.
     headers.remove(header::HOST);
 
     let (mut response, in_flight) = match body_failed {

@@ -1,25 +1,26 @@
-//! The upstream: where requests go, and the pooled, verified TLS client that takes them there.
+//! The upstream: where requests go, and the verified TLS connections, pooled per worker, that
+//! take them there.
 
-use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Deserializer};
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 use toml::Spanned;
 
 use crate::body::RequestBody;
@@ -145,22 +146,19 @@ impl<'de> Deserialize<'de> for HostName {
     }
 }
 
-type Connector = HttpsConnector<HttpConnector<ConnectTo>>;
-
 /// A built upstream. Rebuilding one costs a trust-store load and empties the pool, so a reload
 /// that leaves the upstream's config and CA file as they were keeps the old one.
 pub struct Upstream {
     config: Config,
     ca_pem: Option<Vec<u8>>,
     /// Per worker thread, so that a request and its upstream connection share a thread.
-    pools: Vec<WorkerPool>,
-    connector: Connector,
-    /// HTTP/1.1 only and unpooled: WebSocket upgrades cannot ride an HTTP/2 connection.
-    upgrade_client: Arc<Client<Connector, RequestBody>>,
+    pools: Vec<Arc<Pool>>,
+    dialer: Arc<Dialer>,
     scheme: Scheme,
-    /// The URI authority sent upstream, from which hyper makes the Host header over HTTP/1.1 and
-    /// :authority over HTTP/2 (never both: some servers refuse a request that has both).
+    /// Sent as :authority over HTTP/2 and as the Host header over HTTP/1.1 (never both: some
+    /// servers refuse a request that has both).
     authority: Authority,
+    host_header: HeaderValue,
 }
 
 impl Upstream {
@@ -189,51 +187,54 @@ impl Upstream {
             message: format!("{host:?} is not a valid TLS server name"),
         })?;
         // Exactly `host`, never with the url's port: the connection goes where the url says
-        // (see ConnectTo), and the Host header (HTTP/1.1) or :authority (HTTP/2) says `host`.
+        // (see Dialer), and the Host header (HTTP/1.1) or :authority (HTTP/2) says `host`.
         let authority_text = bracket_ipv6(host);
         let authority: Authority = authority_text.parse().map_err(|_| ConfigError::File {
             path: file.path.clone(),
             message: format!("{authority_text:?} is not a valid upstream authority"),
         })?;
-        let connect_to = ConnectTo {
-            host: Arc::from(url.host.as_str()),
-            port: url.port,
-        };
-        let connector = |alpn_h2: bool| {
-            let mut http = HttpConnector::new_with_resolver(connect_to.clone());
-            http.enforce_http(false);
-            http.set_nodelay(true);
-            http.set_connect_timeout(Some(config.connect_timeout.0));
-            http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-            let builder = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
-                .https_or_http()
-                .with_server_name_resolver(FixedServerNameResolver::new(server_name.clone()));
-            if alpn_h2 {
-                builder.enable_all_versions().wrap_connector(http)
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .expect("an authority is a valid header value");
+        let tls = (url.scheme == Scheme::HTTPS).then(|| {
+            let offering = |protocols: &[&[u8]]| {
+                let mut tls = tls.clone();
+                tls.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+                tokio_rustls::TlsConnector::from(Arc::new(tls))
+            };
+            let pooled: &[&[u8]] = if config.http2 {
+                &[b"h2", b"http/1.1"]
             } else {
-                builder.enable_http1().wrap_connector(http)
+                &[b"http/1.1"]
+            };
+            Tls {
+                pooled: offering(pooled),
+                http1: offering(&[b"http/1.1"]),
+                server_name,
             }
-        };
-        let connector_for_pools = connector(config.http2);
+        });
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new()).adaptive_window(true);
+        let dialer = Arc::new(Dialer {
+            host: url.host.clone(),
+            port: url.port,
+            // http:// means HTTP/1.1: no prior-knowledge HTTP/2.
+            offers_h2: config.http2 && tls.is_some(),
+            tls,
+            connect_timeout: config.connect_timeout.0,
+            http1: http1::Builder::new(),
+            http2,
+        });
         let pools = (0..workers.max(1))
-            .map(|_| WorkerPool {
-                lanes: Mutex::new(vec![Lane::new(config, &connector_for_pools)]),
-            })
+            .map(|_| Arc::new(Pool::new(config, dialer.clone())))
             .collect();
-        let upgrade_client = Arc::new(
-            Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build(connector(false)),
-        );
         Ok(Arc::new(Upstream {
             config: config.clone(),
             ca_pem,
             pools,
-            connector: connector_for_pools,
-            upgrade_client,
+            dialer,
             scheme: url.scheme.clone(),
             authority,
+            host_header,
         }))
     }
 
@@ -268,45 +269,109 @@ impl Upstream {
         request: Request<RequestBody>,
         upgrade: bool,
     ) -> Result<(Response<Incoming>, Option<InFlight>), ProxyError> {
-        let (client, in_flight) = if upgrade {
-            (self.upgrade_client.clone(), None)
-        } else {
-            self.lane()
-        };
         let timeout = self.config.response_timeout.0;
-        match tokio::time::timeout(timeout, client.request(request)).await {
-            Ok(Ok(response)) => Ok((response, in_flight)),
-            Ok(Err(e)) => Err(classify(&e)),
-            Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+        let sending = async {
+            if upgrade {
+                self.send_upgrade(request).await.map(|r| (r, None))
+            } else {
+                self.send_pooled(request).await.map(|(r, f)| (r, Some(f)))
+            }
+        };
+        tokio::time::timeout(timeout, sending)
+            .await
+            .unwrap_or(Err(ProxyError::UpstreamTimeout(timeout)))
+    }
+
+    /// Over a connection of its own: WebSocket upgrades cannot ride an HTTP/2 connection, and
+    /// an upgraded connection never comes back.
+    async fn send_upgrade(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.dialer.dial_upgrade().await?;
+        self.origin_form(&mut request);
+        sender.send_request(request).await.map_err(|e| failure(&e))
+    }
+
+    async fn send_pooled(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+        let pool = &self.pools[workers::current() % self.pools.len()];
+        let mut retries = 0;
+        loop {
+            let (mut sender, reused) = match pool.checkout() {
+                Checkout::Stream(mut sender, in_flight) => {
+                    self.absolute_form(&mut request);
+                    match sender.try_send_request(request).await {
+                        Ok(response) => return Ok((response, in_flight)),
+                        Err(mut e) => match e.take_message() {
+                            // Never sent: the connection had just closed.
+                            Some(unsent) if retries < MAX_RETRIES => {
+                                retries += 1;
+                                request = unsent;
+                                continue;
+                            }
+                            _ => return Err(failure(e.error())),
+                        },
+                    }
+                }
+                Checkout::Idle(mut sender) => match sender.ready().await {
+                    Ok(()) => (sender, true),
+                    Err(_) => continue,
+                },
+                Checkout::Wait(connecting) => {
+                    connecting.await?;
+                    continue;
+                }
+                Checkout::Dial => match pool.dialer.dial().await? {
+                    Connected::Http1(sender) => (sender, false),
+                    Connected::Http2(sender) => {
+                        pool.add_lane(sender);
+                        continue;
+                    }
+                },
+            };
+            self.origin_form(&mut request);
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, InFlight::connection(sender, pool))),
+                Err(mut e) => match e.take_message() {
+                    // A kept-alive connection the upstream closed meanwhile: not this request's
+                    // fault, and it never left, so it can go again.
+                    Some(unsent) if reused && retries < MAX_RETRIES => {
+                        retries += 1;
+                        request = unsent;
+                    }
+                    _ => return Err(failure(e.error())),
+                },
+            }
         }
     }
-}
 
-impl Upstream {
-    /// The least busy client of this worker; over HTTP/2, a new one (and so a new connection)
-    /// when every connection already carries its share of streams.
-    fn lane(&self) -> (Arc<Client<Connector, RequestBody>>, Option<InFlight>) {
-        let pool = &self.pools[workers::current() % self.pools.len()];
-        let mut lanes = pool.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.config.http2 {
-            // HTTP/1.1 connections carry one request each; the one pool opens as many as needed.
-            return (lanes[0].client.clone(), None);
+    /// HTTP/1.1 wants the path alone and a Host header.
+    fn origin_form(&self, request: &mut Request<RequestBody>) {
+        if request.uri().authority().is_some() {
+            let path = request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *request.uri_mut() = Uri::from(path);
         }
-        let (index, busiest) = lanes
-            .iter()
-            .enumerate()
-            .map(|(i, lane)| (i, lane.in_flight.load(Ordering::Relaxed)))
-            .min_by_key(|&(_, in_flight)| in_flight)
-            .expect("a pool has a lane");
-        let index = if busiest >= STREAMS_PER_CONNECTION {
-            lanes.push(Lane::new(&self.config, &self.connector));
-            lanes.len() - 1
-        } else {
-            index
-        };
-        let lane = &lanes[index];
-        lane.in_flight.fetch_add(1, Ordering::Relaxed);
-        (lane.client.clone(), Some(InFlight(lane.in_flight.clone())))
+        request.headers_mut().insert(HOST, self.host_header.clone());
+    }
+
+    /// HTTP/2 takes :scheme and :authority from an absolute URI, and no Host header. The request
+    /// comes absolute from `uri()`; only a retry after an HTTP/1.1 attempt needs undoing.
+    fn absolute_form(&self, request: &mut Request<RequestBody>) {
+        if request.uri().authority().is_some() {
+            return;
+        }
+        let mut parts = std::mem::take(request.uri_mut()).into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path are valid");
+        request.headers_mut().remove(HOST);
     }
 }
 
@@ -315,39 +380,422 @@ impl Upstream {
 /// for a stream to end, and an SSE stream can last minutes.
 const STREAMS_PER_CONNECTION: usize = 100;
 
-struct WorkerPool {
-    lanes: Mutex<Vec<Lane>>,
+/// How often a request that never left (its connection closed just before) is tried again.
+const MAX_RETRIES: u32 = 3;
+
+/// One worker's connections. Only that worker uses it, so its lock is never contended.
+struct Pool {
+    state: Mutex<PoolState>,
+    dialer: Arc<Dialer>,
+    idle_timeout: Duration,
+    max_idle: usize,
 }
 
-/// A client with a pool of its own: over HTTP/2 that is one multiplexed connection.
+struct PoolState {
+    /// Whether the upstream's last new connection spoke HTTP/2 (what the next is expected to).
+    http2: bool,
+    /// HTTP/2 connections, each carrying many requests.
+    lanes: Vec<Lane>,
+    /// The HTTP/2 connection being opened, which every request that needs one waits for.
+    connecting: Option<Connecting>,
+    /// HTTP/1.1 connections between requests, oldest first; the newest is reused first, so that
+    /// the oldest go idle long enough to be closed when fewer are needed.
+    idle: Vec<Idle>,
+    /// Whether a task is closing idle connections.
+    reaping: bool,
+}
+
+type Connecting = Shared<BoxFuture<'static, Result<(), ProxyError>>>;
+
 struct Lane {
-    /// In an Arc: cloning a Client clones its connector, which costs more than a request should.
-    client: Arc<Client<Connector, RequestBody>>,
-    in_flight: Arc<AtomicUsize>,
+    sender: http2::SendRequest<RequestBody>,
+    load: Arc<Load>,
 }
 
-impl Lane {
-    fn new(config: &Config, connector: &Connector) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout.0)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .http2_adaptive_window(true)
-            .build(connector.clone());
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+enum Checkout {
+    Stream(http2::SendRequest<RequestBody>, InFlight),
+    Idle(http1::SendRequest<RequestBody>),
+    Wait(Connecting),
+    Dial,
+}
+
+impl Pool {
+    fn new(config: &Config, dialer: Arc<Dialer>) -> Self {
         Self {
-            client: Arc::new(client),
-            in_flight: Arc::default(),
+            state: Mutex::new(PoolState {
+                http2: dialer.offers_h2,
+                lanes: Vec::new(),
+                connecting: None,
+                idle: Vec::new(),
+                reaping: false,
+            }),
+            dialer,
+            idle_timeout: config.pool_idle_timeout.0,
+            max_idle: config.pool_max_idle,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn checkout(self: &Arc<Self>) -> Checkout {
+        let mut state = self.lock();
+        if state.http2 {
+            state.lanes.retain(|lane| !lane.sender.is_closed());
+            let least_busy = state
+                .lanes
+                .iter()
+                .map(|lane| (lane, lane.load.in_flight.load(Ordering::Relaxed)))
+                .min_by_key(|&(_, in_flight)| in_flight);
+            if let Some((lane, in_flight)) = least_busy
+                && in_flight < STREAMS_PER_CONNECTION
+            {
+                return Checkout::Stream(lane.sender.clone(), lane.load.take());
+            }
+            let connecting = state
+                .connecting
+                .get_or_insert_with(|| self.connect_lane())
+                .clone();
+            return Checkout::Wait(connecting);
+        }
+        let now = Instant::now();
+        while let Some(idle) = state.idle.pop() {
+            if idle.since + self.idle_timeout <= now {
+                // Put back in time order: everything under it has been idle longer still.
+                state.idle.clear();
+                break;
+            }
+            if !idle.sender.is_closed() {
+                return Checkout::Idle(idle.sender);
+            }
+        }
+        Checkout::Dial
+    }
+
+    /// A new connection that the requests waiting for it share, rather than each opening one.
+    /// It is driven by whichever of them polls; if they all give up, the next request resumes it.
+    fn connect_lane(self: &Arc<Self>) -> Connecting {
+        let pool = Arc::downgrade(self);
+        let dialer = self.dialer.clone();
+        async move {
+            let connected = dialer.dial().await;
+            let Some(pool) = pool.upgrade() else {
+                return connected.map(drop);
+            };
+            pool.lock().connecting = None;
+            match connected? {
+                Connected::Http2(sender) => pool.add_lane(sender),
+                // The upstream chose HTTP/1.1: one request can use this connection, the others
+                // open their own.
+                Connected::Http1(sender) => {
+                    pool.lock().http2 = false;
+                    pool.put_idle(sender);
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+        .shared()
+    }
+
+    fn add_lane(self: &Arc<Self>, sender: http2::SendRequest<RequestBody>) {
+        let mut state = self.lock();
+        state.http2 = true;
+        state.lanes.push(Lane {
+            sender,
+            load: Arc::new(Load::new()),
+        });
+        self.reap_later(&mut state);
+    }
+
+    fn put_idle(self: &Arc<Self>, sender: http1::SendRequest<RequestBody>) {
+        let mut state = self.lock();
+        if state.idle.len() >= self.max_idle {
+            return;
+        }
+        state.idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+        self.reap_later(&mut state);
+    }
+
+    /// Starts the task that closes connections idle for `idle_timeout`, unless it runs already.
+    /// It ends when the pool is empty or gone, so an idle proxy has no timer firing.
+    fn reap_later(self: &Arc<Self>, state: &mut PoolState) {
+        if state.reaping {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        state.reaping = true;
+        runtime.spawn(reap(Arc::downgrade(self), self.idle_timeout));
+    }
+}
+
+async fn reap(weak: Weak<Pool>, timeout: Duration) {
+    let mut next = Instant::now() + timeout;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let Some(pool) = weak.upgrade() else {
+            return;
+        };
+        let mut state = pool.lock();
+        let now = Instant::now();
+        state
+            .idle
+            .retain(|idle| idle.since + timeout > now && !idle.sender.is_closed());
+        state.lanes.retain(|lane| {
+            !lane.sender.is_closed() && lane.load.idle_since().is_none_or(|t| t + timeout > now)
+        });
+        if state.idle.is_empty() && state.lanes.is_empty() {
+            state.reaping = false;
+            return;
+        }
+        let lanes = state
+            .lanes
+            .iter()
+            .map(|lane| lane.load.idle_since().unwrap_or(now) + timeout);
+        let idle = state.idle.first().map(|idle| idle.since + timeout);
+        next = lanes.chain(idle).min().unwrap_or(now + timeout);
+    }
+}
+
+/// The requests on an HTTP/2 connection, and since when it has had none.
+struct Load {
+    in_flight: AtomicUsize,
+    born: Instant,
+    /// Nanoseconds after `born`; meaningful while `in_flight` is 0.
+    idle_since: AtomicU64,
+}
+
+impl Load {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            born: Instant::now(),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn take(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Lease::Stream(self.clone()))
+    }
+
+    fn release(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // Racing a take on another thread can only leave an older time, which at worst
+            // closes an idle connection early.
+            let nanos = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.idle_since.store(nanos, Ordering::Relaxed);
+        }
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        (self.in_flight.load(Ordering::Relaxed) == 0)
+            .then(|| self.born + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed)))
+    }
+}
+
+/// The connection a response came on, held by the response body until it ends or is dropped.
+pub struct InFlight(Lease);
+
+enum Lease {
+    /// Counts against the HTTP/2 connection's share of streams.
+    Stream(Arc<Load>),
+    /// An HTTP/1.1 connection is the response's alone until then.
+    Connection(Option<http1::SendRequest<RequestBody>>, Weak<Pool>),
+}
+
+impl InFlight {
+    fn connection(sender: http1::SendRequest<RequestBody>, pool: &Arc<Pool>) -> Self {
+        Self(Lease::Connection(Some(sender), Arc::downgrade(pool)))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        match &mut self.0 {
+            Lease::Stream(load) => load.release(),
+            Lease::Connection(sender, pool) => {
+                if let Some(sender) = sender.take() {
+                    give_back(sender, pool);
+                }
+            }
         }
     }
 }
 
-/// Counts a request against its connection's share until dropped with the response body.
-pub struct InFlight(Arc<AtomicUsize>);
+/// Returns an HTTP/1.1 connection to its pool once it can take another request. hyper makes it
+/// ready only after the response body has been read to the end; when the body was dropped
+/// half-read, hyper reads what has already arrived and otherwise closes the connection. So
+/// rather than have the body say how it ended, ask the connection: ready now (the usual case
+/// after a whole body) goes straight back; otherwise a task waits for hyper to decide, which it
+/// does on the connection task's next turn.
+fn give_back(mut sender: http1::SendRequest<RequestBody>, pool: &Weak<Pool>) {
+    if sender.is_ready() {
+        if let Some(pool) = pool.upgrade() {
+            pool.put_idle(sender);
+        }
+        return;
+    }
+    if sender.is_closed() {
+        return;
+    }
+    let Some(wait) = pool.upgrade().map(|pool| pool.idle_timeout) else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let pool = pool.clone();
+    runtime.spawn(async move {
+        // One still busy after the idle timeout would have been closed as idle anyway.
+        if let Ok(Ok(())) = tokio::time::timeout(wait, sender.ready()).await
+            && let Some(pool) = pool.upgrade()
+        {
+            pool.put_idle(sender);
+        }
+    });
+}
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+/// Opens connections to the upstream: TCP to the url's host and port, TLS with the configured
+/// host as server name (like `curl --connect-to`), then HTTP/2 or HTTP/1.1 as ALPN decides.
+struct Dialer {
+    host: String,
+    port: u16,
+    /// None for an http:// upstream.
+    tls: Option<Tls>,
+    offers_h2: bool,
+    connect_timeout: Duration,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+struct Tls {
+    /// Offers h2 when the config allows it.
+    pooled: tokio_rustls::TlsConnector,
+    /// Offers only http/1.1, for upgrades.
+    http1: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+enum Connected {
+    Http1(http1::SendRequest<RequestBody>),
+    Http2(http2::SendRequest<RequestBody>),
+}
+
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Dialer {
+    async fn dial(&self) -> Result<Connected, ProxyError> {
+        match self.transport(false).await? {
+            Transport::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                let (sender, connection) = self
+                    .http2
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| failure(&e))?;
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "upstream HTTP/2 connection failed");
+                    }
+                });
+                Ok(Connected::Http2(sender))
+            }
+            Transport::Tls(tls) => self.http1(tls, false).await.map(Connected::Http1),
+            Transport::Plain(tcp) => self.http1(tcp, false).await.map(Connected::Http1),
+        }
+    }
+
+    async fn dial_upgrade(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
+        match self.transport(true).await? {
+            Transport::Tls(tls) => self.http1(tls, true).await,
+            Transport::Plain(tcp) => self.http1(tcp, true).await,
+        }
+    }
+
+    async fn http1<T>(
+        &self,
+        io: T,
+        upgrades: bool,
+    ) -> Result<http1::SendRequest<RequestBody>, ProxyError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = self
+            .http1
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| failure(&e))?;
+        tokio::spawn(async move {
+            let result = if upgrades {
+                connection.with_upgrades().await
+            } else {
+                connection.await
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "upstream HTTP/1.1 connection failed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// TCP, then TLS for https://, both within the connect timeout.
+    async fn transport(&self, http1_only: bool) -> Result<Transport, ProxyError> {
+        let limit = self.connect_timeout;
+        let connecting = async {
+            let tcp = self.tcp().await?;
+            let Some(tls) = &self.tls else {
+                return Ok(Transport::Plain(tcp));
+            };
+            let connector = if http1_only { &tls.http1 } else { &tls.pooled };
+            match connector.connect(tls.server_name.clone(), tcp).await {
+                Ok(stream) => Ok(Transport::Tls(Box::new(stream))),
+                Err(e) => Err(tls_failure(&e)),
+            }
+        };
+        tokio::time::timeout(limit, connecting)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProxyError::UpstreamUnreachable(format!(
+                    "connect timed out after {limit:?}"
+                )))
+            })
+    }
+
+    async fn tcp(&self) -> Result<TcpStream, ProxyError> {
+        let unreachable = ProxyError::UpstreamUnreachable;
+        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| unreachable(format!("resolving {}: {e}", self.host)))?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(60));
+                    tcp.set_nodelay(true)
+                        .and_then(|()| SockRef::from(&tcp).set_tcp_keepalive(&keepalive))
+                        .map_err(|e| unreachable(format!("tcp socket options: {e}")))?;
+                    return Ok(tcp);
+                }
+                Err(e) => last = Some(format!("tcp connect to {addr}: {e}")),
+            }
+        }
+        Err(unreachable(last.unwrap_or_else(|| {
+            format!("{} resolves to no address", self.host)
+        })))
     }
 }
 
@@ -360,7 +808,7 @@ fn bracket_ipv6(host: &str) -> String {
 }
 
 /// Names where a failed request went wrong, from the error's chain of causes.
-fn classify(error: &hyper_util::client::legacy::Error) -> ProxyError {
+fn failure(error: &hyper::Error) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if let Some(body) = e.downcast_ref::<crate::body::BodyError>() {
@@ -371,13 +819,20 @@ fn classify(error: &hyper_util::client::legacy::Error) -> ProxyError {
         }
         source = cause(e);
     }
-    // Not hyper's "client error (Connect)" wrapper, which means nothing to an SDK user.
-    let detail = std::error::Error::source(error).map_or_else(|| error.to_string(), chain);
-    if error.is_connect() {
-        ProxyError::UpstreamUnreachable(detail)
-    } else {
-        ProxyError::UpstreamProtocol(detail)
+    ProxyError::UpstreamProtocol(chain(error))
+}
+
+/// A failed TLS handshake: a rustls error (found through io::Error's wrapping) or a connection
+/// lost on the way.
+fn tls_failure(error: &io::Error) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return ProxyError::UpstreamTls(tls.to_string());
+        }
+        source = cause(e);
     }
+    ProxyError::UpstreamUnreachable(format!("TLS handshake: {}", chain(error)))
 }
 
 /// The next error in the chain. An io::Error's source() skips the error it wraps (which may
@@ -452,32 +907,6 @@ fn client_tls(
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tls)
-}
-
-/// Resolves every name to the url's host, so that the URI can carry the Host the upstream
-/// expects while the connection goes where the url says (like `curl --connect-to`).
-#[derive(Clone)]
-struct ConnectTo {
-    host: Arc<str>,
-    port: u16,
-}
-
-impl tower_service::Service<Name> for ConnectTo {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Name) -> Self::Future {
-        let (host, port) = (self.host.clone(), self.port);
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((&*host, port)).await?.collect();
-            Ok(addrs.into_iter())
-        })
-    }
 }
 
 #[cfg(test)]

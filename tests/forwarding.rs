@@ -744,3 +744,139 @@ fn read_response(stream: &mut std::net::TcpStream) -> String {
         }
     }
 }
+
+/// The config for one worker (so one upstream pool) with `upstream.http2` as given.
+fn one_pool_config(upstream: &FakeUpstream, pki: &Pki, http2: bool) -> String {
+    basic_config(upstream, pki, "[server]\nworkers = 1\n")
+        .replace("[upstream]\n", &format!("[upstream]\nhttp2 = {http2}\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused() {
+    bounded(60, async {
+        let pki = Pki::new();
+        for (alpn, http2) in [
+            (Alpn::Both, true),
+            (Alpn::Both, false),
+            (Alpn::Http1Only, true),
+        ] {
+            let upstream = FakeUpstream::start(&pki, alpn).await;
+            let proxy = Proxy::start(&one_pool_config(&upstream, &pki, http2));
+            let client = http_client();
+            for _ in 0..20 {
+                let request = post_json(&proxy.url("/v1/chat/completions"), chat());
+                assert_eq!(send(&client, request).await.status, StatusCode::OK);
+            }
+            let connections = upstream
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(
+                connections,
+                1,
+                "alpn h2 {}, http2 {http2}",
+                alpn == Alpn::Both
+            );
+            let expected = if alpn == Alpn::Both && http2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            assert!(upstream.received().iter().all(|r| r.version == expected));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_share_one_http2_connection() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&one_pool_config(&upstream, &pki, true));
+        let client = http2_client();
+        let url = proxy.url("/v1/chat/completions");
+        let requests: Vec<_> = (0..30)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move { send(&client, post_json(&url, chat())).await.status })
+            })
+            .collect();
+        for request in requests {
+            assert_eq!(request.await.unwrap(), StatusCode::OK);
+        }
+        let connections = upstream
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(connections, 1, "the waiting requests shared one connect");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_dropped_half_read_does_not_poison_the_http1_pool() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Http1Only).await;
+        let proxy = Proxy::start(&one_pool_config(&upstream, &pki, false));
+        let url = proxy.url("/v1/chat/completions");
+        for round in 0..3 {
+            let request = Request::post(&url)
+                .header("x-test-events", "100")
+                .header("x-test-gap-ms", "10")
+                .body(Full::new(Bytes::from(
+                    serde_json::json!({"model": "m", "stream": true}).to_string(),
+                )))
+                .unwrap();
+            let response = http_client().request(request).await.unwrap();
+            let mut body = response.into_body();
+            let first = http_body_util::BodyExt::frame(&mut body).await;
+            assert!(first.is_some_and(|f| f.is_ok()), "round {round}");
+            drop(body);
+            // The rest of that stream must not reach these requests.
+            let client = http_client();
+            for _ in 0..5 {
+                let answer = send(&client, post_json(&url, chat())).await;
+                assert_eq!(answer.status, StatusCode::OK, "round {round}");
+                assert_eq!(answer.json()["object"], "chat.completion");
+            }
+        }
+        let connections = upstream
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // Each dropped stream costs its connection; the others are reused.
+        assert!(connections <= 4, "{connections} connections");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_closed_after_the_pool_idle_timeout() {
+    bounded(30, async {
+        let pki = Pki::new();
+        for http2 in [true, false] {
+            let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+            let config = one_pool_config(&upstream, &pki, http2).replace(
+                "[upstream]\n",
+                "[upstream]\npool_idle_timeout = \"300ms\"\n",
+            );
+            let proxy = Proxy::start(&config);
+            let client = http_client();
+            let url = proxy.url("/v1/chat/completions");
+            for pause in [0, 100, 1000] {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                assert_eq!(
+                    send(&client, post_json(&url, chat())).await.status,
+                    StatusCode::OK
+                );
+            }
+            let connections = upstream
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(
+                connections, 2,
+                "http2 {http2}: kept over 100ms, closed over 1s"
+            );
+        }
+    })
+    .await;
+}
