@@ -262,6 +262,11 @@ impl ListenerSet {
     }
 
     /// The `STATUS=` line, with the addresses really bound (port 0 resolved).
+    /// The worker threads the listeners are served on.
+    pub fn workers(&self) -> &[tokio::runtime::Handle] {
+        &self.workers
+    }
+
     pub fn status(&self) -> String {
         let generation = self.live.snapshot();
         let mut bound: Vec<(SocketAddr, bool)> = generation

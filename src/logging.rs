@@ -50,6 +50,19 @@ pub struct Logging {
     from_env: bool,
 }
 
+/// Writes what is still queued for stderr when dropped: at exit, however the process exits.
+static STDERR_FLUSH: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Writes out every log line still queued. For an exit that skips destructors.
+pub fn flush() {
+    let guard = STDERR_FLUSH
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    drop(guard);
+}
+
 impl Logging {
     pub fn init(config: &Config) -> Self {
         let env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
@@ -78,17 +91,30 @@ impl Logging {
         } else {
             None
         };
-        let stderr = journald.is_none().then(|| {
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+        // Lines reach stderr from a thread of their own, in batches: one write(2) per burst
+        // rather than one per access log line on the thread serving the request. Never lossy:
+        // a writer 128k lines behind makes logging wait, as writing directly did.
+        let (stderr, stderr_flush) = if journald.is_none() {
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(false)
+                .thread_name("log-writer")
+                .finish(std::io::BufWriter::new(std::io::stderr()));
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_target(false)
-        });
+                .with_target(false);
+            (Some(layer), Some(guard))
+        } else {
+            (None, None)
+        };
         tracing_subscriber::registry()
             .with(filter)
             .with(journald)
             .with(stderr)
             .init();
+        *STDERR_FLUSH
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = stderr_flush;
         Self {
             filter: handle,
             from_env,

@@ -81,7 +81,9 @@ fn check(config: &Path) -> ExitCode {
 fn run(config_path: PathBuf) -> ExitCode {
     // Before any thread exists: this clears LISTEN_FDS and friends from the environment.
     let inherited = inherited::take();
-    match serve(config_path, inherited) {
+    let served = serve(config_path, inherited);
+    logging::flush();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("openai-proxy: cannot start: {error}");
@@ -117,6 +119,8 @@ fn serve(config_path: PathBuf, inherited: Vec<InheritedListener>) -> Result<(), 
         // Listen: sockets systemd kept for us across a restart, freshly bound ones for the rest.
         let mut listeners = ListenerSet::start(live.clone(), &workers, inherited)?;
         let triggers = Triggers::start(&live)?;
+        // Connect upstream now, so that the first requests find a connection open.
+        live.snapshot().upstream.preconnect(workers.handles());
 
         // Ready.
         systemd::spawn_watchdog(live.clone());

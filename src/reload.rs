@@ -59,6 +59,7 @@ impl Triggers {
                             signal,
                             "second stop signal: exiting without waiting for the drain"
                         );
+                        crate::logging::flush();
                         std::process::exit(0);
                     }
                     _ => {
@@ -120,6 +121,7 @@ pub async fn reload(
             let drain_timeout = next.config.server.drain_timeout.0;
             let next = live.swap(next);
             listeners.apply(bound, &next, drain_timeout).await;
+            next.upstream.preconnect(listeners.workers());
             tracing::info!(
                 generation = number,
                 ms = started.elapsed().as_secs_f64() * 1e3,

@@ -242,6 +242,30 @@ impl Upstream {
         &self.config
     }
 
+    /// Opens an HTTP/2 connection on each worker ahead of the first request, so that the first
+    /// requests after a start or a reload don't wait for a TLS handshake. A worker that has one
+    /// already opens none; a failure is only logged, and requests dial again.
+    pub fn preconnect(&self, workers: &[tokio::runtime::Handle]) {
+        for (index, worker) in workers.iter().enumerate() {
+            let pool = self.pools[index % self.pools.len()].clone();
+            worker.spawn(async move {
+                let connecting = {
+                    let mut state = pool.lock();
+                    if !state.http2 || !state.lanes.is_empty() {
+                        return;
+                    }
+                    state
+                        .connecting
+                        .get_or_insert_with(|| pool.connect_lane())
+                        .clone()
+                };
+                if let Err(error) = connecting.await {
+                    tracing::debug!(%error, "could not connect to the upstream ahead of requests");
+                }
+            });
+        }
+    }
+
     /// The upstream URI for a client's path and query, under the url's base path.
     pub fn uri(&self, client: &Uri) -> Uri {
         let base = &self.config.url.base_path;
@@ -380,6 +404,9 @@ impl Upstream {
 /// for a stream to end, and an SSE stream can last minutes.
 const STREAMS_PER_CONNECTION: usize = 100;
 
+/// When the least busy HTTP/2 connection carries this many requests, the next one is opened.
+const OPEN_NEXT_AT: usize = STREAMS_PER_CONNECTION * 3 / 4;
+
 /// How often a request that never left (its connection closed just before) is tried again.
 const MAX_RETRIES: u32 = 3;
 
@@ -456,7 +483,15 @@ impl Pool {
             if let Some((lane, in_flight)) = least_busy
                 && in_flight < STREAMS_PER_CONNECTION
             {
-                return Checkout::Stream(lane.sender.clone(), lane.load.take());
+                let checkout = Checkout::Stream(lane.sender.clone(), lane.load.take());
+                if in_flight + 1 >= OPEN_NEXT_AT && state.connecting.is_none() {
+                    // Every connection is filling up: open the next one now, in the background,
+                    // so that no request has to wait for its handshake.
+                    let connecting = self.connect_lane();
+                    state.connecting = Some(connecting.clone());
+                    tokio::spawn(connecting);
+                }
+                return checkout;
             }
             let connecting = state
                 .connecting
@@ -762,7 +797,15 @@ impl Dialer {
             };
             let connector = if http1_only { &tls.http1 } else { &tls.pooled };
             match connector.connect(tls.server_name.clone(), tcp).await {
-                Ok(stream) => Ok(Transport::Tls(Box::new(stream))),
+                Ok(stream) => {
+                    let session = stream.get_ref().1;
+                    tracing::debug!(
+                        alpn = ?session.alpn_protocol().map(String::from_utf8_lossy),
+                        handshake = ?session.handshake_kind(),
+                        "upstream connection opened"
+                    );
+                    Ok(Transport::Tls(Box::new(stream)))
+                }
                 Err(e) => Err(tls_failure(&e)),
             }
         };

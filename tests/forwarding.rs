@@ -880,3 +880,47 @@ async fn idle_upstream_connections_are_closed_after_the_pool_idle_timeout() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_open_ahead_of_the_requests_that_need_them() {
+    bounded(60, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let connections = || {
+            upstream
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        // At start, each worker connects before any request arrives.
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, "[server]\nworkers = 2\n"));
+        eventually(Duration::from_secs(10), "a connection per worker", || {
+            (connections() == 2).then_some(())
+        })
+        .await;
+        assert!(upstream.received().is_empty());
+        drop(proxy);
+
+        // Under load, the next connection opens while the busiest still has room: 80 streams
+        // on one worker fit one connection (100), yet a second is already there.
+        let before = connections();
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, "[server]\nworkers = 1\n"));
+        let url = proxy.url("/v1/chat/completions");
+        let client = http2_client();
+        let streams: Vec<_> = (0..80)
+            .map(|i| {
+                let (url, client) = (url.clone(), client.clone());
+                tokio::spawn(async move {
+                    stream_chat(&client, &url, &format!("ahead-{i}"), 3, 1000).await
+                })
+            })
+            .collect();
+        eventually(Duration::from_secs(10), "a second connection", || {
+            (connections() >= before + 2).then_some(())
+        })
+        .await;
+        for stream in streams {
+            stream.await.expect("every stream completes");
+        }
+    })
+    .await;
+}

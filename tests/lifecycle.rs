@@ -581,6 +581,11 @@ async fn drain_timeout_cuts_what_is_left_and_a_second_signal_exits_at_once() {
                     took < Duration::from_secs(3),
                     "second signal exits at once, took {took:?}"
                 );
+                // Even this exit writes out the log lines still queued.
+                eventually(5 * SECOND, "the last log line", || {
+                    proxy.logs().contains("second stop signal").then_some(())
+                })
+                .await;
             } else {
                 assert!(
                     took >= Duration::from_millis(900) && took < Duration::from_secs(4),
@@ -736,6 +741,32 @@ async fn log_level_follows_reload() {
             !proxy.logs().contains("/v1/after"),
             "info lines are gone at level warn"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_a_new_upstream_connects_to_it_ahead_of_requests() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let first = FakeUpstream::start(&pki, Alpn::Both).await;
+        let second = FakeUpstream::start(&pki, Alpn::Both).await;
+        let workers = "[server]\nworkers = 1\n";
+        let mut proxy = Proxy::start(&basic_config(&first, &pki, workers));
+        let connections = |upstream: &FakeUpstream| upstream.connections.load(Ordering::Relaxed);
+        eventually(5 * SECOND, "a connection to the first upstream", || {
+            (connections(&first) == 1).then_some(())
+        })
+        .await;
+        let seen = proxy.notify.messages().len();
+        proxy.write_config(&basic_config(&second, &pki, workers));
+        proxy.signal("HUP");
+        proxy.wait_ready(seen);
+        eventually(5 * SECOND, "a connection to the new upstream", || {
+            (connections(&second) == 1).then_some(())
+        })
+        .await;
+        assert!(second.received().is_empty(), "before any request");
     })
     .await;
 }
