@@ -267,6 +267,7 @@ class Run:
         self.access_log = access_log
         self.out = out
         self.upstream_port = None
+        self.upstream_pid = None
 
 
 def nginx_common(run, name):
@@ -579,9 +580,14 @@ def wrk(run, target, p, name):
     # CPU time per request is steadier than requests per second when other work shares the
     # cores: it does not count the time the target waited for a core.
     pids = target.pids() if target.proc else []
+    # The upstream's too: a target that makes each request cost the upstream more leaves less
+    # of the shared cores to itself and to wrk.
+    upstream = [run.upstream_pid] if run.upstream_pid else []
     user_before, system_before = cpu_seconds(pids)
+    up_before = sum(cpu_seconds(upstream))
     text = run.procs.run(name, argv + [f"-d{p['wrk_secs']}s", target.url()], timeout=p["wrk_secs"] + 30)
     user_after, system_after = cpu_seconds(pids)
+    up_after = sum(cpu_seconds(upstream))
     user, system = user_after - user_before, system_after - system_before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     requests = int(re.search(r"(\d+) requests in", text).group(1))
@@ -602,6 +608,7 @@ def wrk(run, target, p, name):
         "cpu_us_per_request": (user + system) / requests * 1e6 if pids and requests else None,
         "cpu_user_us_per_request": user / requests * 1e6 if pids and requests else None,
         "cpu_system_us_per_request": system / requests * 1e6 if pids and requests else None,
+        "upstream_cpu_us_per_request": (up_after - up_before) / requests * 1e6 if upstream and requests else None,
         "errors": errors,
         "p50_ms": latency(50),
         "p99_ms": latency(99),
@@ -813,6 +820,7 @@ FIGURES = [
     ("wrk req/s, 64 conns", ("wrk", "rps"), "{:,.0f}", True),
     ("wrk: target's CPU µs per request", ("wrk", "cpu_us_per_request"), "{:.1f}", False),
     ("… of which user space", ("wrk", "cpu_user_us_per_request"), "{:.1f}", False),
+    ("wrk: upstream's CPU µs per request", ("wrk", "upstream_cpu_us_per_request"), "{:.1f}", False),
     ("wrk p99 ms (closed loop)", ("wrk", "p99_ms"), "{:.2f}", False),
     ("oha p50 ms @ rate", ("oha", "p50_ms"), "{:.3f}", False),
     ("oha p99 ms @ rate", ("oha", "p99_ms"), "{:.3f}", False),
@@ -1305,7 +1313,7 @@ def main():
         run = Run(work, procs, certs, args.access_log, args.out)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         run.upstream_port = free_port()
-        start_upstream(run, p)
+        run.upstream_pid = start_upstream(run, p).pid
         if args.profile:
             stamp = started.strftime("%Y%m%d-%H%M%S")
             # nginx too, when asked for (it is by default): the reference for the instruction count.
