@@ -93,9 +93,12 @@ impl Logging {
         };
         // Lines reach stderr from a thread of their own, in batches: one write(2) per burst
         // rather than one per access log line on the thread serving the request. Never lossy:
-        // a writer 128k lines behind makes logging wait, as writing directly did.
+        // a writer that many lines behind makes logging wait, as writing directly did. (The
+        // queue is allocated whole at start: tracing-appender's default of 128k lines would
+        // be 4 MiB of resident memory.)
         let (stderr, stderr_flush) = if journald.is_none() {
             let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .buffered_lines_limit(4096)
                 .lossy(false)
                 .thread_name("log-writer")
                 .finish(std::io::BufWriter::new(std::io::stderr()));
