@@ -74,21 +74,16 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         let mut done = Vec::with_capacity(streams as usize);
         let mut ok = 0u32;
         let mut errors: BTreeMap<String, u32> = BTreeMap::new();
-        let mut slow: Vec<(u64, usize)> = Vec::new();
-        for (index, task) in tasks.into_iter().enumerate() {
+        for task in tasks {
             match task.await {
                 Ok(Ok(t)) => {
                     ok += 1;
-                    slow.push((t.ttfe_ns.first().copied().unwrap_or(0), index));
                     done.push(t);
                 }
                 Ok(Err(e)) => *errors.entry(e).or_default() += 1,
                 Err(e) => *errors.entry(e.to_string()).or_default() += 1,
             }
         }
-        slow.sort();
-        slow.reverse();
-        eprintln!("SLOWEST {:?}", &slow[..slow.len().min(12)].iter().map(|(n, i)| (n / 1000, *i)).collect::<Vec<_>>());
         // The window in which every stream was open at once: from the last first event to the
         // first [DONE]. Gaps there are the ones taken "with N concurrent streams"; the ramp
         // before it is busy with connecting and handshakes, which TTFE measures.
