@@ -658,11 +658,14 @@ def streams(run, target, p, name):
         argv += ["--ca", run.certs / "ca.pem", "--server-name", "api.openai.com"]
     # What relaying costs the target: its CPU time over the whole run, per event delivered.
     pids = target.pids() if target.proc else []
-    before = sum(cpu_seconds(pids))
+    upstream = [run.upstream_pid] if run.upstream_pid else []
+    before, up_before = sum(cpu_seconds(pids)), sum(cpu_seconds(upstream))
     result = json.loads(run.procs.run(name, argv, timeout=120))
     spent = sum(cpu_seconds(pids)) - before
+    up_spent = sum(cpu_seconds(upstream)) - up_before
     events = result.get("events") or 0
     result["cpu_us_per_event"] = spent / events * 1e6 if pids and events else None
+    result["upstream_cpu_us_per_event"] = up_spent / events * 1e6 if upstream and events else None
     return result
 
 
@@ -829,6 +832,7 @@ FIGURES = [
     ("… of which user space", ("wrk", "cpu_user_us_per_request"), "{:.1f}", False),
     ("wrk: upstream's CPU µs per request", ("wrk", "upstream_cpu_us_per_request"), "{:.1f}", False),
     ("streams: target's CPU µs per event", ("streams", "cpu_us_per_event"), "{:.1f}", False),
+    ("streams: upstream's CPU µs per event", ("streams", "upstream_cpu_us_per_event"), "{:.1f}", False),
     ("wrk p99 ms (closed loop)", ("wrk", "p99_ms"), "{:.2f}", False),
     ("oha p50 ms @ rate", ("oha", "p50_ms"), "{:.3f}", False),
     ("oha p99 ms @ rate", ("oha", "p99_ms"), "{:.3f}", False),
