@@ -840,6 +840,8 @@ FIGURES = [
     ("oha errors", ("oha", "errors"), "{:.0f}", False),
     ("streams TTFE p50 ms", ("streams", "ttfe", "p50_ms"), "{:.2f}", False),
     ("streams TTFE p99 ms", ("streams", "ttfe", "p99_ms"), "{:.2f}", False),
+    ("… p99 of the way to the upstream ms", ("streams", "ttfe_to_upstream", "p99_ms"), "{:.2f}", False),
+    ("… p99 of the wait at the upstream ms", ("streams", "ttfe_at_upstream", "p99_ms"), "{:.2f}", False),
     ("streams gap p50 ms, all open", ("streams", "gap_all_open", "p50_ms"), "{:.2f}", False),
     ("streams gap p99 ms, all open", ("streams", "gap_all_open", "p99_ms"), "{:.2f}", False),
     ("streams gap p99 ms, whole run", ("streams", "gap", "p99_ms"), "{:.2f}", False),

@@ -18,6 +18,10 @@ use crate::{monotonic_ns, stats};
 #[derive(Default)]
 struct Timings {
     ttfe_ns: Vec<u64>,
+    /// The first event's way, in two: from sending the request to its arrival at the upstream
+    /// (the target's request path), and from there to the upstream writing the event.
+    to_upstream_ns: u64,
+    at_upstream_ns: u64,
     /// Per event after the first: when it arrived, the gap since the one before, its lag.
     events_after_first: Vec<(Instant, u64, u64)>,
     first_lag_ns: u64,
@@ -91,10 +95,13 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         let window_end = done.iter().filter_map(|t| t.done_at).min();
         let (mut ttfe, mut gap, mut lag, mut gap_all_open, mut lag_all_open) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut to_upstream, mut at_upstream) = (Vec::new(), Vec::new());
         let mut events_total = 0;
         for t in done {
             events_total += t.events;
             ttfe.extend(t.ttfe_ns);
+            to_upstream.push(t.to_upstream_ns);
+            at_upstream.push(t.at_upstream_ns);
             lag.push(t.first_lag_ns);
             for (at, g, l) in t.events_after_first {
                 gap.push(g);
@@ -122,6 +129,8 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             "events": events_total,
             "seconds": started.elapsed().as_secs_f64(),
             "ttfe": stats::summary(ttfe),
+            "ttfe_to_upstream": stats::summary(to_upstream),
+            "ttfe_at_upstream": stats::summary(at_upstream),
             "gap": stats::summary(gap),
             "lag": stats::summary(lag),
             "all_open_window_ms": window_ms,
@@ -137,6 +146,7 @@ async fn one_stream(target: &Target, events: u32) -> Result<Timings, String> {
     let mut conn = target.connect().await?;
     let request = target.request(&crate::request_body(true));
     let sent = Instant::now();
+    let sent_at_ns = monotonic_ns();
     let response = conn
         .sender
         .send_request(request)
@@ -180,6 +190,10 @@ async fn one_stream(target: &Target, events: u32) -> Result<Timings, String> {
             match last {
                 None => {
                     timings.ttfe_ns.push((now - sent).as_nanos() as u64);
+                    let arrived_ns = field(payload, b"\"bench_arrived_ns\":")
+                        .ok_or("no bench_arrived_ns")?;
+                    timings.to_upstream_ns = arrived_ns.saturating_sub(sent_at_ns);
+                    timings.at_upstream_ns = sent_ns.saturating_sub(arrived_ns);
                     timings.first_lag_ns = lag;
                     timings.first_at = Some(now);
                 }

@@ -4,7 +4,8 @@
 //! `"stream": true`, `--events` chat.completion.chunk events `--interval-ms` apart on a fixed
 //! schedule from the moment the request arrived, then `data: [DONE]`. Each chunk carries the
 //! CLOCK_MONOTONIC time it was handed to the connection (`bench_sent_ns`), so the client can
-//! tell how long the path took to deliver it.
+//! tell how long the path took to deliver it, and the time its request arrived
+//! (`bench_arrived_ns`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -146,6 +147,7 @@ async fn answer(
     schedule: Schedule,
 ) -> Result<Response<Answer>, Infallible> {
     let arrived = Instant::now();
+    let arrived_ns = monotonic_ns();
     if request.method() != Method::POST || request.uri().path() != "/v1/chat/completions" {
         let mut response = Response::new(Answer::whole(Bytes::from_static(
             br#"{"error":{"message":"not found","type":"invalid_request_error"}}"#,
@@ -165,6 +167,7 @@ async fn answer(
             .body(Answer::Stream(Box::new(Sse {
                 schedule,
                 start: arrived,
+                arrived_ns,
                 next: 0,
                 sleep: None,
             })))
@@ -202,6 +205,9 @@ impl Answer {
 struct Sse {
     schedule: Schedule,
     start: Instant,
+    /// CLOCK_MONOTONIC when the request arrived, in every chunk (`bench_arrived_ns`): with the
+    /// client's send time it splits the time to first event into the way there and the wait here.
+    arrived_ns: u64,
     /// Events sent so far; `events` means `[DONE]` is next, `events + 1` that it has gone.
     next: u32,
     sleep: Option<Pin<Box<Sleep>>>,
@@ -219,7 +225,8 @@ impl Sse {
         };
         let finish = if last { r#""stop""# } else { "null" };
         Bytes::from(format!(
-            "data: {{\"id\":\"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT\",\"object\":\"chat.completion.chunk\",\"created\":1741569952,\"model\":\"gpt-4o-mini-2024-07-18\",\"service_tier\":\"default\",\"system_fingerprint\":\"fp_06737a9306\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}],\"bench_seq\":{index},\"bench_sent_ns\":{}}}\n\n",
+            "data: {{\"id\":\"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT\",\"object\":\"chat.completion.chunk\",\"created\":1741569952,\"model\":\"gpt-4o-mini-2024-07-18\",\"service_tier\":\"default\",\"system_fingerprint\":\"fp_06737a9306\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}],\"bench_seq\":{index},\"bench_arrived_ns\":{},\"bench_sent_ns\":{}}}\n\n",
+            self.arrived_ns,
             monotonic_ns()
         ))
     }
