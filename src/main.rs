@@ -5,6 +5,7 @@ mod access_log;
 mod body;
 mod cli;
 mod config;
+mod descriptors;
 mod drain;
 mod error;
 mod generation;
@@ -107,6 +108,8 @@ enum StartError {
 fn serve(config_path: PathBuf, inherited: Vec<InheritedListener>) -> Result<(), StartError> {
     // Load the config and build everything from it: TLS, the upstream client, limits.
     let first = Generation::load(&config_path, 1, None)?;
+    // While this is the only thread: growing the descriptor table later stalls every thread.
+    descriptors::prepare(first.config.server.max_connections.0);
     let logging = Logging::init(&first.config.log);
     // Workers serve connections; this thread runs the control plane.
     let workers = Workers::start(first.workers)?;

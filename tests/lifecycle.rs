@@ -770,3 +770,54 @@ async fn a_reload_to_a_new_upstream_connects_to_it_ahead_of_requests() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_descriptor_table_is_sized_at_start_and_the_soft_limit_raised() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(
+            &config_path,
+            basic_config(&upstream, &pki, "[server]\nmax_connections = 1000\n"),
+        )
+        .unwrap();
+        // Started with a soft limit of 512 under a hard one of 4096.
+        let mut command = Command::new("prlimit");
+        command
+            .arg("--nofile=512:4096")
+            .arg(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("LISTEN_FDS");
+        let proxy = Proxy::spawn_command(dir, config_path, command, true);
+        let pid = proxy.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let table: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("FDSize:"))
+            .expect("FDSize in /proc/PID/status")
+            .trim()
+            .parse()
+            .unwrap();
+        // 1,000 connections need about 2,256 descriptors; the kernel sizes in powers of two.
+        // Grown later, each doubling would stall every thread that accepts (see descriptors.rs).
+        assert!(table >= 2048, "descriptor table of {table} at start");
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let open_files: Vec<&str> = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("the open files limit")
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            &open_files[3..5],
+            ["4096", "4096"],
+            "soft limit raised to the hard one"
+        );
+    })
+    .await;
+}
