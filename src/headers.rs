@@ -41,21 +41,17 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| lists(v, token))
 }
 
-/// Whether a comma-separated field value lists `token` (ASCII case aside), without allocating.
+/// Whether a comma-separated field value lists `token` (ASCII case aside).
 pub fn lists(value: &header::HeaderValue, token: &str) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The tokens of a comma-separated field value, trimmed, without allocating.
+fn tokens(value: &header::HeaderValue) -> impl Iterator<Item = &[u8]> {
     value
         .as_bytes()
         .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
 
@@ -63,9 +59,13 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
 /// `Connection: upgrade` and `Upgrade`, which the next hop needs to agree to it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = connection_tokens(headers)
-            .filter(|t| !(upgrade && t == "upgrade"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(tokens)
+            .filter(|t| !(upgrade && t.eq_ignore_ascii_case(b"upgrade")))
+            // from_bytes lowers the case, as header names are matched.
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in named {
             headers.remove(name);
