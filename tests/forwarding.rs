@@ -665,9 +665,7 @@ async fn more_streams_than_one_http2_connection_carries_do_not_wait() {
                 "a stream waited {first:?} for its first event"
             );
         }
-        let connections = upstream
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let connections = upstream.connections_opened();
         assert!(
             connections >= 3,
             "250 streams at 100 a connection need 3 connections, saw {connections}"
@@ -767,9 +765,7 @@ async fn upstream_connections_are_reused() {
                 let request = post_json(&proxy.url("/v1/chat/completions"), chat());
                 assert_eq!(send(&client, request).await.status, StatusCode::OK);
             }
-            let connections = upstream
-                .connections
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let connections = upstream.connections_opened();
             assert_eq!(
                 connections,
                 1,
@@ -804,9 +800,7 @@ async fn concurrent_first_requests_share_one_http2_connection() {
         for request in requests {
             assert_eq!(request.await.unwrap(), StatusCode::OK);
         }
-        let connections = upstream
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let connections = upstream.connections_opened();
         assert_eq!(connections, 1, "the waiting requests shared one connect");
     })
     .await;
@@ -840,9 +834,7 @@ async fn a_response_dropped_half_read_does_not_poison_the_http1_pool() {
                 assert_eq!(answer.json()["object"], "chat.completion");
             }
         }
-        let connections = upstream
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let connections = upstream.connections_opened();
         // Each dropped stream costs its connection; the others are reused.
         assert!(connections <= 4, "{connections} connections");
     })
@@ -869,9 +861,7 @@ async fn idle_upstream_connections_are_closed_after_the_pool_idle_timeout() {
                     StatusCode::OK
                 );
             }
-            let connections = upstream
-                .connections
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let connections = upstream.connections_opened();
             assert_eq!(
                 connections, 2,
                 "http2 {http2}: kept over 100ms, closed over 1s"
@@ -886,11 +876,7 @@ async fn upstream_connections_open_ahead_of_the_requests_that_need_them() {
     bounded(60, async {
         let pki = Pki::new();
         let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let connections = || {
-            upstream
-                .connections
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
+        let connections = || upstream.connections_opened();
         // At start, each worker connects before any request arrives.
         let proxy = Proxy::start(&basic_config(&upstream, &pki, "[server]\nworkers = 2\n"));
         eventually(Duration::from_secs(10), "a connection per worker", || {

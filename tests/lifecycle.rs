@@ -753,9 +753,8 @@ async fn a_reload_to_a_new_upstream_connects_to_it_ahead_of_requests() {
         let second = FakeUpstream::start(&pki, Alpn::Both).await;
         let workers = "[server]\nworkers = 1\n";
         let mut proxy = Proxy::start(&basic_config(&first, &pki, workers));
-        let connections = |upstream: &FakeUpstream| upstream.connections.load(Ordering::Relaxed);
         eventually(5 * SECOND, "a connection to the first upstream", || {
-            (connections(&first) == 1).then_some(())
+            (first.connections_opened() == 1).then_some(())
         })
         .await;
         let seen = proxy.notify.messages().len();
@@ -763,7 +762,7 @@ async fn a_reload_to_a_new_upstream_connects_to_it_ahead_of_requests() {
         proxy.signal("HUP");
         proxy.wait_ready(seen);
         eventually(5 * SECOND, "a connection to the new upstream", || {
-            (connections(&second) == 1).then_some(())
+            (second.connections_opened() == 1).then_some(())
         })
         .await;
         assert!(second.received().is_empty(), "before any request");

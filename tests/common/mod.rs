@@ -229,6 +229,11 @@ impl FakeUpstream {
     }
 
     /// The `[upstream]` section that points the proxy here, with Host and SNI api.openai.com.
+    /// TLS connections accepted so far.
+    pub fn connections_opened(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn upstream_toml(&self, pki: &Pki) -> String {
         format!(
             "[upstream]\nurl = \"https://127.0.0.1:{}\"\nhost = \"api.openai.com\"\nca_file = \"{}\"\n",
