@@ -14,7 +14,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access_log::AccessRecord;
 use crate::error::ProxyError;
-use crate::upstream::InFlight;
+use crate::upstream::UpstreamBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -26,6 +26,8 @@ pub enum BodyError {
     Stream(#[from] hyper::Error),
     #[error("{0}")]
     Read(#[from] crate::http1::BodyReadError),
+    #[error("{0}")]
+    Upstream(#[from] crate::upstream::http1::ReadError),
 }
 
 impl BodyError {
@@ -282,9 +284,8 @@ pub struct ResponseBody {
 enum ResponseKind {
     Whole(Option<Bytes>),
     Upstream {
-        inner: Incoming,
+        inner: UpstreamBody,
         idle: IdleTimer,
-        _in_flight: Option<InFlight>,
     },
 }
 
@@ -296,12 +297,11 @@ impl ResponseBody {
         }
     }
 
-    pub fn upstream(inner: Incoming, idle: Duration, in_flight: Option<InFlight>) -> Self {
+    pub fn upstream(inner: UpstreamBody, idle: Duration) -> Self {
         Self {
             kind: ResponseKind::Upstream {
                 inner,
                 idle: IdleTimer::new(idle),
-                _in_flight: in_flight,
             },
             record: None,
         }
@@ -340,7 +340,7 @@ impl Body for ResponseBody {
                     idle.touch();
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Stream(e)))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending if idle.poll_expired(cx) => {
                     Poll::Ready(Some(Err(BodyError::Idle(idle.limit))))

@@ -4,6 +4,9 @@
 //! others serve on; shutdown drains them all. Each connection and each WebSocket tunnel holds a
 //! `Watch`: when the last one is dropped, the drain is complete (the mini-redis pattern).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -98,8 +101,8 @@ impl Signal {
         })
     }
 
-    pub async fn draining(&mut self) {
-        reached(&mut self.phase, Phase::Draining).await
+    pub fn draining(&self) -> PhaseWait {
+        PhaseWait::new(&self.phase, Phase::Draining)
     }
 }
 
@@ -108,18 +111,51 @@ impl Watch {
         *self.phase.borrow() >= Phase::Draining
     }
 
-    pub async fn draining(&mut self) {
-        reached(&mut self.phase, Phase::Draining).await
+    pub fn draining(&self) -> PhaseWait {
+        PhaseWait::new(&self.phase, Phase::Draining)
     }
 
-    pub async fn cut(&mut self) {
-        reached(&mut self.phase, Phase::Cut).await
+    pub fn cut(&self) -> PhaseWait {
+        PhaseWait::new(&self.phase, Phase::Cut)
     }
 }
 
-async fn reached(phase: &mut watch::Receiver<Phase>, wanted: Phase) {
-    // The sender lives until the drain completes; if it is gone, the drain is over.
-    let _ = phase.wait_for(|phase| *phase >= wanted).await;
+/// Resolves once the drain has reached a phase. It is polled alongside a connection's work, at
+/// every wake-up of that work, so it is made to cost nothing then: the waiting registers with
+/// the drain's notifier once, and is looked at again (which takes the notifier's lock) only
+/// after the phase has changed.
+pub struct PhaseWait {
+    changes: watch::Receiver<Phase>,
+    armed: bool,
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl PhaseWait {
+    fn new(phase: &watch::Receiver<Phase>, wanted: Phase) -> Self {
+        let mut phase = phase.clone();
+        Self {
+            changes: phase.clone(),
+            armed: false,
+            wait: Box::pin(async move {
+                // The sender lives until the drain completes; if it is gone, the drain is over.
+                let _ = phase.wait_for(|phase| *phase >= wanted).await;
+            }),
+        }
+    }
+}
+
+impl Future for PhaseWait {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if this.armed && !this.changes.has_changed().unwrap_or(true) {
+            return Poll::Pending;
+        }
+        this.armed = true;
+        this.changes.mark_unchanged();
+        this.wait.as_mut().poll(cx)
+    }
 }
 
 #[cfg(test)]
@@ -129,8 +165,8 @@ mod tests {
     #[tokio::test]
     async fn drain_waits_for_watchers_then_cuts() {
         let drain = Drain::new();
-        let mut polite = drain.signal().watch().unwrap();
-        let mut stubborn = drain.signal().watch().unwrap();
+        let polite = drain.signal().watch().unwrap();
+        let stubborn = drain.signal().watch().unwrap();
         let polite_task = tokio::spawn(async move { polite.draining().await });
         let stubborn_task = tokio::spawn(async move { stubborn.cut().await });
         let outcome = drain.drain(Duration::from_millis(100)).await;

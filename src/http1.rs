@@ -17,9 +17,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
-};
+use http::{Method, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
@@ -27,6 +25,9 @@ use tokio::sync::oneshot;
 use crate::access_log::RequestId;
 use crate::body::{Inbound, ResponseBody};
 use crate::error::ProxyError;
+use crate::framing::{
+    BODY_READ, Decoded, Decoder, Framing, MAX_HEADERS, Noted, Spans, framing, span,
+};
 use crate::headers;
 use crate::proxy;
 
@@ -53,12 +54,8 @@ pub enum Served {
     Http2(Rewind<ClientIo>),
 }
 
-/// At most this many header fields in a request head (hyper's limit too).
-const MAX_HEADERS: usize = 100;
 /// A read on the stack: what a connection waiting for a request head reads into.
 const STACK_READ: usize = 4096;
-/// A request body is read in pieces of at most this many bytes.
-const BODY_READ: usize = 16 << 10;
 /// How long a request body may go on arriving after its response was sent before the
 /// connection is closed instead of kept (nginx's lingering_time).
 const BODY_AFTER_RESPONSE: Duration = Duration::from_secs(30);
@@ -81,7 +78,8 @@ pub async fn serve(
         },
         writer,
     );
-    let mut drain = conn.drain.clone();
+    // One wait for the whole connection, rather than one made anew for each request.
+    let mut draining = conn.drain.draining();
     let mut first = true;
     loop {
         let (mut reader, mut writer) = halves;
@@ -95,7 +93,7 @@ pub async fn serve(
             };
             let arrived = tokio::select! {
                 biased;
-                () = drain.draining() => return Served::Closed,
+                () = &mut draining => return Served::Closed,
                 read = tokio::time::timeout(wait, reader.read_some()) => read,
             };
             if !matches!(arrived, Ok(Ok(1..))) {
@@ -329,19 +327,6 @@ impl RequestFacts {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Empty,
-    Length(u64),
-    Chunked,
-}
-
-impl Framing {
-    fn has_body(self) -> bool {
-        !matches!(self, Self::Empty | Self::Length(0))
-    }
-}
-
 /// Parses a complete request head off the front of `buf`; None while it is incomplete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let malformed = |what| HeadError::Refused(ProxyError::Malformed(what));
@@ -353,46 +338,32 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         })
     };
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let Some(length) = head_end(buf) else {
-        // Incomplete: parsed only to refuse what can never become a request, such as a TLS
-        // handshake sent to a cleartext port, without waiting for the rest.
-        let mut request = httparse::Request::new(&mut []);
-        return match request.parse_with_uninit_headers(buf, &mut fields) {
-            Err(error) => Err(refused(error)),
-            Ok(_) => Ok(None),
-        };
-    };
-    // Parsed where it will stay, so that header values are slices of it rather than copies.
-    let head = buf.split_to(length).freeze();
     let mut request = httparse::Request::new(&mut []);
-    match request.parse_with_uninit_headers(&head, &mut fields) {
-        Ok(httparse::Status::Complete(parsed)) if parsed == length => {}
-        Ok(_) => return Err(malformed("the request head does not parse as HTTP/1.1")),
+    // An incomplete head is parsed too, so that what can never become a request, such as a TLS
+    // handshake sent to a cleartext port, is refused without waiting for the rest.
+    let length = match request.parse_with_uninit_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(refused(error)),
-    }
+    };
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
         .map_err(|_| malformed("invalid method"))?;
-    let uri = Uri::from_maybe_shared(head.slice_ref(request.path.unwrap_or_default().as_bytes()))
-        .map_err(|_| malformed("invalid request target"))?;
     let version = match request.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Which of the fields that shape this hop are present, noted in passing: most requests have
-    // none but Content-Length, and looking each one up would hash every name again.
-    let (mut framed, mut connection, mut expect, mut upgrade_field) = (false, false, false, false);
-    let mut map = HeaderMap::with_capacity(request.headers.len());
-    for field in request.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value))
-            .map_err(|_| malformed("invalid header value"))?;
-        framed |= name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING;
-        connection |= name == header::CONNECTION;
-        expect |= name == header::EXPECT;
-        upgrade_field |= name == header::UPGRADE;
-        map.append(name, value);
-    }
+    let path = span(buf, request.path.unwrap_or_default().as_bytes()).map_err(malformed)?;
+    let spans = Spans::new(buf, request.headers).map_err(malformed)?;
+    let head = buf.split_to(length).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path.0 as usize..path.1 as usize))
+        .map_err(|_| malformed("invalid request target"))?;
+    let (map, noted) = spans.header_map(&head).map_err(malformed)?;
+    let Noted {
+        framed,
+        connection,
+        expect,
+        upgrade: upgrade_field,
+    } = noted;
 
     let framing = if framed {
         framing(&map, version).map_err(malformed)?
@@ -434,65 +405,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     }))
 }
 
-/// Where a request head ends: after its first empty line (CRLF CRLF, or the bare LF LF that
-/// httparse accepts as well).
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(offset) = buf[from..].iter().position(|&b| b == b'\n') {
-        let at = from + offset;
-        match buf.get(at + 1) {
-            Some(b'\n') => return Some(at + 2),
-            Some(b'\r') if buf.get(at + 2) == Some(&b'\n') => return Some(at + 3),
-            _ => from = at + 1,
-        }
-    }
-    None
-}
-
-/// Where the request body ends. Anything ambiguous is refused: a proxy that reads a body's
-/// length differently from the server behind it lets one request hide inside another.
-fn framing(map: &HeaderMap, version: Version) -> Result<Framing, &'static str> {
-    if map.contains_key(header::TRANSFER_ENCODING) {
-        if version == Version::HTTP_10 {
-            return Err("Transfer-Encoding in an HTTP/1.0 request");
-        }
-        if map.contains_key(header::CONTENT_LENGTH) {
-            return Err("both Content-Length and Transfer-Encoding");
-        }
-        let mut codings = map
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii);
-        let only_chunked = codings
-            .next()
-            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
-            && codings.next().is_none();
-        return if only_chunked {
-            Ok(Framing::Chunked)
-        } else {
-            Err("unsupported Transfer-Encoding")
-        };
-    }
-    let mut length = None;
-    for value in map.get_all(header::CONTENT_LENGTH) {
-        let bytes = value.as_bytes();
-        if bytes.is_empty() || bytes.len() > 19 || !bytes.iter().all(u8::is_ascii_digit) {
-            return Err("invalid Content-Length");
-        }
-        let n: u64 = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .ok_or("invalid Content-Length")?;
-        if length.is_some_and(|seen| seen != n) {
-            return Err("conflicting Content-Length values");
-        }
-        length = Some(n);
-    }
-    Ok(length.map_or(Framing::Empty, Framing::Length))
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BodyReadError {
     #[error("the client closed the connection mid-body")]
@@ -507,43 +419,26 @@ pub enum BodyReadError {
 pub struct IncomingBody {
     /// None once the body has ended (or failed, or never was).
     reading: Option<Reader>,
-    state: BodyState,
+    decoder: Decoder,
     give_back: Option<oneshot::Sender<Reader>>,
 }
-
-#[derive(Debug, Clone, Copy)]
-enum BodyState {
-    Length(u64),
-    ChunkSize,
-    ChunkData(u64),
-    ChunkEnd,
-    Trailers,
-}
-
-/// Longest chunk-size line or trailer line accepted.
-const MAX_CHUNK_LINE: usize = 4096;
 
 impl IncomingBody {
     fn empty() -> Self {
         Self {
             reading: None,
-            state: BodyState::Length(0),
+            decoder: Decoder::new(Framing::Empty),
             give_back: None,
         }
     }
 
     fn new(reader: Reader, framing: Framing, give_back: oneshot::Sender<Reader>) -> Self {
-        let state = match framing {
-            Framing::Empty => BodyState::Length(0),
-            Framing::Length(n) => BodyState::Length(n),
-            Framing::Chunked => BodyState::ChunkSize,
-        };
         let mut body = Self {
             reading: Some(reader),
-            state,
+            decoder: Decoder::new(framing),
             give_back: Some(give_back),
         };
-        if let BodyState::Length(0) = body.state {
+        if body.decoder.is_done() {
             body.finish();
         }
         body
@@ -563,37 +458,6 @@ impl IncomingBody {
     }
 }
 
-/// Takes one line (without its CRLF) off the front of `buf`, if a whole one is there.
-fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, BodyReadError> {
-    match buf.iter().position(|&b| b == b'\n') {
-        Some(end) => {
-            let mut line = buf.split_to(end + 1).freeze();
-            line.truncate(end);
-            if line.last() == Some(&b'\r') {
-                line.truncate(end - 1);
-            }
-            Ok(Some(line))
-        }
-        None if buf.len() > MAX_CHUNK_LINE => Err(BodyReadError::BadChunk("line too long")),
-        None => Ok(None),
-    }
-}
-
-fn chunk_size(line: &[u8]) -> Result<u64, BodyReadError> {
-    // Extensions after ';' are allowed and ignored.
-    let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
-        return Err(BodyReadError::BadChunk("bad chunk size"));
-    }
-    let text =
-        std::str::from_utf8(digits).map_err(|_| BodyReadError::BadChunk("bad chunk size"))?;
-    u64::from_str_radix(text, 16).map_err(|_| BodyReadError::BadChunk("bad chunk size"))
-}
-
 impl Body for IncomingBody {
     type Data = Bytes;
     type Error = BodyReadError;
@@ -607,65 +471,21 @@ impl Body for IncomingBody {
             let Some(reader) = this.reading.as_mut() else {
                 return Poll::Ready(None);
             };
-            let buf = &mut reader.buf;
-            match this.state {
-                BodyState::Length(0) => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                BodyState::Length(left) | BodyState::ChunkData(left) if !buf.is_empty() => {
-                    let n = left.min(buf.len() as u64);
-                    let data = buf.split_to(n as usize).freeze();
-                    this.state = match this.state {
-                        BodyState::Length(_) => BodyState::Length(left - n),
-                        _ if left == n => BodyState::ChunkEnd,
-                        _ => BodyState::ChunkData(left - n),
-                    };
-                    if let BodyState::Length(0) = this.state {
+            match this.decoder.decode(&mut reader.buf) {
+                Ok(Decoded::Data(data)) => {
+                    if this.decoder.is_done() {
                         this.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                BodyState::Length(left) | BodyState::ChunkData(left) => {
-                    buf.reserve(left.min(BODY_READ as u64) as usize);
+                Ok(Decoded::Done) => {
+                    this.finish();
+                    return Poll::Ready(None);
                 }
-                BodyState::ChunkSize => match take_line(buf) {
-                    Ok(Some(line)) => {
-                        this.state = match chunk_size(&line) {
-                            Ok(0) => BodyState::Trailers,
-                            Ok(n) => BodyState::ChunkData(n),
-                            Err(e) => return this.fail(e),
-                        };
-                        continue;
-                    }
-                    Ok(None) => buf.reserve(1024),
-                    Err(e) => return this.fail(e),
-                },
-                BodyState::ChunkEnd => {
-                    if buf.len() >= 2 {
-                        if &buf[..2] != b"\r\n" {
-                            return this
-                                .fail(BodyReadError::BadChunk("chunk not followed by CRLF"));
-                        }
-                        let _ = buf.split_to(2);
-                        this.state = BodyState::ChunkSize;
-                        continue;
-                    }
-                    buf.reserve(1024);
-                }
-                // Trailer fields are read and dropped: nothing upstream of us needs them.
-                BodyState::Trailers => match take_line(buf) {
-                    Ok(Some(line)) if line.is_empty() => {
-                        this.state = BodyState::Length(0);
-                        continue;
-                    }
-                    Ok(Some(_)) => continue,
-                    Ok(None) => buf.reserve(1024),
-                    Err(e) => return this.fail(e),
-                },
+                Ok(Decoded::More) => {}
+                Err(error) => return this.fail(BodyReadError::BadChunk(error)),
             }
-            // Not enough buffered for the next step: read more.
-            let reader = this.reading.as_mut().expect("checked above");
+            reader.buf.reserve(this.decoder.read_size());
             let read =
                 tokio_util::io::poll_read_buf(Pin::new(&mut reader.half), cx, &mut reader.buf);
             match ready!(read) {
@@ -677,14 +497,14 @@ impl Body for IncomingBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.reading.is_none() || matches!(self.state, BodyState::Length(0))
+        self.reading.is_none() || self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.reading, self.state) {
+        match (&self.reading, self.decoder.remaining()) {
             (None, _) => SizeHint::with_exact(0),
-            (Some(_), BodyState::Length(n)) => SizeHint::with_exact(n),
-            (Some(_), _) => SizeHint::default(),
+            (Some(_), Some(n)) => SizeHint::with_exact(n),
+            (Some(_), None) => SizeHint::default(),
         }
     }
 }
@@ -980,61 +800,5 @@ mod date {
             }
             out.extend_from_slice(text.as_bytes());
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_head_ends_at_its_first_empty_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(27));
-        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\nbody"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r"), None);
-    }
-
-    fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
-            .collect()
-    }
-
-    #[test]
-    fn only_unambiguous_framing_is_accepted() {
-        let v11 = Version::HTTP_11;
-        assert_eq!(framing(&fields(&[]), v11), Ok(Framing::Empty));
-        assert_eq!(
-            framing(&fields(&[("content-length", "42")]), v11),
-            Ok(Framing::Length(42))
-        );
-        let same_twice = fields(&[("content-length", "7"), ("content-length", "7")]);
-        assert_eq!(framing(&same_twice, v11), Ok(Framing::Length(7)));
-        let chunked = fields(&[("transfer-encoding", "Chunked")]);
-        assert_eq!(framing(&chunked, v11), Ok(Framing::Chunked));
-        for bad in [
-            fields(&[("content-length", "-1")]),
-            fields(&[("content-length", "+5")]),
-            fields(&[("content-length", "5, 5")]),
-            fields(&[("content-length", "5"), ("content-length", "6")]),
-            fields(&[("content-length", "99999999999999999999")]),
-            fields(&[("transfer-encoding", "gzip, chunked")]),
-            fields(&[("transfer-encoding", "chunked, chunked")]),
-            fields(&[("transfer-encoding", "chunked"), ("content-length", "3")]),
-        ] {
-            assert!(framing(&bad, v11).is_err(), "{bad:?}");
-        }
-        assert!(framing(&chunked, Version::HTTP_10).is_err());
-    }
-
-    #[test]
-    fn chunk_sizes() {
-        assert_eq!(chunk_size(b"1a").unwrap(), 26);
-        assert_eq!(chunk_size(b"FF;name=value").unwrap(), 255);
-        assert!(chunk_size(b"").is_err());
-        assert!(chunk_size(b"zz").is_err());
-        assert!(chunk_size(b"1234567890abcdef0").is_err());
     }
 }

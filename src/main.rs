@@ -8,6 +8,7 @@ mod config;
 mod descriptors;
 mod drain;
 mod error;
+mod framing;
 mod generation;
 mod headers;
 mod http1;

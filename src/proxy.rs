@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Deserializer};
 
 use crate::access_log::{AccessRecord, RequestId};
@@ -13,6 +12,7 @@ use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
 use crate::headers;
+use crate::upstream::http1::Upgraded;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -191,7 +191,7 @@ async fn forward(
     // Upstream::send sets it: Host over HTTP/1.1, :authority over HTTP/2.
     headers.remove(header::HOST);
 
-    let (mut response, in_flight) = match body_failed {
+    let (response, upgraded) = match body_failed {
         None => upstream.send(outgoing, upgrade).await?,
         Some(mut body_failed) => tokio::select! {
             // A request that failed because its body did says so, not how the upstream saw it.
@@ -204,13 +204,12 @@ async fn forward(
         },
     };
 
-    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if let (Some(client_upgrade), true) = (client_upgrade, upgraded) {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, conn.drain.clone()));
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (Some(client_upgrade), Some(upgraded)) = (client_upgrade, upgraded) {
+        tokio::spawn(tunnel(client_upgrade, upgraded, conn.drain.clone()));
     }
     let (mut parts, body) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, upgraded && upgrade);
+    headers::strip_hop_by_hop(&mut parts.headers, switched && upgrade);
     let streaming = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -224,7 +223,7 @@ async fn forward(
     }
     Ok(Response::from_parts(
         parts,
-        ResponseBody::upstream(body, idle, in_flight),
+        ResponseBody::upstream(body, idle),
     ))
 }
 
@@ -240,20 +239,14 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, client: SocketAddr) {
 }
 
 /// Splices a WebSocket (or any upgraded protocol) both ways until either side closes.
-async fn tunnel(
-    client: crate::http1::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    mut drain: drain::Watch,
-) {
-    let upstream = async { upstream.await.map_err(|e| e.to_string()) };
-    let (mut client, upstream) = match tokio::try_join!(client.connection(), upstream) {
-        Ok(pair) => pair,
+async fn tunnel(client: crate::http1::OnUpgrade, mut upstream: Upgraded, drain: drain::Watch) {
+    let mut client = match client.connection().await {
+        Ok(client) => client,
         Err(error) => {
             tracing::debug!(%error, "upgrade did not complete");
             return;
         }
     };
-    let mut upstream = TokioIo::new(upstream);
     let started = tokio::time::Instant::now();
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {

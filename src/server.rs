@@ -71,13 +71,14 @@ pub async fn accept_loop(
     listener: TcpListener,
     addr: SocketAddr,
     live: Arc<Live>,
-    mut drain: drain::Signal,
+    drain: drain::Signal,
     connections: Arc<AtomicUsize>,
 ) {
+    let mut draining = drain.draining();
     loop {
         let accepted = tokio::select! {
             biased;
-            () = drain.draining() => return,
+            () = &mut draining => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -101,7 +102,7 @@ pub async fn accept_loop(
                 // until one is free, so pause rather than spin.
                 tracing::warn!(%addr, %error, "accept failed");
                 tokio::select! {
-                    () = drain.draining() => return,
+                    () = &mut draining => return,
                     () = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
             }
@@ -182,14 +183,13 @@ async fn serve_http(
     generation: &Generation,
     conn: Arc<proxy::Connection>,
 ) {
-    let mut drain = conn.drain.clone();
     let io = if h2 {
         Rewind::new(bytes::Bytes::new(), io)
     } else {
         let settings = generation.http1_settings();
         let served = tokio::select! {
             served = http1::serve(io, &settings, &conn, cleartext) => served,
-            () = drain.cut() => return,
+            () = conn.drain.cut() => return,
         };
         match served {
             http1::Served::Http2(io) => io,
@@ -200,7 +200,7 @@ async fn serve_http(
 }
 
 async fn serve_http2(io: Rewind<ClientIo>, generation: &Generation, conn: Arc<proxy::Connection>) {
-    let mut drain = conn.drain.clone();
+    let drain = conn.drain.clone();
     let client = conn.client;
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let conn = conn.clone();

@@ -1,29 +1,33 @@
 //! The upstream: where requests go, and the verified TLS connections, pooled per worker, that
 //! take them there.
 
+pub mod http1;
+
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Deserializer};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use toml::Spanned;
 
-use crate::body::RequestBody;
+use crate::body::{BodyError, RequestBody};
 use crate::config::{ConfigError, ConfigFile, Timeout};
 use crate::error::ProxyError;
 use crate::workers;
@@ -221,7 +225,6 @@ impl Upstream {
             offers_h2: config.http2 && tls.is_some(),
             tls,
             connect_timeout: config.connect_timeout.0,
-            http1: http1::Builder::new(),
             http2,
         });
         let pools = (0..workers.max(1))
@@ -286,19 +289,22 @@ impl Upstream {
             .expect("scheme, authority and path are each valid")
     }
 
-    /// Sends a request; the response comes with the mark of the connection it occupies, to be
-    /// held until its body ends.
+    /// Sends a request. The response body holds the connection it came on (or its HTTP/2
+    /// stream) until it ends; a switch of protocols comes with the upstream's side of the
+    /// switched connection.
     pub async fn send(
         &self,
         request: Request<RequestBody>,
         upgrade: bool,
-    ) -> Result<(Response<Incoming>, Option<InFlight>), ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, Option<http1::Upgraded>), ProxyError> {
         let timeout = self.config.response_timeout.0;
         let sending = async {
             if upgrade {
-                self.send_upgrade(request).await.map(|r| (r, None))
+                // Boxed, as dialing is below: what is rare should not make every request's
+                // state larger, since that state is moved as a whole.
+                Box::pin(self.send_upgrade(request)).await
             } else {
-                self.send_pooled(request).await.map(|(r, f)| (r, Some(f)))
+                self.send_pooled(request).await.map(|r| (r, None))
             }
         };
         tokio::time::timeout(timeout, sending)
@@ -310,92 +316,81 @@ impl Upstream {
     /// an upgraded connection never comes back.
     async fn send_upgrade(
         &self,
-        mut request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.dialer.dial_upgrade().await?;
-        self.origin_form(&mut request);
-        sender.send_request(request).await.map_err(|e| failure(&e))
+        request: Request<RequestBody>,
+    ) -> Result<(Response<UpstreamBody>, Option<http1::Upgraded>), ProxyError> {
+        let conn = self.dialer.dial_upgrade().await?;
+        let mut outgoing = http1::Outgoing::new(request, &self.host_header, true);
+        match http1::exchange(conn, &mut outgoing, &Weak::new()).await {
+            Ok((response, upgraded)) => Ok((response.map(UpstreamBody::Http1), upgraded)),
+            Err(http1::Failure::Stale(error) | http1::Failure::Failed(error)) => Err(error),
+        }
     }
 
     async fn send_pooled(
         &self,
-        mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+        request: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let pool = &self.pools[workers::current() % self.pools.len()];
+        // The request as HTTP/2 takes it, until it goes out over HTTP/1.1 and becomes `outgoing`.
+        let mut request = Some(request);
+        let mut outgoing = None;
         let mut retries = 0;
         loop {
-            let (mut sender, reused) = match pool.checkout() {
+            let conn = match pool.checkout() {
                 Checkout::Stream(mut sender, in_flight) => {
-                    self.absolute_form(&mut request);
-                    match sender.try_send_request(request).await {
-                        Ok(response) => return Ok((response, in_flight)),
+                    let Some(unsent) = request.take() else {
+                        return Err(ProxyError::UpstreamProtocol(
+                            "the upstream switched to HTTP/2 while a request was retried".into(),
+                        ));
+                    };
+                    match sender.try_send_request(unsent).await {
+                        Ok(response) => {
+                            return Ok(response.map(|body| UpstreamBody::Http2 {
+                                body,
+                                _lease: in_flight,
+                            }));
+                        }
                         Err(mut e) => match e.take_message() {
                             // Never sent: the connection had just closed.
                             Some(unsent) if retries < MAX_RETRIES => {
                                 retries += 1;
-                                request = unsent;
+                                request = Some(unsent);
                                 continue;
                             }
                             _ => return Err(failure(e.error())),
                         },
                     }
                 }
-                Checkout::Idle(mut sender) => match sender.ready().await {
-                    Ok(()) => (sender, true),
-                    Err(_) => continue,
-                },
+                Checkout::Idle(conn) => conn,
                 Checkout::Wait(connecting) => {
                     connecting.await?;
                     continue;
                 }
-                Checkout::Dial => match pool.dialer.dial().await? {
-                    Connected::Http1(sender) => (sender, false),
+                Checkout::Dial => match Box::pin(pool.dialer.dial()).await? {
+                    Connected::Http1(conn) => conn,
                     Connected::Http2(sender) => {
                         pool.add_lane(sender);
                         continue;
                     }
                 },
             };
-            self.origin_form(&mut request);
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, InFlight::connection(sender, pool))),
-                Err(mut e) => match e.take_message() {
-                    // A kept-alive connection the upstream closed meanwhile: not this request's
-                    // fault, and it never left, so it can go again.
-                    Some(unsent) if reused && retries < MAX_RETRIES => {
-                        retries += 1;
-                        request = unsent;
-                    }
-                    _ => return Err(failure(e.error())),
-                },
+            let out = match (&mut outgoing, request.take()) {
+                (Some(out), _) => out,
+                (None, Some(request)) => {
+                    outgoing.insert(http1::Outgoing::new(request, &self.host_header, false))
+                }
+                (None, None) => unreachable!("a request is either unsent or outgoing"),
+            };
+            match http1::exchange(conn, out, &Arc::downgrade(pool)).await {
+                Ok((response, _)) => return Ok(response.map(UpstreamBody::Http1)),
+                // A kept-alive connection the upstream closed meanwhile: not this request's
+                // fault, so it goes again.
+                Err(http1::Failure::Stale(_)) if retries < MAX_RETRIES => retries += 1,
+                Err(http1::Failure::Stale(error) | http1::Failure::Failed(error)) => {
+                    return Err(error);
+                }
             }
         }
-    }
-
-    /// HTTP/1.1 wants the path alone and a Host header.
-    fn origin_form(&self, request: &mut Request<RequestBody>) {
-        if request.uri().authority().is_some() {
-            let path = request
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *request.uri_mut() = Uri::from(path);
-        }
-        request.headers_mut().insert(HOST, self.host_header.clone());
-    }
-
-    /// HTTP/2 takes :scheme and :authority from an absolute URI, and no Host header. The request
-    /// comes absolute from `uri()`; only a retry after an HTTP/1.1 attempt needs undoing.
-    fn absolute_form(&self, request: &mut Request<RequestBody>) {
-        if request.uri().authority().is_some() {
-            return;
-        }
-        let mut parts = std::mem::take(request.uri_mut()).into_parts();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path are valid");
-        request.headers_mut().remove(HOST);
     }
 }
 
@@ -440,13 +435,13 @@ struct Lane {
 }
 
 struct Idle {
-    sender: http1::SendRequest<RequestBody>,
+    conn: http1::Connection,
     since: Instant,
 }
 
 enum Checkout {
     Stream(http2::SendRequest<RequestBody>, InFlight),
-    Idle(http1::SendRequest<RequestBody>),
+    Idle(http1::Connection),
     Wait(Connecting),
     Dial,
 }
@@ -500,14 +495,14 @@ impl Pool {
             return Checkout::Wait(connecting);
         }
         let now = Instant::now();
-        while let Some(idle) = state.idle.pop() {
+        while let Some(mut idle) = state.idle.pop() {
             if idle.since + self.idle_timeout <= now {
                 // Put back in time order: everything under it has been idle longer still.
                 state.idle.clear();
                 break;
             }
-            if !idle.sender.is_closed() {
-                return Checkout::Idle(idle.sender);
+            if idle.conn.is_usable() {
+                return Checkout::Idle(idle.conn);
             }
         }
         Checkout::Dial
@@ -528,9 +523,9 @@ impl Pool {
                 Connected::Http2(sender) => pool.add_lane(sender),
                 // The upstream chose HTTP/1.1: one request can use this connection, the others
                 // open their own.
-                Connected::Http1(sender) => {
+                Connected::Http1(conn) => {
                     pool.lock().http2 = false;
-                    pool.put_idle(sender);
+                    pool.put_idle(conn);
                 }
             }
             Ok(())
@@ -549,13 +544,13 @@ impl Pool {
         self.reap_later(&mut state);
     }
 
-    fn put_idle(self: &Arc<Self>, sender: http1::SendRequest<RequestBody>) {
+    fn put_idle(self: &Arc<Self>, conn: http1::Connection) {
         let mut state = self.lock();
         if state.idle.len() >= self.max_idle {
             return;
         }
         state.idle.push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
         });
         self.reap_later(&mut state);
@@ -584,9 +579,7 @@ async fn reap(weak: Weak<Pool>, timeout: Duration) {
         };
         let mut state = pool.lock();
         let now = Instant::now();
-        state
-            .idle
-            .retain(|idle| idle.since + timeout > now && !idle.sender.is_closed());
+        state.idle.retain(|idle| idle.since + timeout > now);
         state.lanes.retain(|lane| {
             !lane.sender.is_closed() && lane.load.idle_since().is_none_or(|t| t + timeout > now)
         });
@@ -622,7 +615,7 @@ impl Load {
 
     fn take(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Lease::Stream(self.clone()))
+        InFlight(self.clone())
     }
 
     fn release(&self) {
@@ -640,66 +633,50 @@ impl Load {
     }
 }
 
-/// The connection a response came on, held by the response body until it ends or is dropped.
-pub struct InFlight(Lease);
-
-enum Lease {
-    /// Counts against the HTTP/2 connection's share of streams.
-    Stream(Arc<Load>),
-    /// An HTTP/1.1 connection is the response's alone until then.
-    Connection(Option<http1::SendRequest<RequestBody>>, Weak<Pool>),
-}
-
-impl InFlight {
-    fn connection(sender: http1::SendRequest<RequestBody>, pool: &Arc<Pool>) -> Self {
-        Self(Lease::Connection(Some(sender), Arc::downgrade(pool)))
-    }
-}
+/// A response's share of its HTTP/2 connection, held by the response body until it ends or is
+/// dropped.
+pub struct InFlight(Arc<Load>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        match &mut self.0 {
-            Lease::Stream(load) => load.release(),
-            Lease::Connection(sender, pool) => {
-                if let Some(sender) = sender.take() {
-                    give_back(sender, pool);
-                }
-            }
-        }
+        self.0.release();
     }
 }
 
-/// Returns an HTTP/1.1 connection to its pool once it can take another request. hyper makes it
-/// ready only after the response body has been read to the end; when the body was dropped
-/// half-read, hyper reads what has already arrived and otherwise closes the connection. So
-/// rather than have the body say how it ended, ask the connection: ready now (the usual case
-/// after a whole body) goes straight back; otherwise a task waits for hyper to decide, which it
-/// does on the connection task's next turn.
-fn give_back(mut sender: http1::SendRequest<RequestBody>, pool: &Weak<Pool>) {
-    if sender.is_ready() {
-        if let Some(pool) = pool.upgrade() {
-            pool.put_idle(sender);
+/// A response body from the upstream, holding its connection (HTTP/1.1) or its share of one
+/// (HTTP/2) until it ends or is dropped.
+pub enum UpstreamBody {
+    Http1(http1::ResponseBody),
+    Http2 { body: Incoming, _lease: InFlight },
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Self::Http2 { body, .. } => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
         }
-        return;
     }
-    if sender.is_closed() {
-        return;
-    }
-    let Some(wait) = pool.upgrade().map(|pool| pool.idle_timeout) else {
-        return;
-    };
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let pool = pool.clone();
-    runtime.spawn(async move {
-        // One still busy after the idle timeout would have been closed as idle anyway.
-        if let Ok(Ok(())) = tokio::time::timeout(wait, sender.ready()).await
-            && let Some(pool) = pool.upgrade()
-        {
-            pool.put_idle(sender);
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(body) => body.is_end_stream(),
+            Self::Http2 { body, .. } => body.is_end_stream(),
         }
-    });
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Http1(body) => body.size_hint(),
+            Self::Http2 { body, .. } => body.size_hint(),
+        }
+    }
 }
 
 /// Opens connections to the upstream: TCP to the url's host and port, TLS with the configured
@@ -711,7 +688,6 @@ struct Dialer {
     tls: Option<Tls>,
     offers_h2: bool,
     connect_timeout: Duration,
-    http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
@@ -724,7 +700,7 @@ struct Tls {
 }
 
 enum Connected {
-    Http1(http1::SendRequest<RequestBody>),
+    Http1(http1::Connection),
     Http2(http2::SendRequest<RequestBody>),
 }
 
@@ -749,42 +725,17 @@ impl Dialer {
                 });
                 Ok(Connected::Http2(sender))
             }
-            Transport::Tls(tls) => self.http1(tls, false).await.map(Connected::Http1),
-            Transport::Plain(tcp) => self.http1(tcp, false).await.map(Connected::Http1),
+            Transport::Tls(tls) => Ok(Connected::Http1(http1::Connection::new(tls))),
+            Transport::Plain(tcp) => Ok(Connected::Http1(http1::Connection::new(Box::new(tcp)))),
         }
     }
 
-    async fn dial_upgrade(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
-        match self.transport(true).await? {
-            Transport::Tls(tls) => self.http1(tls, true).await,
-            Transport::Plain(tcp) => self.http1(tcp, true).await,
-        }
-    }
-
-    async fn http1<T>(
-        &self,
-        io: T,
-        upgrades: bool,
-    ) -> Result<http1::SendRequest<RequestBody>, ProxyError>
-    where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) = self
-            .http1
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| failure(&e))?;
-        tokio::spawn(async move {
-            let result = if upgrades {
-                connection.with_upgrades().await
-            } else {
-                connection.await
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, "upstream HTTP/1.1 connection failed");
-            }
-        });
-        Ok(sender)
+    async fn dial_upgrade(&self) -> Result<http1::Connection, ProxyError> {
+        let io: http1::Stream = match self.transport(true).await? {
+            Transport::Tls(tls) => tls,
+            Transport::Plain(tcp) => Box::new(tcp),
+        };
+        Ok(http1::Connection::new(io))
     }
 
     /// TCP, then TLS for https://, both within the connect timeout.

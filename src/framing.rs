@@ -1,0 +1,371 @@
+//! HTTP/1.1 message heads and bodies, read the same way on both sides of the proxy: requests off
+//! client connections, responses off upstream connections.
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Version, header};
+
+/// At most this many header fields in a head (hyper's limit too).
+pub const MAX_HEADERS: usize = 100;
+
+/// Where each field of a parsed head lies in its buffer. The fields are taken once the head has
+/// been split off the buffer and frozen, so that their values are slices of it, not copies; and
+/// the head is parsed once, where it lies, rather than first searched for its end.
+pub struct Spans {
+    at: [[u32; 4]; MAX_HEADERS],
+    len: usize,
+}
+
+/// Which of the fields that shape a hop a head has, noted in passing: most have none but
+/// Content-Length, and looking each one up afterwards would hash every name again.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Noted {
+    /// Content-Length or Transfer-Encoding.
+    pub framed: bool,
+    pub connection: bool,
+    pub expect: bool,
+    pub upgrade: bool,
+}
+
+impl Spans {
+    /// `fields` as httparse found them in `buf`.
+    pub fn new(buf: &[u8], fields: &[httparse::Header<'_>]) -> Result<Self, &'static str> {
+        let mut at = [[0; 4]; MAX_HEADERS];
+        for (slot, field) in at.iter_mut().zip(fields) {
+            let name = span(buf, field.name.as_bytes())?;
+            let value = span(buf, field.value)?;
+            *slot = [name.0, name.1, value.0, value.1];
+        }
+        Ok(Self {
+            at,
+            len: fields.len(),
+        })
+    }
+
+    /// The fields, taken from `head`: the bytes `new` saw, frozen.
+    pub fn header_map(&self, head: &Bytes) -> Result<(HeaderMap, Noted), &'static str> {
+        let mut map = HeaderMap::with_capacity(self.len);
+        let mut noted = Noted::default();
+        for &[name_from, name_to, value_from, value_to] in &self.at[..self.len] {
+            let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
+                .map_err(|_| "invalid header name")?;
+            let value =
+                HeaderValue::from_maybe_shared(head.slice(value_from as usize..value_to as usize))
+                    .map_err(|_| "invalid header value")?;
+            noted.framed |= name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING;
+            noted.connection |= name == header::CONNECTION;
+            noted.expect |= name == header::EXPECT;
+            noted.upgrade |= name == header::UPGRADE;
+            map.append(name, value);
+        }
+        Ok((map, noted))
+    }
+}
+
+/// Where `part`, a slice of `buf`, lies in it.
+pub fn span(buf: &[u8], part: &[u8]) -> Result<(u32, u32), &'static str> {
+    let from = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    let to = from + part.len();
+    if to > buf.len() {
+        return Err("a field outside its head");
+    }
+    let from = u32::try_from(from).map_err(|_| "head too large")?;
+    let to = u32::try_from(to).map_err(|_| "head too large")?;
+    Ok((from, to))
+}
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes: a response without Content-Length or Transfer-Encoding.
+    Close,
+}
+
+impl Framing {
+    pub fn has_body(self) -> bool {
+        !matches!(self, Self::Empty | Self::Length(0))
+    }
+}
+
+/// Where the body ends, by its framing fields; `Empty` when there are none. Anything ambiguous
+/// is refused: a proxy that reads a body's length differently from the server behind it (or the
+/// client in front) lets one message hide inside another.
+pub fn framing(map: &HeaderMap, version: Version) -> Result<Framing, &'static str> {
+    if map.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err("Transfer-Encoding in an HTTP/1.0 message");
+        }
+        if map.contains_key(header::CONTENT_LENGTH) {
+            return Err("both Content-Length and Transfer-Encoding");
+        }
+        let mut codings = map
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii);
+        let only_chunked = codings
+            .next()
+            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+            && codings.next().is_none();
+        return if only_chunked {
+            Ok(Framing::Chunked)
+        } else {
+            Err("unsupported Transfer-Encoding")
+        };
+    }
+    let mut length = None;
+    for value in map.get_all(header::CONTENT_LENGTH) {
+        let bytes = value.as_bytes();
+        if bytes.is_empty() || bytes.len() > 19 || !bytes.iter().all(u8::is_ascii_digit) {
+            return Err("invalid Content-Length");
+        }
+        let n: u64 = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or("invalid Content-Length")?;
+        if length.is_some_and(|seen| seen != n) {
+            return Err("conflicting Content-Length values");
+        }
+        length = Some(n);
+    }
+    Ok(length.map_or(Framing::Empty, Framing::Length))
+}
+
+/// Reads a body's bytes out of a connection's buffer, as they arrive.
+#[derive(Debug)]
+pub struct Decoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    UntilClose,
+    Done,
+}
+
+/// What the buffer held.
+pub enum Decoded {
+    Data(Bytes),
+    /// The body has ended; what is left in the buffer belongs to the next message.
+    Done,
+    /// Read more into the buffer, then decode again.
+    More,
+}
+
+/// A body is read in pieces of at most this many bytes.
+pub const BODY_READ: usize = 16 << 10;
+/// Longest chunk-size line or trailer line accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Close => State::UntilClose,
+        };
+        Self { state }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// Whether the end of the connection is the end of this body rather than a truncation.
+    pub fn ends_at_close(&self) -> bool {
+        matches!(self.state, State::UntilClose | State::Done)
+    }
+
+    /// The bytes still to come, when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// How much room the buffer needs for the next read.
+    pub fn read_size(&self) -> usize {
+        match self.state {
+            State::Length(left) | State::ChunkData(left) => left.min(BODY_READ as u64) as usize,
+            State::UntilClose => BODY_READ,
+            _ => 1024,
+        }
+    }
+
+    /// The next piece of the body from the front of `buf`. Data frames are slices of the
+    /// buffer, never copies.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, &'static str> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::Done),
+                State::Length(_) | State::ChunkData(_) | State::UntilClose if buf.is_empty() => {
+                    return Ok(Decoded::More);
+                }
+                State::UntilClose => return Ok(Decoded::Data(buf.split().freeze())),
+                State::Length(left) | State::ChunkData(left) => {
+                    let n = left.min(buf.len() as u64);
+                    let data = buf.split_to(n as usize).freeze();
+                    self.state = match self.state {
+                        State::Length(_) if left == n => State::Done,
+                        State::Length(_) => State::Length(left - n),
+                        _ if left == n => State::ChunkEnd,
+                        _ => State::ChunkData(left - n),
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                State::ChunkSize => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::More);
+                    };
+                    self.state = match chunk_size(&line)? {
+                        0 => State::Trailers,
+                        n => State::ChunkData(n),
+                    };
+                }
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err("chunk not followed by CRLF");
+                    }
+                    let _ = buf.split_to(2);
+                    self.state = State::ChunkSize;
+                }
+                // Trailer fields are read and dropped: no hop after this one needs them.
+                State::Trailers => match take_line(buf)? {
+                    Some(line) if line.is_empty() => self.state = State::Done,
+                    Some(_) => {}
+                    None => return Ok(Decoded::More),
+                },
+            }
+        }
+    }
+}
+
+/// Takes one line (without its CRLF) off the front of `buf`, if a whole one is there.
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let mut line = buf.split_to(end + 1).freeze();
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_CHUNK_LINE => Err("chunk line too long"),
+        None => Ok(None),
+    }
+}
+
+fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
+    // Extensions after ';' are allowed and ignored.
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err("bad chunk size");
+    }
+    let text = std::str::from_utf8(digits).map_err(|_| "bad chunk size")?;
+    u64::from_str_radix(text, 16).map_err(|_| "bad chunk size")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderName, HeaderValue};
+
+    fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn only_unambiguous_framing_is_accepted() {
+        let v11 = Version::HTTP_11;
+        assert_eq!(framing(&fields(&[]), v11), Ok(Framing::Empty));
+        assert_eq!(
+            framing(&fields(&[("content-length", "42")]), v11),
+            Ok(Framing::Length(42))
+        );
+        let same_twice = fields(&[("content-length", "7"), ("content-length", "7")]);
+        assert_eq!(framing(&same_twice, v11), Ok(Framing::Length(7)));
+        let chunked = fields(&[("transfer-encoding", "Chunked")]);
+        assert_eq!(framing(&chunked, v11), Ok(Framing::Chunked));
+        for bad in [
+            fields(&[("content-length", "-1")]),
+            fields(&[("content-length", "+5")]),
+            fields(&[("content-length", "5, 5")]),
+            fields(&[("content-length", "5"), ("content-length", "6")]),
+            fields(&[("content-length", "99999999999999999999")]),
+            fields(&[("transfer-encoding", "gzip, chunked")]),
+            fields(&[("transfer-encoding", "chunked, chunked")]),
+            fields(&[("transfer-encoding", "chunked"), ("content-length", "3")]),
+        ] {
+            assert!(framing(&bad, v11).is_err(), "{bad:?}");
+        }
+        assert!(framing(&chunked, Version::HTTP_10).is_err());
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(chunk_size(b"1a").unwrap(), 26);
+        assert_eq!(chunk_size(b"FF;name=value").unwrap(), 255);
+        assert!(chunk_size(b"").is_err());
+        assert!(chunk_size(b"zz").is_err());
+        assert!(chunk_size(b"1234567890abcdef0").is_err());
+    }
+
+    /// Feeds `wire` in pieces of `piece` bytes and collects the body, and what is left after it.
+    fn decode(framing: Framing, wire: &[u8], piece: usize) -> Result<(Vec<u8>, Vec<u8>), &str> {
+        let mut decoder = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut pieces = wire.chunks(piece);
+        loop {
+            match decoder.decode(&mut buf)? {
+                Decoded::Data(data) => body.extend_from_slice(&data),
+                Decoded::Done => {
+                    pieces.for_each(|p| buf.extend_from_slice(p));
+                    return Ok((body, buf.to_vec()));
+                }
+                Decoded::More => match pieces.next() {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => return Err("ran out"),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn bodies_decode_whatever_the_pieces() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        for piece in [1, 3, wire.len()] {
+            let (body, rest) = decode(Framing::Chunked, wire, piece).unwrap();
+            assert_eq!((&body[..], &rest[..]), (&b"hello world"[..], &b"NEXT"[..]));
+            let (body, rest) = decode(Framing::Length(5), b"helloNEXT", piece).unwrap();
+            assert_eq!((&body[..], &rest[..]), (&b"hello"[..], &b"NEXT"[..]));
+        }
+        assert!(decode(Framing::Chunked, b"5\r\nhelloXX", 100).is_err());
+        assert!(decode(Framing::Chunked, b"zz\r\n", 100).is_err());
+        assert!(Decoder::new(Framing::Empty).is_done());
+        assert!(Decoder::new(Framing::Close).ends_at_close());
+        assert!(!Decoder::new(Framing::Length(3)).ends_at_close());
+    }
+}
