@@ -175,7 +175,9 @@ async fn exchange(
         }
     };
     let request = Request::from_parts(parts, Inbound::Http1(body));
-    let handling = proxy::handle(conn, request);
+    // Boxed on its own: built in place it would be copied whole into this request's state, and
+    // that state whole into its box.
+    let handling = Box::pin(proxy::handle(conn, request));
     let response = match reader.as_mut() {
         // A client that hangs up while waiting cancels its request, upstream included.
         Some(current) => tokio::select! {

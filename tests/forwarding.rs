@@ -20,10 +20,14 @@ fn chat() -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_post_round_trip_with_host_and_sni_of_openai() {
     bounded(30, async {
-        for alpn in [Alpn::Both, Alpn::Http1Only] {
+        for (alpn, http2) in [
+            (Alpn::Both, true),
+            (Alpn::Both, false),
+            (Alpn::Http1Only, true),
+        ] {
             let pki = Pki::new();
             let upstream = FakeUpstream::start(&pki, alpn).await;
-            let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+            let proxy = Proxy::start(&with_http2(&basic_config(&upstream, &pki, ""), http2));
             for client in [http_client(), http2_client()] {
                 let answer = send(
                     &client,
@@ -54,14 +58,14 @@ async fn json_post_round_trip_with_host_and_sni_of_openai() {
                     serde_json::from_slice::<serde_json::Value>(&seen.body).unwrap(),
                     chat()
                 );
-                let expected = if alpn == Alpn::Both {
+                let expected = if alpn == Alpn::Both && http2 {
                     Version::HTTP_2
                 } else {
                     Version::HTTP_11
                 };
                 assert_eq!(
                     seen.version, expected,
-                    "HTTP/2 upstream exactly when ALPN offers it"
+                    "HTTP/2 upstream exactly when configured and ALPN offers it"
                 );
                 if seen.version == Version::HTTP_11 {
                     assert_eq!(seen.headers["host"], "api.openai.com");
@@ -643,7 +647,7 @@ async fn more_streams_than_one_http2_connection_carries_do_not_wait() {
         let pki = Pki::new();
         let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
         // One worker: its pool alone must grow past one HTTP/2 connection.
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, "[server]\nworkers = 1\n"));
+        let proxy = Proxy::start(&one_pool_config(&upstream, &pki, true));
         let url = proxy.url("/v1/chat/completions");
         // All over one HTTP/2 connection to the proxy, to keep the test's own load light.
         let client = http2_client();
@@ -745,8 +749,10 @@ fn read_response(stream: &mut std::net::TcpStream) -> String {
 
 /// The config for one worker (so one upstream pool) with `upstream.http2` as given.
 fn one_pool_config(upstream: &FakeUpstream, pki: &Pki, http2: bool) -> String {
-    basic_config(upstream, pki, "[server]\nworkers = 1\n")
-        .replace("[upstream]\n", &format!("[upstream]\nhttp2 = {http2}\n"))
+    with_http2(
+        &basic_config(upstream, pki, "[server]\nworkers = 1\n"),
+        http2,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -760,6 +760,11 @@ pub fn basic_config(upstream: &FakeUpstream, pki: &Pki, extra: &str) -> String {
     )
 }
 
+/// `config` (with an `[upstream]` table) offering HTTP/2 to the upstream, or not.
+pub fn with_http2(config: &str, http2: bool) -> String {
+    config.replace("[upstream]\n", &format!("[upstream]\nhttp2 = {http2}\n"))
+}
+
 /// A streamed chat completion through the proxy; returns when each event arrived.
 pub async fn stream_chat(
     client: &HttpClient,
