@@ -1249,7 +1249,7 @@ def main():
         default=[],
         metavar="NAME=[BIN][,section.key=value...]",
         help="one more column: openai-proxy built elsewhere (BIN) and/or with other config values "
-        "or environment, e.g. h1-upstream=,upstream.http2=false  or  one-worker=,env.TOKIO_WORKER_THREADS=1 "
+        "or environment, e.g. h2-upstream=,upstream.http2=true  or  one-worker=,env.TOKIO_WORKER_THREADS=1 "
         " or  patched=/tmp/x/target/release/openai-proxy",
     )
     parser.add_argument(

@@ -136,10 +136,12 @@ impl PhaseWait {
         Self {
             changes: phase.clone(),
             armed: false,
-            wait: Box::pin(async move {
+            // Unconstrained: under tokio's cooperative budget the wait could decline to look when
+            // polled, after `changes` was marked seen, and the change would then go unnoticed.
+            wait: Box::pin(tokio::task::unconstrained(async move {
                 // The sender lives until the drain completes; if it is gone, the drain is over.
                 let _ = phase.wait_for(|phase| *phase >= wanted).await;
-            }),
+            })),
         }
     }
 }

@@ -160,12 +160,10 @@ async fn forward(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     admit(generation, conn, parts)?;
     let upstream = &generation.upstream;
-    let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
-    let client_upgrade = if upgrade {
-        parts.extensions.remove::<crate::http1::OnUpgrade>()
-    } else {
-        None
-    };
+    // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
+    // other request with Upgrade fields goes as a plain request, without them.
+    let client_upgrade = parts.extensions.remove::<crate::http1::OnUpgrade>();
+    let upgrade = client_upgrade.is_some();
 
     let idle = upstream.config().idle_timeout.0;
     let (body, body_failed) = if upgrade {

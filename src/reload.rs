@@ -119,9 +119,10 @@ pub async fn reload(
         Ok((next, bound)) => {
             logging.apply(&next.config.log);
             let drain_timeout = next.config.server.drain_timeout.0;
+            // Before the swap, so that no request of the new generation looks before it.
+            next.upstream.preconnect(listeners.workers());
             let next = live.swap(next);
             listeners.apply(bound, &next, drain_timeout).await;
-            next.upstream.preconnect(listeners.workers());
             tracing::info!(
                 generation = number,
                 ms = started.elapsed().as_secs_f64() * 1e3,

@@ -365,6 +365,11 @@ impl Upstream {
                     connecting.await?;
                     continue;
                 }
+                // Its failure is not this request's: it dials its own next.
+                Checkout::Preconnecting(connecting) => {
+                    let _ = connecting.await;
+                    continue;
+                }
                 Checkout::Dial => match Box::pin(pool.dialer.dial()).await? {
                     Connected::Http1(conn) => conn,
                     Connected::Http2(sender) => {
@@ -441,7 +446,10 @@ struct Idle {
 enum Checkout {
     Stream(http2::SendRequest<RequestBody>, InFlight),
     Idle(http1::Connection),
+    /// For the HTTP/2 connection being opened, which the request then goes on.
     Wait(Connecting),
+    /// For the HTTP/1.1 connection opened ahead of requests: then for whatever is idle.
+    Preconnecting(Connecting),
     Dial,
 }
 
@@ -506,7 +514,7 @@ impl Pool {
         }
         // A connection opened ahead of requests (at start, after a reload) is nearly there.
         if let Some(connecting) = &state.connecting {
-            return Checkout::Wait(connecting.clone());
+            return Checkout::Preconnecting(connecting.clone());
         }
         Checkout::Dial
     }

@@ -332,6 +332,30 @@ fn chunk(data: &str) -> String {
     format!("{:x}\r\n{data}\r\n", data.len())
 }
 
+/// The send and receive queues (bytes) of the established TCP connections on 127.0.0.1 that
+/// `wanted(local port, remote port)` picks, from /proc/net/tcp: what the kernel holds that one
+/// side has not yet read, or could not yet send.
+fn tcp_queues(wanted: impl Fn(u16, u16) -> bool) -> Vec<(u64, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |address: &str| u16::from_str_radix(address.split(':').nth(1).unwrap(), 16).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, state, queues) = (fields[1], fields[2], fields[3], fields[4]);
+            if state != "01" || !wanted(port(local), port(remote)) {
+                return None;
+            }
+            let (tx, rx) = queues.split_once(':').unwrap();
+            Some((
+                u64::from_str_radix(tx, 16).unwrap(),
+                u64::from_str_radix(rx, 16).unwrap(),
+            ))
+        })
+        .collect()
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -741,6 +765,19 @@ async fn refuse_uploads(mut conn: Conn) {
     while let Some(mut seen) = conn.read_head().await {
         if seen.path().starts_with("/v1/uploads/") {
             conn.record(&seen);
+            if seen.path().ends_with("/hold") {
+                // Answered only once the proxy cannot send more: the window here is full and the
+                // proxy holds a megabyte it cannot send, so its writes have stalled.
+                let port = conn.stream.get_ref().0.local_addr().unwrap().port();
+                eventually(WAIT, "the proxy's writes to stall", || {
+                    let unread = tcp_queues(|local, _| local == port);
+                    let unsent = tcp_queues(|_, remote| remote == port);
+                    let stalled = unread.iter().any(|&(_, rx)| rx >= 64 << 10)
+                        && unsent.iter().any(|&(tx, _)| tx >= 1 << 20);
+                    stalled.then_some(())
+                })
+                .await;
+            }
             let refusal = response(
                 "413 Payload Too Large",
                 "Content-Type: application/json\r\nConnection: close\r\n",
@@ -749,6 +786,9 @@ async fn refuse_uploads(mut conn: Conn) {
             conn.write(refusal).await;
             if seen.path().ends_with("/linger") {
                 conn.linger_close().await;
+            } else if seen.path().ends_with("/hold") {
+                // Neither reads the rest nor closes: the proxy's writes stall.
+                tokio::time::sleep(WAIT).await;
             } else {
                 conn.close().await;
             }
@@ -804,6 +844,136 @@ async fn an_early_413_reaches_the_client_when_the_upstream_closes_at_once() {
                 assert_eq!(answer.status, StatusCode::OK, "chunked {chunked}");
             }
         }
+    })
+    .await;
+}
+
+/// The upstream answers and then neither reads the rest of the body nor closes: the proxy,
+/// stalled writing the body, must notice the answer rather than wait for its response timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_413_reaches_the_client_when_the_upstream_stops_reading() {
+    bounded(60, async {
+        let pki = Pki::new();
+        let upstream = RawUpstream::start(&pki, refuse_uploads).await;
+        let proxy = Proxy::start(&upstream.proxy_config(&pki));
+        for chunked in [false, true] {
+            let answer = upload_refused_early(&proxy, "/v1/uploads/hold", 16 << 20, chunked).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 413 "),
+                "chunked {chunked}: {answer}"
+            );
+            assert_eq!(body_of(&answer), TOO_LARGE, "the upstream's own answer");
+        }
+    })
+    .await;
+}
+
+/// An unasked `100 Continue` while the body is still coming is passed over, and the rest of the
+/// body still goes: the upstream that sent it is waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_response_mid_body_does_not_stop_the_body() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let continued = Arc::new(tokio::sync::Notify::new());
+        let told = continued.clone();
+        let upstream = RawUpstream::start(&pki, move |mut conn| {
+            let told = told.clone();
+            async move {
+                while let Some(mut seen) = conn.read_head().await {
+                    conn.write("HTTP/1.1 100 Continue\r\n\r\n").await;
+                    // Told once the proxy has read the 100 off its socket (and so has acted on
+                    // it), so that the rest of the body reaches the proxy only after that.
+                    let port = conn.stream.get_ref().0.local_addr().unwrap().port();
+                    eventually(WAIT, "the proxy to read the 100", || {
+                        let unread = tcp_queues(|_, remote| remote == port);
+                        unread.iter().all(|&(_, rx)| rx == 0).then_some(())
+                    })
+                    .await;
+                    told.notify_one();
+                    if conn.read_body(&mut seen).await.is_none() {
+                        return;
+                    }
+                    conn.record(&seen);
+                    conn.write(ok(&format!("{} bytes", seen.body.len()))).await;
+                }
+            }
+        })
+        .await;
+        let proxy = Proxy::start(&upstream.proxy_config(&pki));
+        let mut stream = connect(&proxy).await;
+        let half = "x".repeat(1000);
+        stream
+            .write_all(
+                format!(
+                    "POST /v1/files HTTP/1.1\r\nHost: proxy\r\nAuthorization: {KEY}\r\nContent-Length: 2000\r\n\r\n{half}"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        // The rest only once the 100 has gone out, so that it reaches the proxy mid-body.
+        tokio::time::timeout(WAIT, continued.notified())
+            .await
+            .expect("the upstream got the request head");
+        stream.write_all(half.as_bytes()).await.unwrap();
+        let answer = read_until(&mut stream, "2000 bytes").await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(!answer.contains("100 Continue"), "the interim stays here");
+        assert_eq!(upstream.last().body.len(), 2000);
+    })
+    .await;
+}
+
+/// A reused connection that closes without a word after taking a request: a GET goes again on
+/// another connection, a POST does not, since the upstream may have acted on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_safe_to_repeat_go_again_on_a_connection_lost_unanswered() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = RawUpstream::start(&pki, |mut conn| async move {
+            let mut answered = 0;
+            while let Some(seen) = conn.read_request().await {
+                if seen.path() == "/v1/lost" && answered > 0 {
+                    conn.close().await;
+                    return;
+                }
+                conn.write(answer_to(&seen)).await;
+                answered += 1;
+            }
+        })
+        .await;
+        let proxy = Proxy::start(&upstream.proxy_config(&pki));
+        let client = http_client();
+        let lost = |seen: &[Seen]| seen.iter().filter(|s| s.path() == "/v1/lost").count();
+
+        let answer = send(&client, get(&proxy.url("/v1/first"))).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let answer = send(&client, get(&proxy.url("/v1/lost"))).await;
+        assert_eq!(answer.status, StatusCode::OK, "the GET went again");
+        assert_eq!(&answer.body[..], b"answer to /v1/lost");
+        assert_eq!(lost(&upstream.seen()), 2);
+
+        let post = |path: &str| {
+            Request::post(proxy.url(path))
+                .header("authorization", KEY)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(CHAT.as_bytes())))
+                .unwrap()
+        };
+        let answer = send(&client, post("/v1/first")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let answer = send(&client, post("/v1/lost")).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_GATEWAY,
+            "the POST did not go again"
+        );
+        assert_eq!(answer.json()["error"]["type"], "upstream_error");
+        assert_eq!(
+            lost(&upstream.seen()),
+            3,
+            "the POST reached the upstream once"
+        );
     })
     .await;
 }

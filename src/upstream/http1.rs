@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http::{header, response};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use super::Pool;
 use crate::body::{BodyError, RequestBody};
@@ -46,8 +46,8 @@ pub(super) struct Connection {
     io: Stream,
     /// Read from the connection and not yet used.
     buf: BytesMut,
-    /// Has carried a request before: the upstream may have closed it meanwhile.
-    reused: bool,
+    /// Has waited in the pool: the upstream may have closed it meanwhile.
+    was_idle: bool,
 }
 
 impl Connection {
@@ -55,13 +55,16 @@ impl Connection {
         Self {
             io,
             buf: BytesMut::new(),
-            reused: false,
+            was_idle: false,
         }
     }
 
     /// Whether an idle connection can carry a request: the upstream has neither closed it nor
     /// sent anything unasked. Nothing waits on an idle connection, so this looks without waiting.
+    /// One that passes is marked as having been idle: the upstream may still close it at any
+    /// moment, and then a request that got no answer on it may go again.
     pub fn is_usable(&mut self) -> bool {
+        self.was_idle = true;
         let mut cx = Context::from_waker(Waker::noop());
         let mut probe = [MaybeUninit::<u8>::uninit(); 1];
         let mut read = ReadBuf::uninit(&mut probe);
@@ -80,7 +83,10 @@ pub(super) struct Outgoing {
     body_done: bool,
     /// The body frames sent so far; None once more was sent than is kept.
     replay: Option<Vec<Bytes>>,
-    replay_len: usize,
+    /// Bytes of body taken so far, checked against a declared length.
+    body_taken: u64,
+    /// Means the same done twice (Go's rule: GET, HEAD, OPTIONS, TRACE, or an idempotency key).
+    idempotent: bool,
     head_method: bool,
     upgrade: bool,
 }
@@ -90,6 +96,11 @@ impl Outgoing {
     /// to send.
     pub fn new(request: Request<RequestBody>, host: &HeaderValue, upgrade: bool) -> Self {
         let (parts, body) = request.into_parts();
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        ) || parts.headers.contains_key("idempotency-key")
+            || parts.headers.contains_key("x-idempotency-key");
         let mut head = Vec::with_capacity(512);
         head.extend_from_slice(parts.method.as_str().as_bytes());
         head.push(b' ');
@@ -127,7 +138,8 @@ impl Outgoing {
             body_done: !framing.has_body(),
             body,
             replay: Some(Vec::new()),
-            replay_len: 0,
+            body_taken: 0,
+            idempotent,
             head_method: parts.method == Method::HEAD,
             upgrade,
         }
@@ -144,11 +156,33 @@ impl Outgoing {
         }
     }
 
-    fn keep_for_replay(&mut self, data: &Bytes) {
-        self.replay_len += data.len();
+    /// Takes a body frame to send: counted, and kept to send again if there is room.
+    fn take(&mut self, data: &Bytes) -> Result<(), ProxyError> {
+        self.body_taken += data.len() as u64;
+        if let Framing::Length(declared) = self.framing
+            && self.body_taken > declared
+        {
+            return Err(ProxyError::ClientBody(
+                "the request body is longer than its Content-Length".into(),
+            ));
+        }
         match self.replay.as_mut() {
-            Some(frames) if self.replay_len <= REPLAY_LIMIT => frames.push(data.clone()),
+            Some(frames) if self.body_taken <= REPLAY_LIMIT as u64 => frames.push(data.clone()),
             _ => self.replay = None,
+        }
+        Ok(())
+    }
+
+    /// The body has ended: it must have been as long as it said.
+    fn end(&mut self) -> Result<(), ProxyError> {
+        self.body_done = true;
+        match self.framing {
+            Framing::Length(declared) if self.body_taken != declared => {
+                Err(ProxyError::ClientBody(
+                    "the request body is shorter than its Content-Length".into(),
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -181,25 +215,26 @@ pub(super) async fn exchange(
     out: &mut Outgoing,
     pool: &Weak<Pool>,
 ) -> Result<(Response<ResponseBody>, Option<Upgraded>), Failure> {
-    let lost = |conn: &Connection, out: &Outgoing, error: ProxyError| {
-        if conn.reused && out.replay.is_some() {
-            Failure::Stale(error)
-        } else {
-            Failure::Failed(error)
-        }
-    };
-    // Whether the body was sent whole; if not, the upstream answered before it ended.
-    let (sent_whole, write_failed) = match send(&mut conn, out).await {
-        Ok(whole) => (whole, None),
-        Err(Sending::Body(error)) => return Err(Failure::Failed(error.to_proxy_error())),
+    let mut written = false;
+    let (sent, write_failed) = match send(&mut conn, out, &mut written).await {
+        Ok(sent) => (sent, None),
+        Err(Sending::Body(error)) => return Err(Failure::Failed(error)),
         // It may have answered and closed without reading the rest: look for that answer.
-        Err(Sending::Io(error)) => (false, Some(error)),
+        Err(Sending::Io(error)) => (Sent::Answered, Some(error)),
     };
     let head = match read_head(&mut conn, out).await {
         Ok(head) => head,
         Err(Reading::Closed(error)) => {
             let error = write_failed.map_or(error, |e| io_failure(&e));
-            return Err(lost(&conn, out, error));
+            // Gone without a word, after waiting in the pool: most likely closed by the
+            // upstream as idle just as the request went out. It goes again only if the upstream
+            // cannot have acted on it: none of it was written, or doing it twice means the same.
+            let again = conn.was_idle && out.replay.is_some() && (!written || out.idempotent);
+            return Err(if again {
+                Failure::Stale(error)
+            } else {
+                Failure::Failed(error)
+            });
         }
         Err(Reading::Failed(error)) => return Err(Failure::Failed(error)),
     };
@@ -213,21 +248,32 @@ pub(super) async fn exchange(
         let upgraded = Rewind::new(buf.freeze(), io);
         return Ok((ResponseBody::ended(parts), Some(upgraded)));
     }
-    let keep = head.keep_alive && sent_whole && out.body_done;
+    let keep = head.keep_alive && matches!(sent, Sent::Whole);
     Ok((
         ResponseBody::new(parts, conn, head.framing, keep, pool),
         None,
     ))
 }
 
+/// How sending a request ended.
+enum Sent {
+    Whole,
+    /// The upstream began to answer (or closed) before all of the body was sent.
+    Answered,
+}
+
 enum Sending {
-    Body(BodyError),
+    Body(ProxyError),
     Io(io::Error),
 }
 
 /// Writes the request: head and whatever of the body is ready in one write, then the rest as it
-/// arrives. Ok(false) when the upstream answered before the body was all sent.
-async fn send(conn: &mut Connection, out: &mut Outgoing) -> Result<bool, Sending> {
+/// arrives, watching all the while for an early answer.
+async fn send(
+    conn: &mut Connection,
+    out: &mut Outgoing,
+    written: &mut bool,
+) -> Result<Sent, Sending> {
     let mut wire = Vec::with_capacity(out.head.len() + 1024);
     wire.extend_from_slice(&out.head);
     for frame in out.replay.iter().flatten() {
@@ -237,34 +283,35 @@ async fn send(conn: &mut Connection, out: &mut Outgoing) -> Result<bool, Sending
         if out.framing.has_body() {
             out.end_into(&mut wire);
         }
-        return write(conn, &wire).await.map(|()| true);
+        return write(conn, &wire, written).await;
     }
     loop {
         // Whatever is ready now joins the pending write; whatever is not yet is awaited only
-        // after that write, watching meanwhile for an early answer.
+        // after that write.
         let ready_now =
             std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut out.body).poll_frame(cx))).await;
         let frame = match ready_now {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 if !wire.is_empty() {
-                    write(conn, &wire).await?;
+                    if let Sent::Answered = write(conn, &wire, written).await? {
+                        return Ok(Sent::Answered);
+                    }
                     wire.clear();
                 }
                 match next_frame_or_answer(conn, &mut out.body).await {
                     Some(frame) => frame,
-                    None => return Ok(false),
+                    None => return Ok(Sent::Answered),
                 }
             }
         };
         match frame {
             None => {
-                out.body_done = true;
+                out.end().map_err(Sending::Body)?;
                 out.end_into(&mut wire);
-                write(conn, &wire).await?;
-                return Ok(true);
+                return write(conn, &wire, written).await;
             }
-            Some(Err(error)) => return Err(Sending::Body(error)),
+            Some(Err(error)) => return Err(Sending::Body(error.to_proxy_error())),
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else {
                     continue;
@@ -272,12 +319,15 @@ async fn send(conn: &mut Connection, out: &mut Outgoing) -> Result<bool, Sending
                 if data.is_empty() {
                     continue;
                 }
-                out.keep_for_replay(&data);
+                out.take(&data).map_err(Sending::Body)?;
                 if data.len() >= BODY_READ && out.framing != Framing::Chunked {
                     // Large: written from where it lies rather than copied.
-                    write(conn, &wire).await?;
+                    for bytes in [&wire[..], &data[..]] {
+                        if let Sent::Answered = write(conn, bytes, written).await? {
+                            return Ok(Sent::Answered);
+                        }
+                    }
                     wire.clear();
-                    write(conn, &data).await?;
                 } else {
                     out.frame_into(&mut wire, &data);
                 }
@@ -286,9 +336,32 @@ async fn send(conn: &mut Connection, out: &mut Outgoing) -> Result<bool, Sending
     }
 }
 
-async fn write(conn: &mut Connection, bytes: &[u8]) -> Result<(), Sending> {
-    conn.io.write_all(bytes).await.map_err(Sending::Io)?;
-    conn.io.flush().await.map_err(Sending::Io)
+/// Writes and flushes `bytes`. While the upstream is not reading, what it sends is read: an
+/// upstream that answers early (a 413, a 401) may stop reading and still wait for us to read.
+async fn write(conn: &mut Connection, bytes: &[u8], written: &mut bool) -> Result<Sent, Sending> {
+    let mut at = 0;
+    std::future::poll_fn(|cx| {
+        loop {
+            let step = if at < bytes.len() {
+                Pin::new(&mut conn.io).poll_write(cx, &bytes[at..])
+            } else {
+                Pin::new(&mut conn.io).poll_flush(cx).map_ok(|()| 0)
+            };
+            match step {
+                Poll::Ready(Ok(0)) if at == bytes.len() => return Poll::Ready(Ok(Sent::Whole)),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(Sending::Io(io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => {
+                    at += n;
+                    *written = true;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(Sending::Io(error))),
+                Poll::Pending => return poll_answer(conn, cx).map(|()| Ok(Sent::Answered)),
+            }
+        }
+    })
+    .await
 }
 
 /// The body's next frame, or None if the upstream starts answering (or closes) first.
@@ -300,14 +373,56 @@ async fn next_frame_or_answer(
         if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
             return Poll::Ready(Some(frame));
         }
-        conn.buf.reserve(HEAD_READ);
-        match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
-            Poll::Pending => Poll::Pending,
-            // Bytes, the end, or an error: whatever it is, reading the response says.
-            Poll::Ready(_) => Poll::Ready(None),
-        }
+        poll_answer(conn, cx).map(|()| None)
     })
     .await
+}
+
+/// Reads what the upstream sends while the request is still going out. Ready once it has begun
+/// its answer, or closed, or failed: reading the response head then says which. Interim (1xx)
+/// responses are passed over, since an upstream that sends them still wants the body.
+fn poll_answer(conn: &mut Connection, cx: &mut Context<'_>) -> Poll<()> {
+    loop {
+        if answer_begun(&mut conn.buf) {
+            return Poll::Ready(());
+        }
+        conn.buf.reserve(HEAD_READ);
+        match ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut conn.io),
+            cx,
+            &mut conn.buf
+        )) {
+            Ok(1..) => {}
+            Ok(0) | Err(_) => return Poll::Ready(()),
+        }
+    }
+}
+
+/// Drops whole interim heads off the front of `buf`, and says whether what is left begins a
+/// final response (or something that is not a response at all).
+fn answer_begun(buf: &mut BytesMut) -> bool {
+    let interim = |code: u16| (100..200).contains(&code) && code != 101;
+    loop {
+        if buf.is_empty() {
+            return false;
+        }
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut fields,
+        );
+        match (parsed, response.code) {
+            (Ok(httparse::Status::Complete(length)), Some(code)) if interim(code) => {
+                let _ = buf.split_to(length);
+            }
+            // The status line is not all there yet, or says nothing final yet.
+            (Ok(httparse::Status::Partial), None) => return false,
+            (Ok(httparse::Status::Partial), Some(code)) if interim(code) => return false,
+            _ => return true,
+        }
+    }
 }
 
 struct Head {
@@ -481,7 +596,7 @@ impl ResponseBody {
     /// The body has been read to its end: the connection goes back to the pool, unless it
     /// cannot carry another request.
     fn finish(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
+        let Some(conn) = self.conn.take() else {
             return;
         };
         // Bytes after the body were never asked for: the connection is out of step.
@@ -489,7 +604,6 @@ impl ResponseBody {
             && conn.buf.is_empty()
             && let Some(pool) = self.pool.upgrade()
         {
-            conn.reused = true;
             pool.put_idle(conn);
         }
     }
