@@ -277,7 +277,9 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
         .next()
         .unwrap_or_default()
         .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
+    // Hex digits only: from_str_radix alone would take a sign too, which no other reader of
+    // the same bytes might.
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err("bad chunk size");
     }
     let text = std::str::from_utf8(digits).map_err(|_| "bad chunk size")?;
@@ -329,6 +331,7 @@ mod tests {
         assert_eq!(chunk_size(b"FF;name=value").unwrap(), 255);
         assert!(chunk_size(b"").is_err());
         assert!(chunk_size(b"zz").is_err());
+        assert!(chunk_size(b"+5").is_err());
         assert!(chunk_size(b"1234567890abcdef0").is_err());
     }
 

@@ -406,6 +406,11 @@ const STREAMS_PER_CONNECTION: usize = 100;
 /// When the least busy HTTP/2 connection carries this many requests, the next one is opened.
 const OPEN_NEXT_AT: usize = STREAMS_PER_CONNECTION * 3 / 4;
 
+/// At most this many spare HTTP/1.1 connections are opened at once: enough for the pool to
+/// catch up with a rising load in a few handshakes' time, few enough not to flood an upstream
+/// that is slow to accept.
+const MAX_SPARES_DIALING: usize = 4;
+
 /// How often a request that never left (its connection closed just before) is tried again.
 const MAX_RETRIES: u32 = 3;
 
@@ -429,8 +434,8 @@ struct PoolState {
     idle: Vec<Idle>,
     /// Whether a task is closing idle connections.
     reaping: bool,
-    /// Whether a spare HTTP/1.1 connection is being opened.
-    spare_dialing: bool,
+    /// Spare HTTP/1.1 connections being opened.
+    spares_dialing: usize,
 }
 
 type Connecting = Shared<BoxFuture<'static, Result<(), ProxyError>>>;
@@ -464,7 +469,7 @@ impl Pool {
                 connecting: None,
                 idle: Vec::new(),
                 reaping: false,
-                spare_dialing: false,
+                spares_dialing: 0,
             }),
             dialer,
             idle_timeout: config.pool_idle_timeout.0,
@@ -479,7 +484,7 @@ impl Pool {
     /// Where the next request goes. A ready HTTP/1.1 connection first: it costs a request the
     /// least CPU and time. When none is ready and the upstream speaks HTTP/2, the request goes
     /// on an HTTP/2 connection, which carries many at once and so has no handshake to wait for,
-    /// while one more HTTP/1.1 connection is opened in the background for the requests to come:
+    /// while HTTP/1.1 connections are opened in the background (four at a time) for the requests to come:
     /// a burst of new streams rides HTTP/2 while the HTTP/1.1 pool grows to the steady load.
     /// Otherwise the request opens an HTTP/1.1 connection of its own.
     fn checkout(self: &Arc<Self>) -> Checkout {
@@ -502,10 +507,6 @@ impl Pool {
             }
             return Checkout::Dial;
         }
-        if !state.spare_dialing && state.idle.len() < self.max_idle {
-            state.spare_dialing = true;
-            tokio::spawn(self.dial_spare());
-        }
         state.lanes.retain(|lane| !lane.sender.is_closed());
         let least_busy = state
             .lanes
@@ -516,6 +517,10 @@ impl Pool {
             && in_flight < STREAMS_PER_CONNECTION
         {
             let checkout = Checkout::Stream(lane.sender.clone(), lane.load.take());
+            if state.spares_dialing < MAX_SPARES_DIALING && state.idle.len() < self.max_idle {
+                state.spares_dialing += 1;
+                tokio::spawn(self.dial_spare());
+            }
             if in_flight + 1 >= OPEN_NEXT_AT && state.connecting.is_none() {
                 // Every connection is filling up: open the next one now, in the background,
                 // so that no request has to wait for its handshake.
@@ -566,7 +571,7 @@ impl Pool {
             let Some(pool) = pool.upgrade() else {
                 return;
             };
-            pool.lock().spare_dialing = false;
+            pool.lock().spares_dialing -= 1;
             match dialed {
                 Ok(conn) => pool.put_idle(conn),
                 Err(error) => tracing::debug!(%error, "could not open a spare upstream connection"),
