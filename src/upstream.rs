@@ -484,9 +484,9 @@ impl Pool {
     /// Where the next request goes. A ready HTTP/1.1 connection first: it costs a request the
     /// least CPU and time. When none is ready and the upstream speaks HTTP/2, the request goes
     /// on an HTTP/2 connection, which carries many at once and so has no handshake to wait for,
-    /// while HTTP/1.1 connections are opened in the background (four at a time) for the requests to come:
-    /// a burst of new streams rides HTTP/2 while the HTTP/1.1 pool grows to the steady load.
-    /// Otherwise the request opens an HTTP/1.1 connection of its own.
+    /// while HTTP/1.1 connections are opened in the background (four at a time) for the
+    /// requests to come: a burst of new streams rides HTTP/2 while the HTTP/1.1 pool grows to
+    /// the steady load. Otherwise the request opens an HTTP/1.1 connection of its own.
     fn checkout(self: &Arc<Self>) -> Checkout {
         let mut state = self.lock();
         let now = Instant::now();
