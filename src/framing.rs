@@ -1,8 +1,13 @@
 //! HTTP/1.1 message heads and bodies, read the same way on both sides of the proxy: requests off
 //! client connections, responses off upstream connections.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Version, header};
+use tokio::io::AsyncRead;
 
 /// At most this many header fields in a head (hyper's limit too).
 pub const MAX_HEADERS: usize = 100;
@@ -92,7 +97,7 @@ impl Framing {
 /// Where the body ends, by its framing fields; `Empty` when there are none. Anything ambiguous
 /// is refused: a proxy that reads a body's length differently from the server behind it (or the
 /// client in front) lets one message hide inside another.
-pub fn framing(map: &HeaderMap, version: Version) -> Result<Framing, &'static str> {
+pub fn from_fields(map: &HeaderMap, version: Version) -> Result<Framing, &'static str> {
     if map.contains_key(header::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err("Transfer-Encoding in an HTTP/1.0 message");
@@ -254,6 +259,39 @@ impl Decoder {
     }
 }
 
+/// How reading a body off a connection failed.
+pub enum Broken {
+    /// The connection ended before the body did.
+    Truncated,
+    Framing(&'static str),
+    Io(io::Error),
+}
+
+/// The next piece of a body read straight off a connection: decoded from what `buf` holds,
+/// with more read from `io` when that is not enough. Ok(None) at the body's end.
+pub fn poll_piece<R: AsyncRead + Unpin>(
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+    io: &mut R,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Option<Bytes>, Broken>> {
+    loop {
+        match decoder.decode(buf) {
+            Ok(Decoded::Data(data)) => return Poll::Ready(Ok(Some(data))),
+            Ok(Decoded::Done) => return Poll::Ready(Ok(None)),
+            Ok(Decoded::More) => {}
+            Err(error) => return Poll::Ready(Err(Broken::Framing(error))),
+        }
+        buf.reserve(decoder.read_size());
+        match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)) {
+            Ok(0) if decoder.ends_at_close() => return Poll::Ready(Ok(None)),
+            Ok(0) => return Poll::Ready(Err(Broken::Truncated)),
+            Ok(_) => {}
+            Err(error) => return Poll::Ready(Err(Broken::Io(error))),
+        }
+    }
+}
+
 /// Takes one line (without its CRLF) off the front of `buf`, if a whole one is there.
 fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
     match buf.iter().position(|&b| b == b'\n') {
@@ -301,15 +339,15 @@ mod tests {
     #[test]
     fn only_unambiguous_framing_is_accepted() {
         let v11 = Version::HTTP_11;
-        assert_eq!(framing(&fields(&[]), v11), Ok(Framing::Empty));
+        assert_eq!(from_fields(&fields(&[]), v11), Ok(Framing::Empty));
         assert_eq!(
-            framing(&fields(&[("content-length", "42")]), v11),
+            from_fields(&fields(&[("content-length", "42")]), v11),
             Ok(Framing::Length(42))
         );
         let same_twice = fields(&[("content-length", "7"), ("content-length", "7")]);
-        assert_eq!(framing(&same_twice, v11), Ok(Framing::Length(7)));
+        assert_eq!(from_fields(&same_twice, v11), Ok(Framing::Length(7)));
         let chunked = fields(&[("transfer-encoding", "Chunked")]);
-        assert_eq!(framing(&chunked, v11), Ok(Framing::Chunked));
+        assert_eq!(from_fields(&chunked, v11), Ok(Framing::Chunked));
         for bad in [
             fields(&[("content-length", "-1")]),
             fields(&[("content-length", "+5")]),
@@ -320,9 +358,9 @@ mod tests {
             fields(&[("transfer-encoding", "chunked, chunked")]),
             fields(&[("transfer-encoding", "chunked"), ("content-length", "3")]),
         ] {
-            assert!(framing(&bad, v11).is_err(), "{bad:?}");
+            assert!(from_fields(&bad, v11).is_err(), "{bad:?}");
         }
-        assert!(framing(&chunked, Version::HTTP_10).is_err());
+        assert!(from_fields(&chunked, Version::HTTP_10).is_err());
     }
 
     #[test]

@@ -25,9 +25,7 @@ use tokio::sync::oneshot;
 use crate::access_log::RequestId;
 use crate::body::{Inbound, ResponseBody};
 use crate::error::ProxyError;
-use crate::framing::{
-    BODY_READ, Decoded, Decoder, Framing, MAX_HEADERS, Noted, Spans, framing, span,
-};
+use crate::framing::{self, BODY_READ, Broken, Decoder, Framing, MAX_HEADERS, Noted, Spans, span};
 use crate::headers;
 use crate::proxy;
 
@@ -59,6 +57,8 @@ const STACK_READ: usize = 4096;
 /// How long a request body may go on arriving after its response was sent before the
 /// connection is closed instead of kept (nginx's lingering_time).
 const BODY_AFTER_RESPONSE: Duration = Duration::from_secs(30);
+/// How long a connection accepted just before a drain has for its first request to arrive.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 /// After an answer that ends the connection, how long to read and discard what the client is
 /// still sending, so that closing does not reset the connection under the answer.
 const LINGER: Duration = Duration::from_secs(2);
@@ -93,7 +93,15 @@ pub async fn serve(
             };
             let arrived = tokio::select! {
                 biased;
-                () = &mut draining => return Served::Closed,
+                () = &mut draining => {
+                    if !first {
+                        return Served::Closed;
+                    }
+                    // Accepted just as the drain began: its client has most likely sent its
+                    // request already. Closing now would fail a request that a restart must not
+                    // refuse, so it gets a moment to arrive, and then its answer.
+                    tokio::time::timeout(FIRST_REQUEST_GRACE, reader.read_some()).await
+                }
                 read = tokio::time::timeout(wait, reader.read_some()) => read,
             };
             if !matches!(arrived, Ok(Ok(1..))) {
@@ -368,7 +376,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     } = noted;
 
     let framing = if framed {
-        framing(&map, version).map_err(malformed)?
+        framing::from_fields(&map, version).map_err(malformed)?
     } else {
         Framing::Empty
     };
@@ -415,6 +423,16 @@ pub enum BodyReadError {
     BadChunk(&'static str),
     #[error("reading the request body: {0}")]
     Io(#[from] io::Error),
+}
+
+impl From<Broken> for BodyReadError {
+    fn from(broken: Broken) -> Self {
+        match broken {
+            Broken::Truncated => Self::Truncated,
+            Broken::Framing(what) => Self::BadChunk(what),
+            Broken::Io(error) => Self::Io(error),
+        }
+    }
 }
 
 /// A request body read straight off the connection.
@@ -469,32 +487,21 @@ impl Body for IncomingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
         let this = self.get_mut();
-        loop {
-            let Some(reader) = this.reading.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match this.decoder.decode(&mut reader.buf) {
-                Ok(Decoded::Data(data)) => {
-                    if this.decoder.is_done() {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Ok(Decoded::Done) => {
+        let Some(Reader { half, buf }) = this.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(framing::poll_piece(&mut this.decoder, buf, half, cx)) {
+            Ok(Some(data)) => {
+                if this.decoder.is_done() {
                     this.finish();
-                    return Poll::Ready(None);
                 }
-                Ok(Decoded::More) => {}
-                Err(error) => return this.fail(BodyReadError::BadChunk(error)),
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            reader.buf.reserve(this.decoder.read_size());
-            let read =
-                tokio_util::io::poll_read_buf(Pin::new(&mut reader.half), cx, &mut reader.buf);
-            match ready!(read) {
-                Ok(0) => return this.fail(BodyReadError::Truncated),
-                Ok(_) => {}
-                Err(e) => return this.fail(e.into()),
+            Ok(None) => {
+                this.finish();
+                Poll::Ready(None)
             }
+            Err(broken) => this.fail(broken.into()),
         }
     }
 

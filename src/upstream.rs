@@ -517,7 +517,9 @@ impl Pool {
             && in_flight < STREAMS_PER_CONNECTION
         {
             let checkout = Checkout::Stream(lane.sender.clone(), lane.load.take());
-            if state.spares_dialing < MAX_SPARES_DIALING && state.idle.len() < self.max_idle {
+            // No more spares at once than requests riding this connection for want of one.
+            let spares = MAX_SPARES_DIALING.min(in_flight + 1);
+            if state.spares_dialing < spares && state.idle.len() < self.max_idle {
                 state.spares_dialing += 1;
                 tokio::spawn(self.dial_spare());
             }

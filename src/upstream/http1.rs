@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use super::Pool;
 use crate::body::{BodyError, RequestBody};
 use crate::error::ProxyError;
-use crate::framing::{BODY_READ, Decoded, Decoder, Framing, MAX_HEADERS, Spans, framing};
+use crate::framing::{self, BODY_READ, Broken, Decoder, Framing, MAX_HEADERS, Spans};
 use crate::headers;
 use crate::http1::{Io, Rewind};
 
@@ -513,7 +513,7 @@ fn parse_head(buf: &mut BytesMut, out: &Outgoing) -> Result<Option<Head>, &'stat
     let framing = if bodiless {
         Framing::Empty
     } else if noted.framed {
-        match framing(&headers, version)? {
+        match framing::from_fields(&headers, version)? {
             Framing::Empty => Framing::Close,
             framing => framing,
         }
@@ -551,6 +551,16 @@ pub enum ReadError {
     Framing(&'static str),
     #[error("reading the response body: {0}")]
     Io(#[from] io::Error),
+}
+
+impl From<Broken> for ReadError {
+    fn from(broken: Broken) -> Self {
+        match broken {
+            Broken::Truncated => Self::Truncated,
+            Broken::Framing(what) => Self::Framing(what),
+            Broken::Io(error) => Self::Io(error),
+        }
+    }
 }
 
 /// A response body read straight off its upstream connection.
@@ -623,37 +633,24 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
         let this = self.get_mut();
-        loop {
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match this.decoder.decode(&mut conn.buf) {
-                Ok(Decoded::Data(data)) => {
-                    // Back to the pool before the last bytes are relayed, to be ready for the
-                    // client's next request.
-                    if this.decoder.is_done() {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Ok(Decoded::Done) => {
+        let Some(Connection { io, buf, .. }) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(framing::poll_piece(&mut this.decoder, buf, io, cx)) {
+            Ok(Some(data)) => {
+                // Back to the pool before the last bytes are relayed, to be ready for the
+                // client's next request.
+                if this.decoder.is_done() {
                     this.finish();
-                    return Poll::Ready(None);
                 }
-                Ok(Decoded::More) => {}
-                Err(error) => return this.fail(ReadError::Framing(error)),
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            conn.buf.reserve(this.decoder.read_size());
-            let read = tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf);
-            match ready!(read) {
-                Ok(0) if this.decoder.ends_at_close() => {
-                    this.conn = None;
-                    return Poll::Ready(None);
-                }
-                Ok(0) => return this.fail(ReadError::Truncated),
-                Ok(_) => {}
-                Err(error) => return this.fail(error.into()),
+            // A body that ends with its connection leaves none to keep (`keep` is false).
+            Ok(None) => {
+                this.finish();
+                Poll::Ready(None)
             }
+            Err(broken) => this.fail(broken.into()),
         }
     }
 

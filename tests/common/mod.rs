@@ -125,6 +125,8 @@ pub struct Received {
     pub body: Bytes,
     pub sni: Option<String>,
     pub alpn: Option<String>,
+    /// Which of the upstream's connections it came on, counting from 1.
+    pub connection: usize,
 }
 
 impl Received {
@@ -186,7 +188,7 @@ impl FakeUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let connection = accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 let acceptor = acceptor.clone();
                 let (rec, sent) = (rec.clone(), sent.clone());
                 tokio::spawn(async move {
@@ -199,7 +201,13 @@ impl FakeUpstream {
                         .alpn_protocol()
                         .map(|p| String::from_utf8_lossy(p).into_owned());
                     let service = service_fn(move |req| {
-                        let ctx = (rec.clone(), sent.clone(), sni.clone(), alpn.clone());
+                        let ctx = (
+                            rec.clone(),
+                            sent.clone(),
+                            sni.clone(),
+                            alpn.clone(),
+                            connection,
+                        );
                         async move { Ok::<_, Infallible>(upstream_route(req, ctx).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -261,15 +269,16 @@ type Ctx = (
     Arc<Mutex<HashMap<String, Vec<Instant>>>>,
     Option<String>,
     Option<String>,
+    usize,
 );
 
 async fn upstream_route(
     mut req: Request<Incoming>,
-    (rec, sent, sni, alpn): Ctx,
+    (rec, sent, sni, alpn, connection): Ctx,
 ) -> Response<UpBody> {
     let path = req.uri().path().to_owned();
     if path == "/v1/realtime" {
-        return websocket_echo(&mut req, &rec, sni, alpn);
+        return websocket_echo(&mut req, &rec, sni, alpn, connection);
     }
     let (parts, body) = req.into_parts();
     let body = body
@@ -285,6 +294,7 @@ async fn upstream_route(
         body: body.clone(),
         sni,
         alpn,
+        connection,
     });
     let header = |name: &str| {
         parts
@@ -429,6 +439,7 @@ fn websocket_echo(
     rec: &Arc<Mutex<Vec<Received>>>,
     sni: Option<String>,
     alpn: Option<String>,
+    connection: usize,
 ) -> Response<UpBody> {
     rec.lock().unwrap().push(Received {
         method: req.method().clone(),
@@ -438,6 +449,7 @@ fn websocket_echo(
         body: Bytes::new(),
         sni,
         alpn,
+        connection,
     });
     let Some(key) = req.headers().get("sec-websocket-key") else {
         return json_response(
