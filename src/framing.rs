@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use tokio::io::AsyncRead;
 
 /// At most this many header fields in a head (hyper's limit too).
@@ -92,6 +92,23 @@ impl Framing {
     pub fn has_body(self) -> bool {
         !matches!(self, Self::Empty | Self::Length(0))
     }
+}
+
+/// Whether a response has no body, whatever its fields say: one to a HEAD request, a 1xx, a 204
+/// or a 304 (RFC 9112 §6.3).
+pub fn bodiless(head_request: bool, status: StatusCode) -> bool {
+    head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// Appends one header field line to a head being written.
+pub fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Where the body ends, by its framing fields; `Empty` when there are none. Anything ambiguous

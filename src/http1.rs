@@ -577,17 +577,10 @@ async fn write_response(
             }
         }
         dated |= name == header::DATE;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        framing::write_field(&mut out, name, value);
     }
     let mut keep = request.keep_alive && !close;
-    let bodiless = request.head_method
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let delimit = if bodiless {
+    let delimit = if framing::bodiless(request.head_method, status) {
         Delimit::None
     } else if let Some(n) = declared {
         Delimit::Length(n)

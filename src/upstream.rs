@@ -335,12 +335,14 @@ impl Upstream {
         let mut outgoing = None;
         let mut retries = 0;
         loop {
-            let conn = match pool.checkout() {
+            // Once written out for HTTP/1.1 (and found a stale connection), it stays HTTP/1.1.
+            let http1_only = outgoing.is_some();
+            let conn = match pool.checkout(http1_only) {
                 Checkout::Stream(mut sender, in_flight) => {
                     let Some(unsent) = request.take() else {
-                        return Err(ProxyError::UpstreamProtocol(
-                            "the upstream switched to HTTP/2 while a request was retried".into(),
-                        ));
+                        unreachable!(
+                            "HTTP/2 is offered only to a request not yet sent over HTTP/1.1"
+                        );
                     };
                     match sender.try_send_request(unsent).await {
                         Ok(response) => {
@@ -370,6 +372,7 @@ impl Upstream {
                     let _ = connecting.await;
                     continue;
                 }
+                Checkout::Dial if http1_only => Box::pin(pool.dialer.dial_http1()).await?,
                 Checkout::Dial => match Box::pin(pool.dialer.dial()).await? {
                     Connected::Http1(conn) => conn,
                     Connected::Http2(sender) => {
@@ -486,8 +489,9 @@ impl Pool {
     /// on an HTTP/2 connection, which carries many at once and so has no handshake to wait for,
     /// while HTTP/1.1 connections are opened in the background (four at a time) for the
     /// requests to come: a burst of new streams rides HTTP/2 while the HTTP/1.1 pool grows to
-    /// the steady load. Otherwise the request opens an HTTP/1.1 connection of its own.
-    fn checkout(self: &Arc<Self>) -> Checkout {
+    /// the steady load. Otherwise, or when the request must stay HTTP/1.1 (`http1_only`), it
+    /// opens an HTTP/1.1 connection of its own.
+    fn checkout(self: &Arc<Self>, http1_only: bool) -> Checkout {
         let mut state = self.lock();
         let now = Instant::now();
         while let Some(mut idle) = state.idle.pop() {
@@ -505,6 +509,9 @@ impl Pool {
             if let Some(connecting) = &state.connecting {
                 return Checkout::Preconnecting(connecting.clone());
             }
+            return Checkout::Dial;
+        }
+        if http1_only {
             return Checkout::Dial;
         }
         state.lanes.retain(|lane| !lane.sender.is_closed());
@@ -865,17 +872,24 @@ fn failure(error: &hyper::Error) -> ProxyError {
     ProxyError::UpstreamProtocol(chain(error))
 }
 
-/// A failed TLS handshake: a rustls error (found through io::Error's wrapping) or a connection
-/// lost on the way.
+/// A failed TLS handshake: a rustls error or a connection lost on the way.
 fn tls_failure(error: &io::Error) -> ProxyError {
+    match tls_error(error) {
+        Some(tls) => ProxyError::UpstreamTls(tls.to_string()),
+        None => ProxyError::UpstreamUnreachable(format!("TLS handshake: {}", chain(error))),
+    }
+}
+
+/// The rustls error an I/O error carries, however deep io::Error's wrapping put it.
+fn tls_error(error: &io::Error) -> Option<&rustls::Error> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return ProxyError::UpstreamTls(tls.to_string());
+            return Some(tls);
         }
         source = cause(e);
     }
-    ProxyError::UpstreamUnreachable(format!("TLS handshake: {}", chain(error)))
+    None
 }
 
 /// The next error in the chain. An io::Error's source() skips the error it wraps (which may

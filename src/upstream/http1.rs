@@ -15,7 +15,7 @@ use std::sync::Weak;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http::{header, response};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -115,7 +115,7 @@ impl Outgoing {
                 // Checked when the request was admitted; a repeat is the same length.
                 declared = value.to_str().ok().and_then(|v| v.parse::<u64>().ok());
             }
-            write_field(&mut head, name, value);
+            framing::write_field(&mut head, name, value);
         }
         let framing = if let Some(n) = declared {
             Framing::Length(n)
@@ -191,13 +191,6 @@ impl Outgoing {
             wire.extend_from_slice(b"0\r\n\r\n");
         }
     }
-}
-
-fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Why a request got no response.
@@ -503,14 +496,10 @@ fn parse_head(buf: &mut BytesMut, out: &Outgoing) -> Result<Option<Head>, &'stat
     let spans = Spans::new(buf, response.headers)?;
     let head = buf.split_to(length).freeze();
     let (headers, noted) = spans.header_map(&head)?;
-    let bodiless = out.head_method
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
     if status == StatusCode::SWITCHING_PROTOCOLS && !out.upgrade {
         return Err("the upstream switched protocols unasked");
     }
-    let framing = if bodiless {
+    let framing = if framing::bodiless(out.head_method, status) {
         Framing::Empty
     } else if noted.framed {
         match framing::from_fields(&headers, version)? {
@@ -534,10 +523,7 @@ fn parse_head(buf: &mut BytesMut, out: &Outgoing) -> Result<Option<Head>, &'stat
 
 /// An I/O failure on an upstream connection, as a TLS error when that is what it is.
 fn io_failure(error: &io::Error) -> ProxyError {
-    match error
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
+    match super::tls_error(error) {
         Some(tls) => ProxyError::UpstreamTls(tls.to_string()),
         None => ProxyError::UpstreamProtocol(format!("upstream connection: {error}")),
     }
