@@ -372,14 +372,21 @@ impl Upstream {
                     let _ = connecting.await;
                     continue;
                 }
-                Checkout::Dial if http1_only => Box::pin(pool.dialer.dial_http1()).await?,
-                Checkout::Dial => match Box::pin(pool.dialer.dial()).await? {
-                    Connected::Http1(conn) => conn,
-                    Connected::Http2(sender) => {
-                        pool.add_lane(sender);
-                        continue;
-                    }
-                },
+                Checkout::Dial(busy) => {
+                    let mut conn = if http1_only {
+                        Box::pin(pool.dialer.dial_http1()).await?
+                    } else {
+                        match Box::pin(pool.dialer.dial()).await? {
+                            Connected::Http1(conn) => conn,
+                            Connected::Http2(sender) => {
+                                pool.add_lane(sender);
+                                continue;
+                            }
+                        }
+                    };
+                    conn.busy = Some(busy);
+                    conn
+                }
             };
             let out = match (&mut outgoing, request.take()) {
                 (Some(out), _) => out,
@@ -414,6 +421,11 @@ const OPEN_NEXT_AT: usize = STREAMS_PER_CONNECTION * 3 / 4;
 /// that is slow to accept.
 const MAX_SPARES_DIALING: usize = 4;
 
+/// How many requests in flight over HTTP/1.1 make a load: when one of them takes the last idle
+/// connection, a spare is opened for the next. A lone client's requests, one after another, do
+/// not open a second connection.
+const SPARE_FROM_BUSY: usize = 2;
+
 /// How often a request that never left (its connection closed just before) is tried again.
 const MAX_RETRIES: u32 = 3;
 
@@ -439,6 +451,9 @@ struct PoolState {
     reaping: bool,
     /// Spare HTTP/1.1 connections being opened.
     spares_dialing: usize,
+    /// Cloned into each HTTP/1.1 connection while it carries a request, so that its count says
+    /// how many are busy (an upgraded or closed connection drops its clone with it).
+    busy: Arc<()>,
 }
 
 type Connecting = Shared<BoxFuture<'static, Result<(), ProxyError>>>;
@@ -460,7 +475,8 @@ enum Checkout {
     Wait(Connecting),
     /// For the HTTP/1.1 connection opened ahead of requests: then for whatever is idle.
     Preconnecting(Connecting),
-    Dial,
+    /// A new connection of the request's own, busy from the start.
+    Dial(Arc<()>),
 }
 
 impl Pool {
@@ -473,6 +489,7 @@ impl Pool {
                 idle: Vec::new(),
                 reaping: false,
                 spares_dialing: 0,
+                busy: Arc::new(()),
             }),
             dialer,
             idle_timeout: config.pool_idle_timeout.0,
@@ -501,7 +518,10 @@ impl Pool {
                 break;
             }
             if idle.conn.is_usable() {
-                return Checkout::Idle(idle.conn);
+                let mut conn = idle.conn;
+                conn.busy = Some(state.busy.clone());
+                self.keep_a_spare(&mut state);
+                return Checkout::Idle(conn);
             }
         }
         if !state.http2 {
@@ -509,10 +529,10 @@ impl Pool {
             if let Some(connecting) = &state.connecting {
                 return Checkout::Preconnecting(connecting.clone());
             }
-            return Checkout::Dial;
+            return self.dial(&mut state);
         }
         if http1_only {
-            return Checkout::Dial;
+            return self.dial(&mut state);
         }
         state.lanes.retain(|lane| !lane.sender.is_closed());
         let least_busy = state
@@ -544,6 +564,23 @@ impl Pool {
             .get_or_insert_with(|| self.connect_lane())
             .clone();
         Checkout::Wait(connecting)
+    }
+
+    fn dial(self: &Arc<Self>, state: &mut PoolState) -> Checkout {
+        let busy = state.busy.clone();
+        self.keep_a_spare(state);
+        Checkout::Dial(busy)
+    }
+
+    /// Under load, a request that leaves no connection idle has a spare opened for the next
+    /// one, so that it finds a connection ready instead of waiting for a handshake: a rising
+    /// load (new streams arriving faster than handshakes complete) stays one connection ahead.
+    fn keep_a_spare(self: &Arc<Self>, state: &mut PoolState) {
+        let busy = Arc::strong_count(&state.busy) - 1;
+        if state.idle.is_empty() && busy >= SPARE_FROM_BUSY && state.spares_dialing == 0 {
+            state.spares_dialing += 1;
+            tokio::spawn(self.dial_spare());
+        }
     }
 
     /// A new connection that the requests waiting for it share, rather than each opening one.
@@ -582,7 +619,10 @@ impl Pool {
             };
             pool.lock().spares_dialing -= 1;
             match dialed {
-                Ok(conn) => pool.put_idle(conn),
+                Ok(conn) => {
+                    tracing::debug!("a spare upstream connection is ready");
+                    pool.put_idle(conn);
+                }
                 Err(error) => tracing::debug!(%error, "could not open a spare upstream connection"),
             }
         }
@@ -598,7 +638,8 @@ impl Pool {
         self.reap_later(&mut state);
     }
 
-    fn put_idle(self: &Arc<Self>, conn: http1::Connection) {
+    fn put_idle(self: &Arc<Self>, mut conn: http1::Connection) {
+        conn.busy = None;
         let mut state = self.lock();
         if state.idle.len() >= self.max_idle {
             return;

@@ -11,7 +11,7 @@
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -48,6 +48,8 @@ pub(super) struct Connection {
     buf: BytesMut,
     /// Has waited in the pool: the upstream may have closed it meanwhile.
     was_idle: bool,
+    /// While it carries a request, it counts among its pool's busy connections (`Pool::busy`).
+    pub busy: Option<Arc<()>>,
 }
 
 impl Connection {
@@ -56,6 +58,7 @@ impl Connection {
             io,
             buf: BytesMut::new(),
             was_idle: false,
+            busy: None,
         }
     }
 
