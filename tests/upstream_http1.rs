@@ -974,6 +974,17 @@ async fn only_requests_safe_to_repeat_go_again_on_a_connection_lost_unanswered()
             3,
             "the POST reached the upstream once"
         );
+
+        // With an idempotency key, the upstream makes a repeat harmless: it goes again.
+        let answer = send(&client, post("/v1/first")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let mut keyed = post("/v1/lost");
+        keyed
+            .headers_mut()
+            .insert("idempotency-key", "chat-42".parse().unwrap());
+        let answer = send(&client, keyed).await;
+        assert_eq!(answer.status, StatusCode::OK, "the keyed POST went again");
+        assert_eq!(lost(&upstream.seen()), 5);
     })
     .await;
 }

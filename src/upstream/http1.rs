@@ -99,11 +99,10 @@ impl Outgoing {
     /// to send.
     pub fn new(request: Request<RequestBody>, host: &HeaderValue, upgrade: bool) -> Self {
         let (parts, body) = request.into_parts();
-        let idempotent = matches!(
+        let mut idempotent = matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-        ) || parts.headers.contains_key("idempotency-key")
-            || parts.headers.contains_key("x-idempotency-key");
+        );
         let mut head = Vec::with_capacity(512);
         head.extend_from_slice(parts.method.as_str().as_bytes());
         head.push(b' ');
@@ -118,6 +117,9 @@ impl Outgoing {
                 // Checked when the request was admitted; a repeat is the same length.
                 declared = value.to_str().ok().and_then(|v| v.parse::<u64>().ok());
             }
+            // Looked for here rather than looked up: a lookup by a name given as text parses
+            // and hashes it first, for every request.
+            idempotent |= matches!(name.as_str(), "idempotency-key" | "x-idempotency-key");
             framing::write_field(&mut head, name, value);
         }
         let framing = if let Some(n) = declared {
