@@ -811,6 +811,23 @@ async fn concurrent_first_requests_share_one_http2_connection() {
     .await;
 }
 
+/// A stream of 100 events `gap_ms` apart, once its first event has come; the rest is the
+/// caller's to read or drop.
+async fn stream_begun(url: &str, gap_ms: u64) -> hyper::body::Incoming {
+    let request = Request::post(url)
+        .header("x-test-events", "100")
+        .header("x-test-gap-ms", gap_ms.to_string())
+        .body(Full::new(Bytes::from(
+            serde_json::json!({"model": "m", "stream": true}).to_string(),
+        )))
+        .unwrap();
+    let response = http_client().request(request).await.unwrap();
+    let mut body = response.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body).await;
+    assert!(first.is_some_and(|f| f.is_ok()), "the stream's first event");
+    body
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_dropped_half_read_does_not_poison_the_http1_pool() {
     bounded(30, async {
@@ -819,18 +836,7 @@ async fn a_response_dropped_half_read_does_not_poison_the_http1_pool() {
         let proxy = Proxy::start(&one_pool_config(&upstream, &pki, false));
         let url = proxy.url("/v1/chat/completions");
         for round in 0..3 {
-            let request = Request::post(&url)
-                .header("x-test-events", "100")
-                .header("x-test-gap-ms", "10")
-                .body(Full::new(Bytes::from(
-                    serde_json::json!({"model": "m", "stream": true}).to_string(),
-                )))
-                .unwrap();
-            let response = http_client().request(request).await.unwrap();
-            let mut body = response.into_body();
-            let first = http_body_util::BodyExt::frame(&mut body).await;
-            assert!(first.is_some_and(|f| f.is_ok()), "round {round}");
-            drop(body);
+            drop(stream_begun(&url, 10).await);
             // The rest of that stream must not reach these requests.
             let client = http_client();
             for _ in 0..5 {
@@ -858,18 +864,7 @@ async fn under_load_the_next_request_finds_a_spare_upstream_connection_ready() {
         // Two streams held open: a load of two, each on a connection of its own.
         let mut streams = Vec::new();
         for _ in 0..2 {
-            let request = Request::post(&url)
-                .header("x-test-events", "100")
-                .header("x-test-gap-ms", "100")
-                .body(Full::new(Bytes::from(
-                    serde_json::json!({"model": "m", "stream": true}).to_string(),
-                )))
-                .unwrap();
-            let response = http_client().request(request).await.unwrap();
-            let mut body = response.into_body();
-            let first = http_body_util::BodyExt::frame(&mut body).await;
-            assert!(first.is_some_and(|f| f.is_ok()));
-            streams.push(body);
+            streams.push(stream_begun(&url, 100).await);
         }
         let busy: std::collections::HashSet<_> =
             upstream.received().iter().map(|r| r.connection).collect();
