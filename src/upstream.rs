@@ -566,6 +566,7 @@ impl Pool {
         Checkout::Wait(connecting)
     }
 
+    /// The request opens a connection of its own, busy from the start.
     fn dial(self: &Arc<Self>, state: &mut PoolState) -> Checkout {
         let busy = state.busy.clone();
         self.keep_a_spare(state);
