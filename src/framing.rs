@@ -7,6 +7,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
+use hyper::body::SizeHint;
 use tokio::io::AsyncRead;
 
 /// At most this many header fields in a head (hyper's limit too).
@@ -207,12 +208,12 @@ impl Decoder {
         matches!(self.state, State::UntilClose | State::Done)
     }
 
-    /// The bytes still to come, when known.
-    pub fn remaining(&self) -> Option<u64> {
+    /// The bytes still to come, exact when known.
+    pub fn size_hint(&self) -> SizeHint {
         match self.state {
-            State::Length(n) => Some(n),
-            State::Done => Some(0),
-            _ => None,
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
         }
     }
 

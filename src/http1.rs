@@ -510,10 +510,9 @@ impl Body for IncomingBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.reading, self.decoder.remaining()) {
-            (None, _) => SizeHint::with_exact(0),
-            (Some(_), Some(n)) => SizeHint::with_exact(n),
-            (Some(_), None) => SizeHint::default(),
+        match self.reading {
+            None => SizeHint::with_exact(0),
+            Some(_) => self.decoder.size_hint(),
         }
     }
 }

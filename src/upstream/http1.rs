@@ -650,10 +650,9 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.conn, self.decoder.remaining()) {
-            (None, _) => SizeHint::with_exact(0),
-            (Some(_), Some(n)) => SizeHint::with_exact(n),
-            (Some(_), None) => SizeHint::default(),
+        match self.conn {
+            None => SizeHint::with_exact(0),
+            Some(_) => self.decoder.size_hint(),
         }
     }
 }
