@@ -802,6 +802,16 @@ async fn refuse_uploads(mut conn: Conn) {
     }
 }
 
+/// The upstream's own 413, relayed to the client whole.
+fn assert_the_upstreams_413(answer: &str, case: &str) {
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{case}: {answer}");
+    assert_eq!(
+        body_of(answer),
+        TOO_LARGE,
+        "{case}: the upstream's own answer"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_413_reaches_the_client_when_the_upstream_lingers() {
     bounded(60, async {
@@ -810,11 +820,7 @@ async fn an_early_413_reaches_the_client_when_the_upstream_lingers() {
         let proxy = Proxy::start(&upstream.proxy_config(&pki));
         for chunked in [false, true] {
             let answer = upload_refused_early(&proxy, "/v1/uploads/linger", 4 << 20, chunked).await;
-            assert!(
-                answer.starts_with("HTTP/1.1 413 "),
-                "chunked {chunked}: {answer}"
-            );
-            assert_eq!(body_of(&answer), TOO_LARGE, "the upstream's own answer");
+            assert_the_upstreams_413(&answer, &format!("chunked {chunked}"));
             let answer = send(&http_client(), get(&proxy.url("/v1/after"))).await;
             assert_eq!(answer.status, StatusCode::OK, "chunked {chunked}");
         }
@@ -835,11 +841,7 @@ async fn an_early_413_reaches_the_client_when_the_upstream_closes_at_once() {
             for chunked in [false, true] {
                 let answer =
                     upload_refused_early(&proxy, "/v1/uploads/abrupt", 4 << 20, chunked).await;
-                assert!(
-                    answer.starts_with("HTTP/1.1 413 "),
-                    "round {round}, chunked {chunked}: {answer}"
-                );
-                assert_eq!(body_of(&answer), TOO_LARGE, "the upstream's own answer");
+                assert_the_upstreams_413(&answer, &format!("round {round}, chunked {chunked}"));
                 let answer = send(&http_client(), get(&proxy.url("/v1/after"))).await;
                 assert_eq!(answer.status, StatusCode::OK, "chunked {chunked}");
             }
@@ -858,11 +860,7 @@ async fn an_early_413_reaches_the_client_when_the_upstream_stops_reading() {
         let proxy = Proxy::start(&upstream.proxy_config(&pki));
         for chunked in [false, true] {
             let answer = upload_refused_early(&proxy, "/v1/uploads/hold", 16 << 20, chunked).await;
-            assert!(
-                answer.starts_with("HTTP/1.1 413 "),
-                "chunked {chunked}: {answer}"
-            );
-            assert_eq!(body_of(&answer), TOO_LARGE, "the upstream's own answer");
+            assert_the_upstreams_413(&answer, &format!("chunked {chunked}"));
         }
     })
     .await;
