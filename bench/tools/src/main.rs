@@ -22,7 +22,7 @@ const USAGE: &str = "usage: benchtool certs DIR
        benchtool upstream --listen ADDR --cert FILE --key FILE [--events N] [--interval-ms D]
                           [--threads T] [--max-streams S]
        benchtool streams --url URL [--ca FILE --server-name NAME] [--streams N] [--ramp-ms R]
-                         [--interval-ms D] [--timeout-secs S]
+                         [--interval-ms D] [--timeout-secs S] [--samples FILE]
        benchtool hold --url URL --conns N --pids PID,PID [--parallel P] [--settle-ms MS]
 ";
 

@@ -25,6 +25,8 @@ struct Timings {
     /// Per event after the first: when it arrived, the gap since the one before, its lag.
     events_after_first: Vec<(Instant, u64, u64)>,
     first_lag_ns: u64,
+    /// When the request was sent, from the start of the run.
+    sent_after_ns: u64,
     first_at: Option<Instant>,
     done_at: Option<Instant>,
     events: u64,
@@ -42,6 +44,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             "events",
             "interval-ms",
             "timeout-secs",
+            "samples",
         ],
     )?;
     let target = Target::new(
@@ -54,12 +57,15 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     let events: u32 = args.number("events", 20)?;
     let interval_ms: u64 = args.number("interval-ms", 50)?;
     let timeout = Duration::from_secs(args.number("timeout-secs", 30)?);
+    // One line per stream (when it was sent, its first event's way in parts), for finding
+    // out when in the run the slow ones were.
+    let samples = args.optional("samples").map(std::path::PathBuf::from);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let report = runtime.block_on(async move {
+    let (report, lines) = runtime.block_on(async move {
         let started = Instant::now();
         // However the target behaves, the run ends by this deadline.
         let deadline = started + ramp + timeout;
@@ -69,7 +75,8 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             let target = target.clone();
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep_until(at).await;
-                match tokio::time::timeout_at(deadline, one_stream(&target, events)).await {
+                match tokio::time::timeout_at(deadline, one_stream(&target, events, started)).await
+                {
                     Ok(result) => result,
                     Err(_) => Err("not finished by the deadline".to_owned()),
                 }
@@ -97,6 +104,19 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut to_upstream, mut at_upstream) = (Vec::new(), Vec::new());
         let mut events_total = 0;
+        let mut lines =
+            String::from("sent_ms\tttfe_ms\tto_upstream_ms\tat_upstream_ms\tfirst_lag_ms\n");
+        for t in &done {
+            let ms = |ns: u64| ns as f64 / 1e6;
+            lines += &format!(
+                "{:.3}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\n",
+                ms(t.sent_after_ns),
+                ms(t.ttfe_ns.first().copied().unwrap_or(0)),
+                ms(t.to_upstream_ns),
+                ms(t.at_upstream_ns),
+                ms(t.first_lag_ns)
+            );
+        }
         for t in done {
             events_total += t.events;
             ttfe.extend(t.ttfe_ns);
@@ -119,7 +139,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             (Some(start), Some(end)) if end > start => (end - start).as_secs_f64() * 1e3,
             _ => 0.0,
         };
-        json!({
+        let report = json!({
             "streams": streams,
             "ok": ok,
             "failed": streams - ok,
@@ -136,13 +156,17 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             "all_open_window_ms": window_ms,
             "gap_all_open": stats::summary(gap_all_open),
             "lag_all_open": stats::summary(lag_all_open),
-        })
+        });
+        (report, lines)
     });
+    if let Some(path) = samples {
+        std::fs::write(&path, lines).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     println!("{report}");
     Ok(())
 }
 
-async fn one_stream(target: &Target, events: u32) -> Result<Timings, String> {
+async fn one_stream(target: &Target, events: u32, started: Instant) -> Result<Timings, String> {
     let mut conn = target.connect().await?;
     let request = target.request(&crate::request_body(true));
     let sent = Instant::now();
@@ -157,7 +181,10 @@ async fn one_stream(target: &Target, events: u32) -> Result<Timings, String> {
     }
     let mut body = response.into_body();
     let mut buffer: Vec<u8> = Vec::with_capacity(1024);
-    let mut timings = Timings::default();
+    let mut timings = Timings {
+        sent_after_ns: (sent - started).as_nanos() as u64,
+        ..Timings::default()
+    };
     let mut last: Option<Instant> = None;
     let mut done = false;
     while !done {
@@ -183,15 +210,18 @@ async fn one_stream(target: &Target, events: u32) -> Result<Timings, String> {
             }
             let seq = field(payload, b"\"bench_seq\":").ok_or("an event without bench_seq")?;
             if seq != timings.events {
-                return Err(format!("event {seq} arrived where {} was due", timings.events));
+                return Err(format!(
+                    "event {seq} arrived where {} was due",
+                    timings.events
+                ));
             }
             let sent_ns = field(payload, b"\"bench_sent_ns\":").ok_or("no bench_sent_ns")?;
             let lag = now_ns.saturating_sub(sent_ns);
             match last {
                 None => {
                     timings.ttfe_ns.push((now - sent).as_nanos() as u64);
-                    let arrived_ns = field(payload, b"\"bench_arrived_ns\":")
-                        .ok_or("no bench_arrived_ns")?;
+                    let arrived_ns =
+                        field(payload, b"\"bench_arrived_ns\":").ok_or("no bench_arrived_ns")?;
                     timings.to_upstream_ns = arrived_ns.saturating_sub(sent_at_ns);
                     timings.at_upstream_ns = sent_ns.saturating_sub(arrived_ns);
                     timings.first_lag_ns = lag;
