@@ -2,6 +2,7 @@
 //! take them there.
 
 pub mod http1;
+mod resolve;
 
 use std::io;
 use std::path::PathBuf;
@@ -49,6 +50,8 @@ pub struct Config {
     pub pool_idle_timeout: Timeout,
     pub pool_max_idle: usize,
     pub http2: bool,
+    /// How long the url's host's addresses are reused before they are looked up again.
+    pub dns_refresh: Timeout,
 }
 
 impl Default for Config {
@@ -63,6 +66,7 @@ impl Default for Config {
             pool_idle_timeout: Timeout::secs(90),
             pool_max_idle: 256,
             http2: true,
+            dns_refresh: Timeout::secs(30),
         }
     }
 }
@@ -219,8 +223,7 @@ impl Upstream {
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new()).adaptive_window(true);
         let dialer = Arc::new(Dialer {
-            host: url.host.clone(),
-            port: url.port,
+            resolver: resolve::Resolver::new(&url.host, url.port, config.dns_refresh.0),
             // http:// means HTTP/1.1: no prior-knowledge HTTP/2.
             offers_h2: config.http2 && tls.is_some(),
             tls,
@@ -778,8 +781,8 @@ impl Body for UpstreamBody {
 /// Opens connections to the upstream: TCP to the url's host and port, TLS with the configured
 /// host as server name (like `curl --connect-to`), then HTTP/2 or HTTP/1.1 as ALPN decides.
 struct Dialer {
-    host: String,
-    port: u16,
+    /// The url's host and port, as addresses to connect to.
+    resolver: Arc<resolve::Resolver>,
     /// None for an http:// upstream.
     tls: Option<Tls>,
     offers_h2: bool,
@@ -869,11 +872,9 @@ impl Dialer {
 
     async fn tcp(&self) -> Result<TcpStream, ProxyError> {
         let unreachable = ProxyError::UpstreamUnreachable;
-        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| unreachable(format!("resolving {}: {e}", self.host)))?;
+        let addrs = self.resolver.addrs().await.map_err(unreachable)?;
         let mut last = None;
-        for addr in addrs {
+        for &addr in addrs.iter() {
             match TcpStream::connect(addr).await {
                 Ok(tcp) => {
                     let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(60));
@@ -885,9 +886,9 @@ impl Dialer {
                 Err(e) => last = Some(format!("tcp connect to {addr}: {e}")),
             }
         }
-        Err(unreachable(last.unwrap_or_else(|| {
-            format!("{} resolves to no address", self.host)
-        })))
+        Err(unreachable(
+            last.unwrap_or_else(|| "no address to connect to".to_owned()),
+        ))
     }
 }
 

@@ -961,3 +961,66 @@ async fn upstream_connections_open_ahead_of_the_requests_that_need_them() {
     })
     .await;
 }
+
+fn lookups(proxy: &Proxy) -> usize {
+    proxy.logs().matches("looked up the upstream host").count()
+}
+
+/// The url's host named rather than given as an IP (`localhost`: /etc/hosts, no name server),
+/// logging at debug level.
+fn named_host_config(upstream: &FakeUpstream, pki: &Pki, dns_refresh: &str) -> String {
+    one_pool_config(upstream, pki, false)
+        .replace("https://127.0.0.1:", "https://localhost:")
+        .replace(
+            "[upstream]\n",
+            &format!("[upstream]\ndns_refresh = \"{dns_refresh}\"\n"),
+        )
+        + "[log]\nlevel = \"debug\"\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_upstream_connections_reuse_the_hosts_addresses_instead_of_looking_it_up_again() {
+    bounded(60, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Http1Only).await;
+        let proxy = Proxy::start(&named_host_config(&upstream, &pki, "30s"));
+        let url = proxy.url("/v1/chat/completions");
+        // Streams held open at once, each on a connection of its own.
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            streams.push(stream_begun(&url, 100).await);
+        }
+        assert!(upstream.connections_opened() >= 3);
+        assert_eq!(lookups(&proxy), 1, "{}", proxy.logs());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_host_is_looked_up_again_once_its_addresses_are_due_for_refresh() {
+    bounded(60, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Http1Only).await;
+        let proxy = Proxy::start(&named_host_config(&upstream, &pki, "500ms"));
+        let url = proxy.url("/v1/chat/completions");
+        // Due after 500 ms, the lookup runs in the background of the next connection. Were it
+        // left until the addresses may no longer serve (ten times as long), a connection would
+        // look the host up itself, 5 s in.
+        let deadline = Instant::now() + Duration::from_secs(4);
+        // Each stream held open makes the next request open a connection.
+        let mut streams = Vec::new();
+        while lookups(&proxy) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no second lookup in 4 s: {}",
+                proxy.logs()
+            );
+            streams.push(stream_begun(&url, 100).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // More connections go on working with the new answer.
+        streams.push(stream_begun(&url, 100).await);
+        drop(streams);
+    })
+    .await;
+}
