@@ -5,6 +5,7 @@ pub mod http1;
 mod resolve;
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -873,23 +874,31 @@ impl Dialer {
     async fn tcp(&self) -> Result<TcpStream, ProxyError> {
         let unreachable = ProxyError::UpstreamUnreachable;
         let addrs = self.resolver.addrs().await.map_err(unreachable)?;
-        let mut last = None;
-        for &addr in addrs.iter() {
-            match TcpStream::connect(addr).await {
-                Ok(tcp) => {
-                    let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(60));
-                    tcp.set_nodelay(true)
-                        .and_then(|()| SockRef::from(&tcp).set_tcp_keepalive(&keepalive))
-                        .map_err(|e| unreachable(format!("tcp socket options: {e}")))?;
-                    return Ok(tcp);
-                }
-                Err(e) => last = Some(format!("tcp connect to {addr}: {e}")),
-            }
-        }
-        Err(unreachable(
-            last.unwrap_or_else(|| "no address to connect to".to_owned()),
-        ))
+        let tcp = match connect_any(&addrs).await {
+            Ok(tcp) => tcp,
+            Err(failed) => match self.resolver.after_failure(&addrs).await {
+                Some(moved) => connect_any(&moved).await.map_err(unreachable)?,
+                None => return Err(unreachable(failed)),
+            },
+        };
+        let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(60));
+        tcp.set_nodelay(true)
+            .and_then(|()| SockRef::from(&tcp).set_tcp_keepalive(&keepalive))
+            .map_err(|e| unreachable(format!("tcp socket options: {e}")))?;
+        Ok(tcp)
     }
+}
+
+/// A TCP connection to the first of `addrs` that takes one; else why the last one did not.
+async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
+    let mut last = None;
+    for &addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(format!("tcp connect to {addr}: {e}")),
+        }
+    }
+    Err(last.unwrap_or_else(|| "no address to connect to".to_owned()))
 }
 
 fn bracket_ipv6(host: &str) -> String {

@@ -1024,3 +1024,29 @@ async fn the_upstream_host_is_looked_up_again_once_its_addresses_are_due_for_ref
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_host_that_no_address_of_answers_is_looked_up_again_at_once() {
+    bounded(30, async {
+        // Nothing listens at the addresses `localhost` resolves to: the upstream is down, or has
+        // moved since it was looked up.
+        let config = down_upstream_config("").replace("https://127.0.0.1:", "https://localhost:")
+            + "[server]\nworkers = 1\n[log]\nlevel = \"debug\"\n";
+        let proxy = Proxy::start(&config);
+        // The connection opened ahead of requests fails, and has the host looked up again.
+        let before = eventually(Duration::from_secs(10), "a second lookup", || {
+            let n = lookups(&proxy);
+            (n >= 2).then_some(n)
+        })
+        .await;
+        // So does a request's, well within the addresses' 30 s.
+        let answer = send(
+            &http_client(),
+            post_json(&proxy.url("/v1/chat/completions"), chat()),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        assert!(lookups(&proxy) > before, "{}", proxy.logs());
+    })
+    .await;
+}

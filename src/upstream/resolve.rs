@@ -6,8 +6,9 @@
 //! next connection still uses it while one lookup runs in the background. When that lookup fails,
 //! the last answer stays in use, with a warning, for up to `KEPT_FOR` refresh periods: a name
 //! server down for a moment should not take the upstream with it. Past that, connections wait for
-//! a lookup of their own and fail with its error. An IP address as host is never looked up, and a
-//! reload that changes the `[upstream]` section starts afresh.
+//! a lookup of their own and fail with its error. A connection that none of the addresses takes
+//! has the host looked up again at once, in case it moved. An IP address as host is never looked
+//! up, and a reload that changes the `[upstream]` section starts afresh.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -92,6 +93,25 @@ impl Resolver {
             }
             Known::Unknown => None,
         }
+    }
+
+    /// After none of `tried` took a connection: the host may have moved since it was looked up,
+    /// so it is looked up again at once (unless another connection just did). The addresses to
+    /// try next, when they differ.
+    pub async fn after_failure(&self, tried: &Arc<[SocketAddr]>) -> Option<Arc<[SocketAddr]>> {
+        if matches!(*self.lock(), Known::Fixed(_)) {
+            return None;
+        }
+        let _one_at_a_time = self.looking_up.lock().await;
+        let latest = match &*self.lock() {
+            Known::Resolved { addrs, .. } if !Arc::ptr_eq(addrs, tried) => Some(addrs.clone()),
+            _ => None,
+        };
+        let fresh = match latest {
+            Some(addrs) => addrs,
+            None => self.look_up().await.ok()?,
+        };
+        (fresh[..] != tried[..]).then_some(fresh)
     }
 
     async fn look_up(&self) -> Result<Arc<[SocketAddr]>, String> {
