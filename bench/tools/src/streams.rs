@@ -60,6 +60,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     // One line per stream (when it was sent, its first event's way in parts), for finding
     // out when in the run the slow ones were.
     let samples = args.optional("samples").map(std::path::PathBuf::from);
+    let want_samples = samples.is_some();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -104,20 +105,21 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut to_upstream, mut at_upstream) = (Vec::new(), Vec::new());
         let mut events_total = 0;
-        let mut lines =
-            String::from("sent_ms\tttfe_ms\tto_upstream_ms\tat_upstream_ms\tfirst_lag_ms\n");
-        for t in &done {
-            let ms = |ns: u64| ns as f64 / 1e6;
-            lines += &format!(
-                "{:.3}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\n",
-                ms(t.sent_after_ns),
-                ms(t.ttfe_ns.first().copied().unwrap_or(0)),
-                ms(t.to_upstream_ns),
-                ms(t.at_upstream_ns),
-                ms(t.first_lag_ns)
-            );
-        }
+        let mut lines = want_samples.then(|| {
+            String::from("sent_ms\tttfe_ms\tto_upstream_ms\tat_upstream_ms\tfirst_lag_ms\n")
+        });
         for t in done {
+            if let Some(lines) = &mut lines {
+                let ms = |ns: u64| ns as f64 / 1e6;
+                *lines += &format!(
+                    "{:.3}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\n",
+                    ms(t.sent_after_ns),
+                    ms(t.ttfe_ns.first().copied().unwrap_or(0)),
+                    ms(t.to_upstream_ns),
+                    ms(t.at_upstream_ns),
+                    ms(t.first_lag_ns)
+                );
+            }
             events_total += t.events;
             ttfe.extend(t.ttfe_ns);
             to_upstream.push(t.to_upstream_ns);
@@ -159,7 +161,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         });
         (report, lines)
     });
-    if let Some(path) = samples {
+    if let (Some(path), Some(lines)) = (samples, lines) {
         std::fs::write(&path, lines).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     println!("{report}");
