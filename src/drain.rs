@@ -6,37 +6,80 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{Notify, mpsc};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A moment in a drain's life. Each comes at most once; a later one implies the earlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Serving,
     /// Finish what is in flight, take nothing new.
     Draining,
     /// The drain timeout passed: stop now.
     Cut,
 }
 
+/// One moment, and everyone waiting for it. `reached` is set before the waiters are woken, so a
+/// waiter woken for any reason can trust it; since a moment comes only once, a waiter's
+/// registration stays valid until the moment itself wakes it.
+struct Moment {
+    reached: AtomicBool,
+    notify: Arc<Notify>,
+}
+
+impl Moment {
+    fn new() -> Self {
+        Self {
+            reached: AtomicBool::new(false),
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    fn reach(&self) {
+        self.reached.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_reached(&self) -> bool {
+        self.reached.load(Ordering::SeqCst)
+    }
+}
+
+struct Moments {
+    draining: Moment,
+    cut: Moment,
+}
+
+impl Moments {
+    fn get(&self, phase: Phase) -> &Moment {
+        match phase {
+            Phase::Draining => &self.draining,
+            Phase::Cut => &self.cut,
+        }
+    }
+}
+
 pub struct Drain {
-    phase: watch::Sender<Phase>,
-    tracker: mpsc::Sender<()>,
+    moments: Arc<Moments>,
+    tracker: Option<mpsc::Sender<()>>,
     all_done: mpsc::Receiver<()>,
 }
 
-/// Held by each connection or tunnel for as long as it lives.
+/// Held by each connection for as long as it lives.
 #[derive(Clone)]
 pub struct Watch {
-    phase: watch::Receiver<Phase>,
+    moments: Arc<Moments>,
     _tracker: mpsc::Sender<()>,
 }
 
 /// Held by an accept loop: it hears the drain but is not counted in it, and hands each
 /// connection it accepts a `Watch` that is.
 pub struct Signal {
-    phase: watch::Receiver<Phase>,
+    moments: Arc<Moments>,
     tracker: mpsc::WeakSender<()>,
 }
 
@@ -55,40 +98,52 @@ impl Default for Drain {
 
 impl Drain {
     pub fn new() -> Self {
-        let (phase, _) = watch::channel(Phase::Serving);
         let (tracker, all_done) = mpsc::channel(1);
         Self {
-            phase,
-            tracker,
+            moments: Arc::new(Moments {
+                draining: Moment::new(),
+                cut: Moment::new(),
+            }),
+            tracker: Some(tracker),
             all_done,
         }
     }
 
     pub fn signal(&self) -> Signal {
         Signal {
-            phase: self.phase.subscribe(),
-            tracker: self.tracker.downgrade(),
+            moments: self.moments.clone(),
+            tracker: self
+                .tracker
+                .as_ref()
+                .expect("a drain not yet begun")
+                .downgrade(),
         }
     }
 
     /// Tells every watcher to finish, waits up to `timeout` for them, then cuts the rest.
-    pub async fn drain(self, timeout: Duration) -> Outcome {
-        let Self {
-            phase,
-            tracker,
-            mut all_done,
-        } = self;
-        let in_flight = tracker.strong_count() - 1;
-        drop(tracker);
-        phase.send_replace(Phase::Draining);
-        if tokio::time::timeout(timeout, all_done.recv()).await.is_ok() {
+    pub async fn drain(mut self, timeout: Duration) -> Outcome {
+        let in_flight = self.tracker.take().map_or(0, |t| t.strong_count() - 1);
+        self.moments.draining.reach();
+        if tokio::time::timeout(timeout, self.all_done.recv())
+            .await
+            .is_ok()
+        {
             return Outcome { in_flight, cut: 0 };
         }
-        let cut = all_done.sender_strong_count();
-        phase.send_replace(Phase::Cut);
+        let cut = self.all_done.sender_strong_count();
+        tracing::info!(cut, "drain timeout reached: cutting what is left");
+        self.moments.cut.reach();
         // Cut tasks stop at their next poll; this only waits for them to be scheduled.
-        let _ = tokio::time::timeout(Duration::from_secs(1), all_done.recv()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.all_done.recv()).await;
         Outcome { in_flight, cut }
+    }
+}
+
+impl Drop for Drain {
+    /// A drain dropped unfinished leaves no one waiting: whatever still runs is cut.
+    fn drop(&mut self) {
+        self.moments.draining.reach();
+        self.moments.cut.reach();
     }
 }
 
@@ -96,52 +151,49 @@ impl Signal {
     /// A counted watch for a new connection; None once the drain has begun.
     pub fn watch(&self) -> Option<Watch> {
         Some(Watch {
-            phase: self.phase.clone(),
+            moments: self.moments.clone(),
             _tracker: self.tracker.upgrade()?,
         })
     }
 
     pub fn draining(&self) -> PhaseWait {
-        PhaseWait::new(&self.phase, Phase::Draining)
+        PhaseWait::new(&self.moments, Phase::Draining)
     }
 }
 
 impl Watch {
     pub fn is_draining(&self) -> bool {
-        *self.phase.borrow() >= Phase::Draining
+        self.moments.draining.is_reached()
     }
 
     pub fn draining(&self) -> PhaseWait {
-        PhaseWait::new(&self.phase, Phase::Draining)
+        PhaseWait::new(&self.moments, Phase::Draining)
     }
 
     pub fn cut(&self) -> PhaseWait {
-        PhaseWait::new(&self.phase, Phase::Cut)
+        PhaseWait::new(&self.moments, Phase::Cut)
     }
 }
 
 /// Resolves once the drain has reached a phase. It is polled alongside a connection's work, at
-/// every wake-up of that work, so it is made to cost nothing then: the waiting registers with
-/// the drain's notifier once, and is looked at again (which takes the notifier's lock) only
-/// after the phase has changed.
+/// every wake-up of that work, so it costs an atomic load then: the task registers with the
+/// moment's notifier once (and again only if it is polled with another waker), and nothing but
+/// the moment itself can take that registration away.
 pub struct PhaseWait {
-    changes: watch::Receiver<Phase>,
-    armed: bool,
-    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+    moments: Arc<Moments>,
+    phase: Phase,
+    wait: Pin<Box<OwnedNotified>>,
+    registered: Option<Waker>,
 }
 
 impl PhaseWait {
-    fn new(phase: &watch::Receiver<Phase>, wanted: Phase) -> Self {
-        let mut phase = phase.clone();
+    fn new(moments: &Arc<Moments>, phase: Phase) -> Self {
         Self {
-            changes: phase.clone(),
-            armed: false,
-            // Unconstrained: under tokio's cooperative budget the wait could decline to look when
-            // polled, after `changes` was marked seen, and the change would then go unnoticed.
-            wait: Box::pin(tokio::task::unconstrained(async move {
-                // The sender lives until the drain completes; if it is gone, the drain is over.
-                let _ = phase.wait_for(|phase| *phase >= wanted).await;
-            })),
+            moments: moments.clone(),
+            phase,
+            // Made now: a moment reached between now and the first poll is still noticed.
+            wait: Box::pin(moments.get(phase).notify.clone().notified_owned()),
+            registered: None,
         }
     }
 }
@@ -151,11 +203,18 @@ impl Future for PhaseWait {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        if this.armed && !this.changes.has_changed().unwrap_or(true) {
+        if this.moments.get(this.phase).is_reached() {
+            return Poll::Ready(());
+        }
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
             return Poll::Pending;
         }
-        this.armed = true;
-        this.changes.mark_unchanged();
+        this.registered = Some(cx.waker().clone());
+        // Only reaching the moment wakes this, and that sets `reached` first.
         this.wait.as_mut().poll(cx)
     }
 }
@@ -193,5 +252,81 @@ mod tests {
                 cut: 0
             }
         );
+    }
+
+    /// Counts its wake-ups.
+    struct Counter(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn each_moment_wakes_its_waiters_and_a_spurious_poll_keeps_the_registration() {
+        let drain = Drain::new();
+        let watch = drain.signal().watch().unwrap();
+        let counter = Arc::new(Counter(Default::default()));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (mut draining, mut cut) = (Box::pin(watch.draining()), Box::pin(watch.cut()));
+        for _ in 0..3 {
+            assert!(draining.as_mut().poll(&mut cx).is_pending());
+            assert!(cut.as_mut().poll(&mut cx).is_pending());
+        }
+        drain.moments.draining.reach();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert!(draining.as_mut().poll(&mut cx).is_ready());
+        assert!(cut.as_mut().poll(&mut cx).is_pending());
+        drain.moments.cut.reach();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+        assert!(cut.as_mut().poll(&mut cx).is_ready());
+    }
+
+    /// Many connections on several threads, each waiting for both moments at once, all idle:
+    /// a drain reaches every one of them at once.
+    #[test]
+    fn a_drain_reaches_every_idle_waiter_on_every_thread() {
+        let workers = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        for _ in 0..5 {
+            let drain = Drain::new();
+            let signal = drain.signal();
+            let (started, all_started) = std::sync::mpsc::channel();
+            for _ in 0..2_000 {
+                let watch = signal.watch().unwrap();
+                let started = started.clone();
+                workers.spawn(async move {
+                    let (mut draining, mut cut) = (watch.draining(), watch.cut());
+                    let _ = futures_util::poll!(&mut draining);
+                    let _ = futures_util::poll!(&mut cut);
+                    started.send(()).unwrap();
+                    tokio::select! {
+                        () = draining => {}
+                        () = cut => {}
+                    }
+                    drop(watch);
+                });
+            }
+            for _ in 0..2_000 {
+                all_started.recv().unwrap();
+            }
+            let control = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let outcome = control.block_on(drain.drain(Duration::from_secs(10)));
+            assert_eq!(
+                outcome,
+                Outcome {
+                    in_flight: 2_000,
+                    cut: 0
+                }
+            );
+        }
     }
 }

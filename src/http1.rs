@@ -86,6 +86,7 @@ pub async fn serve(
         if reader.buf.is_empty() {
             // Whatever capacity is left goes: an idle connection holds no buffer.
             reader.buf = BytesMut::new();
+            conn.activity.set(proxy::Stage::Idle);
             let wait = if first {
                 settings.header_read_timeout
             } else {
@@ -108,6 +109,7 @@ pub async fn serve(
                 return Served::Closed;
             }
         }
+        conn.activity.set(proxy::Stage::Head);
         let head = tokio::time::timeout(
             settings.header_read_timeout,
             reader.read_head(settings.max_header_size, first && cleartext),
@@ -183,6 +185,7 @@ async fn exchange(
         }
     };
     let request = Request::from_parts(parts, Inbound::Http1(body));
+    conn.activity.set(proxy::Stage::Upstream);
     // Boxed on its own: built in place it would be copied whole into this request's state, and
     // that state whole into its box.
     let handling = Box::pin(proxy::handle(conn, request));
@@ -195,6 +198,7 @@ async fn exchange(
         None => handling.await,
     };
 
+    conn.activity.set(proxy::Stage::Response);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(upgrade), Some(current)) = (upgrade, reader) else {
             tracing::debug!(client = %conn.client, "upstream switched protocols unasked");

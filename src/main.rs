@@ -86,7 +86,8 @@ fn run(config_path: PathBuf) -> ExitCode {
     let served = serve(config_path, inherited);
     logging::flush();
     match served {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(outcome) if outcome.cut > 0 => ExitCode::from(reload::EXIT_CUT),
+        Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("openai-proxy: cannot start: {error}");
             systemd::status(&format!("failed to start: {error}"));
@@ -106,7 +107,10 @@ enum StartError {
 }
 
 /// The daemon's life.
-fn serve(config_path: PathBuf, inherited: Vec<InheritedListener>) -> Result<(), StartError> {
+fn serve(
+    config_path: PathBuf,
+    inherited: Vec<InheritedListener>,
+) -> Result<drain::Outcome, StartError> {
     // Load the config and build everything from it: TLS, the upstream client, limits.
     let first = Generation::load(&config_path, 1, None)?;
     // While this is the only thread: growing the descriptor table later stalls every thread.
@@ -152,6 +156,6 @@ fn serve(config_path: PathBuf, inherited: Vec<InheritedListener>) -> Result<(), 
             cut = outcome.cut,
             "drained; exiting"
         );
-        Ok(())
+        Ok(outcome)
     })
 }

@@ -66,13 +66,51 @@ fn has_dot_segment(path: &str) -> bool {
 }
 
 /// What a connection tells each of its requests.
-#[derive(Clone)]
 pub struct Connection {
     pub live: Arc<Live>,
     pub client: SocketAddr,
     /// Accepted beyond `server.max_connections`: every request is answered 503.
     pub overloaded: bool,
     pub drain: drain::Watch,
+    /// What the connection is waiting for, for the log line of a drain that has to cut it.
+    pub activity: Activity,
+}
+
+/// The stage an HTTP/1.1 connection is at. Set as it moves on (a relaxed store), read only when
+/// a drain cuts the connection, to say what kept it.
+#[derive(Debug, Default)]
+pub struct Activity(std::sync::atomic::AtomicU8);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    /// Waiting for a request to begin.
+    Idle,
+    /// Reading a request head.
+    Head,
+    /// Waiting for the upstream's response head (the request body may still be flowing).
+    Upstream,
+    /// Relaying the response to the client.
+    Response,
+    /// Speaking HTTP/2: streams in flight.
+    Http2,
+}
+
+impl Activity {
+    pub fn set(&self, stage: Stage) {
+        self.0
+            .store(stage as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => "the next request to begin",
+            1 => "the rest of a request head",
+            2 => "the upstream's response",
+            3 => "the rest of its response",
+            _ => "its HTTP/2 streams",
+        }
+    }
 }
 
 pub async fn handle(conn: &Connection, request: Request<Inbound>) -> Response<ResponseBody> {

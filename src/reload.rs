@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use serde::Deserialize;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -47,28 +47,12 @@ impl Triggers {
     pub fn start(live: &Live) -> std::io::Result<Self> {
         let reload = Arc::new(Notify::new());
         let shutdown = Arc::new(Notify::new());
-        let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
-        let (on_reload, on_shutdown) = (reload.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut stopping = false;
-            while let Some(signal) = signals.next().await {
-                match signal {
-                    SIGHUP => on_reload.notify_one(),
-                    _ if stopping => {
-                        tracing::warn!(
-                            signal,
-                            "second stop signal: exiting without waiting for the drain"
-                        );
-                        crate::logging::flush();
-                        std::process::exit(0);
-                    }
-                    _ => {
-                        stopping = true;
-                        on_shutdown.notify_one();
-                    }
-                }
-            }
-        });
+        // Every signal a stray `kill` or a log rotation script might send is caught here: none
+        // may end the process with its connections unannounced.
+        let signals = signal_hook_tokio::Signals::new([
+            SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM,
+        ])?;
+        tokio::spawn(handle_signals(signals, reload.clone(), shutdown.clone()));
         let files = FileWatcher::start(reload.clone(), &live.snapshot())?;
         Ok(Self {
             reload,
@@ -88,6 +72,39 @@ impl Triggers {
     /// Watches the files the serving generation was built from.
     pub fn follow(&self, generation: &Generation) {
         self.files.follow(generation);
+    }
+}
+
+/// The exit status of a stop that had to cut requests, streams or WebSockets in flight.
+pub const EXIT_CUT: u8 = 3;
+
+/// HUP reloads; TERM, INT and QUIT drain and stop, and a second one cuts what is left at once;
+/// USR1, USR2 and ALRM are logged and otherwise ignored (there is no log file to reopen).
+async fn handle_signals(
+    mut signals: signal_hook_tokio::Signals,
+    reload: Arc<Notify>,
+    shutdown: Arc<Notify>,
+) {
+    let mut stopping = false;
+    while let Some(signal) = signals.next().await {
+        match signal {
+            SIGHUP => reload.notify_one(),
+            SIGUSR1 | SIGUSR2 | SIGALRM => {
+                tracing::info!(signal, "signal ignored: it has no meaning here");
+            }
+            _ if stopping => {
+                tracing::warn!(
+                    signal,
+                    "second stop signal: exiting without waiting for the drain"
+                );
+                crate::logging::flush();
+                std::process::exit(EXIT_CUT.into());
+            }
+            _ => {
+                stopping = true;
+                shutdown.notify_one();
+            }
+        }
     }
 }
 

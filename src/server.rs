@@ -146,6 +146,7 @@ async fn serve_connection(
         client,
         overloaded: count.open > generation.config.server.max_connections.0,
         drain,
+        activity: proxy::Activity::default(),
     });
     let tls = generation.tls.as_ref().filter(|_| generation.is_tls(local));
     // One await of serve_http, not one per branch: a task is as large as its largest state, and
@@ -189,7 +190,10 @@ async fn serve_http(
         let settings = generation.http1_settings();
         let served = tokio::select! {
             served = http1::serve(io, &settings, &conn, cleartext) => served,
-            () = conn.drain.cut() => return,
+            () = conn.drain.cut() => {
+                tracing::debug!(client = %conn.client, waiting_for = conn.activity.describe(), "connection cut by the drain timeout");
+                return;
+            }
         };
         match served {
             http1::Served::Http2(io) => io,
@@ -202,6 +206,7 @@ async fn serve_http(
 async fn serve_http2(io: Rewind<ClientIo>, generation: &Generation, conn: Arc<proxy::Connection>) {
     let drain = conn.drain.clone();
     let client = conn.client;
+    conn.activity.set(proxy::Stage::Http2);
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let conn = conn.clone();
         async move {
@@ -218,7 +223,10 @@ async fn serve_http2(io: Rewind<ClientIo>, generation: &Generation, conn: Arc<pr
             connection.as_mut().graceful_shutdown();
             tokio::select! {
                 result = connection.as_mut() => result,
-                () = drain.cut() => return,
+                () = drain.cut() => {
+                    tracing::debug!(%client, "HTTP/2 connection cut by the drain timeout with streams in flight");
+                    return;
+                }
             }
         }
     };

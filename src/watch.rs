@@ -1,10 +1,12 @@
 //! Watching the config file and the files it names, however editors and tools replace them.
 //!
 //! Watching a file itself loses track of it once it is replaced by a rename, so the parent
-//! directories are watched instead (and, for a symlink, its target's directory too). Any change
-//! there, once things have been quiet for a moment, leads to a re-read of the watched files; only
-//! if their contents differ from the last seen does a reload follow. That one rule covers writes
-//! in place, write-and-rename, delete-and-recreate and a swapped symlink (Kubernetes ConfigMaps).
+//! directories are watched instead (and, for a symlink, its target's directory too). Any event
+//! there leads to a look at the watched files themselves (their identity, size and modification
+//! time), so that a busy neighbour in the same directory costs a few `stat`s and delays nothing.
+//! A watched file that changed is read once it has settled; only if the contents then differ from
+//! those the serving config was built from does a reload follow. That one rule covers writes in
+//! place, write-and-rename, delete-and-recreate and a swapped symlink (Kubernetes ConfigMaps).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -16,9 +18,63 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::generation::{Generation, fingerprint};
 
-/// Quiet time after the last change before the files are read: an editor's save is often
-/// several events (truncate, write, rename), and reading in the middle would see half a file.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long the files must stay still after one was replaced whole (renamed over, or created
+/// anew), as careful tools write: the new file is complete, but a save is often several steps.
+const SETTLE_REPLACED: Duration = Duration::from_millis(100);
+/// How long a file changed in place must stay unchanged before it is read. A writer appending
+/// a piece at a time leaves prefixes that may well parse (every key but `listen` is optional),
+/// so only a file left alone this long is taken to be whole.
+const SETTLE_IN_PLACE: Duration = Duration::from_secs(1);
+
+/// What a look at a file shows without reading it: which file it is, its size, when it was
+/// last written. None: not there (or not readable).
+#[derive(Clone, PartialEq)]
+struct Stamp {
+    identity: (u64, u64),
+    size: u64,
+    modified: (i64, i64),
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Option<Stamp>> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|file| {
+            let meta = std::fs::metadata(file).ok()?;
+            Some(Stamp {
+                identity: (meta.dev(), meta.ino()),
+                size: meta.size(),
+                modified: (meta.mtime(), meta.mtime_nsec()),
+            })
+        })
+        .collect()
+}
+
+/// Waits until the files stop changing and returns how they then look. Each wait is short if
+/// the last change replaced a file whole, long if it wrote into one. The first look comes after
+/// a moment, so that the steps of one save (truncate, then write) count as one change.
+async fn settle(files: &[PathBuf], before: Vec<Option<Stamp>>) -> Vec<Option<Stamp>> {
+    let identity = |s: &Option<Stamp>| s.as_ref().map(|s| s.identity);
+    tokio::time::sleep(SETTLE_REPLACED).await;
+    let (mut previous, mut now) = (before, stamps(files));
+    loop {
+        let replaced = previous
+            .iter()
+            .zip(&now)
+            .any(|(a, b)| identity(a) != identity(b));
+        let quiet = if replaced {
+            SETTLE_REPLACED
+        } else {
+            SETTLE_IN_PLACE
+        };
+        tokio::time::sleep(quiet).await;
+        let again = stamps(files);
+        if again == now {
+            return again;
+        }
+        previous = std::mem::replace(&mut now, again);
+    }
+}
 
 #[derive(Clone, PartialEq)]
 struct Watched {
@@ -72,7 +128,9 @@ async fn run(
     let mut dirs = HashSet::new();
     let mut current = watched.borrow_and_update().clone();
     rewatch(&mut watcher, &mut dirs, &current.files);
-    let mut last_seen = current.fingerprint;
+    // Unknown: the files may have changed since the serving config read them, so the first
+    // event always leads to a look at their contents.
+    let mut last_stamps = Vec::new();
     loop {
         tokio::select! {
             changed = watched.changed() => {
@@ -81,25 +139,33 @@ async fn run(
                 }
                 current = watched.borrow_and_update().clone();
                 rewatch(&mut watcher, &mut dirs, &current.files);
-                last_seen = current.fingerprint;
             }
             event = events.recv() => {
                 if event.is_none() {
                     return;
                 }
-                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
-                if current.files.is_empty() {
+                while events.try_recv().is_ok() {}
+                if current.files.is_empty() || stamps(&current.files) == last_stamps {
                     continue;
+                }
+                last_stamps = settle(&current.files, last_stamps).await;
+                // A reload (SIGHUP) may have been made meanwhile: compare with what serves now.
+                if watched.has_changed().unwrap_or(false) {
+                    current = watched.borrow_and_update().clone();
+                    rewatch(&mut watcher, &mut dirs, &current.files);
                 }
                 let files = current.files.clone();
                 let Ok(on_disk) = tokio::task::spawn_blocking(move || fingerprint_on_disk(&files)).await else {
                     continue;
                 };
-                if on_disk != last_seen {
-                    last_seen = on_disk;
-                    tracing::info!("a watched file changed; reloading");
-                    reload.notify_one();
+                if on_disk == current.fingerprint {
+                    tracing::debug!("watched files settled, as the serving config read them");
+                    continue;
                 }
+                // Once: the next change is compared with this one, not with the serving files.
+                current.fingerprint = on_disk;
+                tracing::info!("a watched file changed; reloading");
+                reload.notify_one();
             }
         }
     }
