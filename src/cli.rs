@@ -18,8 +18,11 @@ Options:
 
 Signals:
   SIGHUP             reload the config; a broken one is refused and the running one keeps serving
-  SIGTERM, SIGINT    stop accepting, let requests and streams in flight finish, exit;
-                     a second one exits at once
+  SIGTERM, SIGINT, SIGQUIT
+                     stop accepting, let requests and streams in flight finish, exit
+                     (0, or 3 if something had to be cut); a second one cuts at once
+  SIGUSR1, SIGUSR2, SIGALRM
+                     logged and ignored
 ";
 
 #[derive(Debug, PartialEq, Eq)]
