@@ -1,4 +1,4 @@
-//! The command line: `openai-proxy [check] [--config PATH]`, `--version`, `--help`.
+//! The command line: `openai-proxy [check | reload PID] [--config PATH]`, `--version`, `--help`.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -11,30 +11,37 @@ openai-proxy: a reverse proxy for the OpenAI API
 Usage:
   openai-proxy [--config PATH]          run the proxy
   openai-proxy check [--config PATH]    validate the config (and the files it names), then exit
+  openai-proxy reload PID               ask the proxy running as PID to reload (SIGHUP), and under
+                                        systemd wait for the outcome: exit 0 once the new config
+                                        (or, after an upgrade, the new process) serves, 1 if not
   openai-proxy --version | --help
 
 Options:
   -c, --config PATH   the config file [default: /etc/openai-proxy/config.toml]
 
 Signals:
-  SIGHUP             reload the config; a broken one is refused and the running one keeps serving
+  SIGHUP             reload the config; a broken one is refused and the running one keeps serving;
+                     if the binary on disk was replaced, hand over to it (as SIGUSR2)
+  SIGUSR2            hand over to a new process from the binary on disk: it serves at once, this
+                     one finishes its requests, streams and WebSockets, then exits
   SIGTERM, SIGINT, SIGQUIT
                      stop accepting, let requests and streams in flight finish, exit
                      (0, or 3 if something had to be cut); a second one cuts at once
-  SIGUSR1, SIGUSR2, SIGALRM
-                     logged and ignored
+  SIGUSR1, SIGALRM   logged and ignored
 ";
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run { config: PathBuf },
     Check { config: PathBuf },
+    Reload { pid: u32 },
     Help,
     Version,
 }
 
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     let mut check = false;
+    let mut reload = None;
     let mut config = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -42,7 +49,17 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         match text.as_ref() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
-            "check" if !check => check = true,
+            "check" if !check && reload.is_none() => check = true,
+            "reload" if !check && reload.is_none() => {
+                let pid = args
+                    .next()
+                    .ok_or("reload needs the PID of the running proxy")?;
+                let pid = pid
+                    .to_string_lossy()
+                    .parse()
+                    .map_err(|_| "reload: not a PID")?;
+                reload = Some(pid);
+            }
             "-c" | "--config" => {
                 let path = args.next().ok_or("--config needs a path")?;
                 config = Some(PathBuf::from(path));
@@ -52,6 +69,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 None => return Err(format!("unexpected argument {other:?}")),
             },
         }
+    }
+    if let Some(pid) = reload {
+        return Ok(Command::Reload { pid });
     }
     let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
     // Relative paths would break once the file watcher or a reload runs from elsewhere.
@@ -91,6 +111,12 @@ mod tests {
                 config: "/y.toml".into()
             }
         );
+        assert_eq!(
+            parse(args(&["reload", "42"])).unwrap(),
+            Command::Reload { pid: 42 }
+        );
+        assert!(parse(args(&["reload"])).is_err());
+        assert!(parse(args(&["reload", "x"])).is_err());
         assert_eq!(parse(args(&["--version"])).unwrap(), Command::Version);
         assert!(parse(args(&["--config"])).is_err());
         assert!(parse(args(&["serve"])).is_err());

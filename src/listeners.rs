@@ -95,6 +95,8 @@ pub struct ListenerSet {
 
 struct Running {
     local: SocketAddr,
+    /// Kept to be handed on: to systemd's fd store, or to a successor.
+    socket: std::net::TcpListener,
     drain: Drain,
     accept_loops: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -134,7 +136,7 @@ impl ListenerSet {
             };
             match inherited {
                 Some(inherited) => {
-                    tracing::info!(%addr, name = %inherited.name, "adopted a listening socket from systemd");
+                    tracing::info!(%addr, name = %inherited.name, from = inherited.from, "adopted a listening socket");
                     sockets.push(BoundSocket {
                         addr,
                         listener: inherited.listener,
@@ -223,6 +225,7 @@ impl ListenerSet {
                 addr,
                 Running {
                     local,
+                    socket: listener,
                     drain,
                     accept_loops,
                 },
@@ -261,12 +264,26 @@ impl ListenerSet {
             .set_listening(self.running.values().map(|r| r.local).collect());
     }
 
-    /// The `STATUS=` line, with the addresses really bound (port 0 resolved).
+    /// Every listening socket, by its fd store name.
+    pub fn sockets(&self) -> impl Iterator<Item = (String, &std::net::TcpListener)> {
+        self.running
+            .iter()
+            .map(|(addr, r)| (systemd::listener_name(*addr), &r.socket))
+    }
+
+    /// Hands every listening socket to systemd's fd store (which ignores one it holds already).
+    pub fn store_all(&self) {
+        for (addr, running) in &self.running {
+            systemd::store_listener(*addr, &running.socket);
+        }
+    }
+
     /// The worker threads the listeners are served on.
     pub fn workers(&self) -> &[tokio::runtime::Handle] {
         &self.workers
     }
 
+    /// The `STATUS=` line, with the addresses really bound (port 0 resolved).
     pub fn status(&self) -> String {
         let generation = self.live.snapshot();
         let mut bound: Vec<(SocketAddr, bool)> = generation

@@ -10,11 +10,13 @@ mod drain;
 mod error;
 mod framing;
 mod generation;
+mod handover;
 mod headers;
 mod http1;
 mod inherited;
 mod listeners;
 mod logging;
+mod outcome;
 mod proxy;
 mod reload;
 mod server;
@@ -29,6 +31,7 @@ use std::sync::Arc;
 
 use cli::Command;
 use generation::{Generation, Live};
+use handover::Predecessor;
 use inherited::InheritedListener;
 use listeners::ListenerSet;
 use logging::Logging;
@@ -58,6 +61,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Check { config } => check(&config),
+        Command::Reload { pid } => match outcome::request(pid) {
+            Ok(message) => {
+                println!("openai-proxy: {message}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("openai-proxy: reload failed: {message}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config } => run(config),
     }
 }
@@ -81,15 +94,31 @@ fn check(config: &Path) -> ExitCode {
 }
 
 fn run(config_path: PathBuf) -> ExitCode {
-    // Before any thread exists: this clears LISTEN_FDS and friends from the environment.
-    let inherited = inherited::take();
-    let served = serve(config_path, inherited);
+    // Before any thread exists: these clear LISTEN_FDS and friends from the environment.
+    let mut inherited = inherited::take();
+    let mut predecessor = match Predecessor::take() {
+        None => None,
+        Some(Ok((predecessor, sockets))) => {
+            // Not the main process yet: systemd would refuse to hear this one.
+            systemd::keep_quiet();
+            inherited.extend(sockets);
+            Some(predecessor)
+        }
+        Some(Err(error)) => {
+            eprintln!("openai-proxy: cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let served = serve(config_path, inherited, &mut predecessor);
     logging::flush();
     match served {
         Ok(outcome) if outcome.cut > 0 => ExitCode::from(reload::EXIT_CUT),
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("openai-proxy: cannot start: {error}");
+            if let Some(predecessor) = predecessor.take() {
+                predecessor.fail(&error.to_string());
+            }
             systemd::status(&format!("failed to start: {error}"));
             ExitCode::FAILURE
         }
@@ -104,12 +133,15 @@ enum StartError {
     Bind(#[from] listeners::BindError),
     #[error("cannot start threads, or watch signals or files: {0}")]
     Runtime(#[from] std::io::Error),
+    #[error("{0}")]
+    Handover(String),
 }
 
 /// The daemon's life.
 fn serve(
     config_path: PathBuf,
     inherited: Vec<InheritedListener>,
+    predecessor: &mut Option<Predecessor>,
 ) -> Result<drain::Outcome, StartError> {
     // Load the config and build everything from it: TLS, the upstream client, limits.
     let first = Generation::load(&config_path, 1, None)?;
@@ -130,19 +162,36 @@ fn serve(
         // Connect upstream now, so that the first requests find a connection open.
         live.snapshot().upstream.preconnect(workers.handles());
 
-        // Ready.
+        // Ready; when taking over from a predecessor, once it has named this the main process.
+        if let Some(predecessor) = predecessor.take() {
+            predecessor.ready().map_err(StartError::Handover)?;
+            systemd::speak();
+            listeners.store_all();
+        }
         systemd::spawn_watchdog(live.clone());
         let status = listeners.status();
         systemd::ready(&status);
         tracing::info!(workers = workers.len(), "ready: {status}");
 
-        // Serve, reloading on SIGHUP or a changed file, as often as asked.
-        while let Event::Reload = triggers.next().await {
-            if reload::reload(&config_path, &live, &mut listeners, &logging)
-                .await
-                .is_ok()
-            {
-                triggers.follow(&live.snapshot());
+        // Serve, reloading on SIGHUP or a changed file, and handing over to a new binary when
+        // one has replaced this one (or when asked), as often as asked.
+        let exe = handover::Exe::current();
+        loop {
+            match triggers.next().await {
+                Event::Shutdown => break,
+                Event::Reload if !exe.replaced() => {
+                    if reload::reload(&config_path, &live, &mut listeners, &logging)
+                        .await
+                        .is_ok()
+                    {
+                        triggers.follow(&live.snapshot());
+                    }
+                }
+                Event::Reload | Event::Handover => {
+                    if handover::hand_over(&exe, &listeners, &live).await {
+                        break;
+                    }
+                }
             }
         }
 

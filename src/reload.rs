@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::generation::{Generation, Live};
 use crate::listeners::ListenerSet;
 use crate::logging::Logging;
+use crate::outcome;
 use crate::systemd;
 use crate::watch::FileWatcher;
 
@@ -34,28 +35,36 @@ impl Default for Config {
 
 pub enum Event {
     Reload,
+    /// Hand the service over to the binary on disk, whether or not it was replaced.
+    Handover,
     Shutdown,
 }
 
 pub struct Triggers {
     reload: Arc<Notify>,
+    handover: Arc<Notify>,
     shutdown: Arc<Notify>,
     files: FileWatcher,
 }
 
 impl Triggers {
     pub fn start(live: &Live) -> std::io::Result<Self> {
-        let reload = Arc::new(Notify::new());
-        let shutdown = Arc::new(Notify::new());
+        let (reload, handover, shutdown) = Default::default();
         // Every signal a stray `kill` or a log rotation script might send is caught here: none
         // may end the process with its connections unannounced.
         let signals = signal_hook_tokio::Signals::new([
             SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM,
         ])?;
-        tokio::spawn(handle_signals(signals, reload.clone(), shutdown.clone()));
+        let notices = Notices {
+            reload: Arc::clone(&reload),
+            handover: Arc::clone(&handover),
+            shutdown: Arc::clone(&shutdown),
+        };
+        tokio::spawn(handle_signals(signals, notices));
         let files = FileWatcher::start(reload.clone(), &live.snapshot())?;
         Ok(Self {
             reload,
+            handover,
             shutdown,
             files,
         })
@@ -65,6 +74,7 @@ impl Triggers {
         tokio::select! {
             biased;
             () = self.shutdown.notified() => Event::Shutdown,
+            () = self.handover.notified() => Event::Handover,
             () = self.reload.notified() => Event::Reload,
         }
     }
@@ -78,18 +88,23 @@ impl Triggers {
 /// The exit status of a stop that had to cut requests, streams or WebSockets in flight.
 pub const EXIT_CUT: u8 = 3;
 
-/// HUP reloads; TERM, INT and QUIT drain and stop, and a second one cuts what is left at once;
-/// USR1, USR2 and ALRM are logged and otherwise ignored (there is no log file to reopen).
-async fn handle_signals(
-    mut signals: signal_hook_tokio::Signals,
+/// Where the signals' meanings go.
+struct Notices {
     reload: Arc<Notify>,
+    handover: Arc<Notify>,
     shutdown: Arc<Notify>,
-) {
+}
+
+/// HUP reloads; USR2 hands over to a new process; TERM, INT and QUIT drain and stop, and a
+/// second one cuts what is left at once; USR1 and ALRM are logged and otherwise ignored (there
+/// is no log file to reopen).
+async fn handle_signals(mut signals: signal_hook_tokio::Signals, notices: Notices) {
     let mut stopping = false;
     while let Some(signal) = signals.next().await {
         match signal {
-            SIGHUP => reload.notify_one(),
-            SIGUSR1 | SIGUSR2 | SIGALRM => {
+            SIGHUP => notices.reload.notify_one(),
+            SIGUSR2 => notices.handover.notify_one(),
+            SIGUSR1 | SIGALRM => {
                 tracing::info!(signal, "signal ignored: it has no meaning here");
             }
             _ if stopping => {
@@ -102,7 +117,7 @@ async fn handle_signals(
             }
             _ => {
                 stopping = true;
-                shutdown.notify_one();
+                notices.shutdown.notify_one();
             }
         }
     }
@@ -140,17 +155,19 @@ pub async fn reload(
             next.upstream.preconnect(listeners.workers());
             let next = live.swap(next);
             listeners.apply(bound, &next, drain_timeout).await;
+            let status = listeners.status();
             tracing::info!(
                 generation = number,
                 ms = started.elapsed().as_secs_f64() * 1e3,
-                "config reloaded: {}",
-                listeners.status()
+                "config reloaded: {status}"
             );
+            outcome::record(Ok(&format!("reloaded: {status}")));
             Ok(next)
         }
         Err(error) => {
             tracing::error!(%error, generation = number - 1, "reload failed; the running config keeps serving");
             live.reload_failed(error.clone());
+            outcome::record(Err(&error));
             Err(error)
         }
     };

@@ -2,17 +2,37 @@
 //!
 //! Outside systemd (no NOTIFY_SOCKET) every call here does nothing. A failed notification is
 //! logged and otherwise ignored: the proxy serves whether or not systemd hears of it.
+//!
+//! Only the service's main process may speak (`NotifyAccess=main`): a successor started by a
+//! handover keeps quiet until its predecessor has named it the main process, and the
+//! predecessor keeps quiet from then on.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 
 use crate::generation::Live;
 
+/// Whether this process is the one systemd listens to.
+static MAIN: AtomicBool = AtomicBool::new(true);
+
+/// From now on, until `speak`, nothing is sent.
+pub fn keep_quiet() {
+    MAIN.store(false, Ordering::SeqCst);
+}
+
+pub fn speak() {
+    MAIN.store(true, Ordering::SeqCst);
+}
+
 fn send(states: &[NotifyState]) {
+    if !MAIN.load(Ordering::SeqCst) {
+        return;
+    }
     if let Err(error) = sd_notify::notify(states) {
         tracing::warn!(%error, "could not notify systemd");
     }
@@ -34,6 +54,16 @@ pub fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
+/// Names `pid` the service's main process; the last thing this process tells systemd.
+pub fn hand_over(pid: u32, status: &str) {
+    send(&[
+        NotifyState::MainPid(pid),
+        NotifyState::Ready,
+        NotifyState::Status(status),
+    ]);
+    keep_quiet();
+}
+
 pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
@@ -46,6 +76,9 @@ pub fn listener_name(addr: SocketAddr) -> String {
 
 /// Hands a copy of a listening socket to systemd, which keeps it open across our restarts.
 pub fn store_listener(addr: SocketAddr, listener: &impl AsFd) {
+    if !MAIN.load(Ordering::SeqCst) {
+        return;
+    }
     let name = listener_name(addr);
     let states = [NotifyState::FdStore, NotifyState::FdName(&name)];
     if let Err(error) = sd_notify::notify_with_fds(&states, &[listener.as_fd()]) {
@@ -68,6 +101,9 @@ pub fn spawn_watchdog(live: Arc<Live>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if !MAIN.load(Ordering::SeqCst) {
+                return;
+            }
             let Some(addr) = live.listening().first().copied() else {
                 continue;
             };

@@ -263,7 +263,7 @@ async fn life(guard: &mut Guard) {
     eprintln!("step 4: systemctl restart under load, with an SSE stream in flight");
     let old_pid = pid;
     let served_before = access_entries(&ns).await.len();
-    let run = under_load(&ns, &client, &upstream, a, "restart", || async {
+    let restart = under_load(&ns, &client, &upstream, a, "restart", || async {
         ok(
             &ns.run(&["systemctl", "restart", UNIT]).await,
             "systemctl restart",
@@ -274,10 +274,10 @@ async fn life(guard: &mut Guard) {
     let pid = props.get("MainPID").to_owned();
     assert_ne!(pid, old_pid, "systemctl restart started a new process");
     assert_eq!(props.get("ActiveState"), "active");
-    handed_over(&ns, &old_pid, &pid, 2).await;
+    handed_over(&ns, &old_pid, &pid, 2, "systemd").await;
 
     eprintln!("step 5: the journal holds the access log, and no API key");
-    let expected = served_before + run.served + 1;
+    let expected = served_before + restart.served + 1;
     let entries = ns
         .journal_until("every request in the access log", |entries| {
             (access(entries).count() >= expected).then_some(())
@@ -326,15 +326,25 @@ async fn life(guard: &mut Guard) {
         "part of an API key reached the journal"
     );
 
-    eprintln!("step 6: upgrade under load keeps the edited config; remove stops; purge cleans");
+    eprintln!("step 6: an upgrade under load hands over: no new request waits for old streams");
     let old_pid = pid;
-    under_load(&ns, &client, &upstream, a, "upgrade", || async {
+    let mut ws = Realtime::open(a).await;
+    let run = under_load(&ns, &client, &upstream, a, "upgrade", || async {
         ok(
             &ns.run(&["dpkg", "-i", "/var/tmp/openai-proxy_2.deb"]).await,
             "dpkg -i (upgrade)",
         );
     })
     .await;
+    ws.echo("the WebSocket opened before the upgrade goes on")
+        .await;
+    ws.close().await;
+    assert!(
+        run.slowest_during < Duration::from_secs(2),
+        "a request sent during the upgrade waited {:?} (restart: {:?})",
+        run.slowest_during,
+        restart.slowest_during
+    );
     let installed = ns
         .run(&["dpkg-query", "-W", "-f", "${Version}", PACKAGE])
         .await;
@@ -352,9 +362,33 @@ async fn life(guard: &mut Guard) {
     assert!(leftovers.is_empty(), "dpkg left {leftovers:?}");
     let props = ns.props().await;
     let pid = props.get("MainPID").to_owned();
-    assert_ne!(pid, old_pid, "the upgrade restarted the service");
+    assert_ne!(pid, old_pid, "the upgrade handed over to a new process");
     assert_eq!(props.get("ActiveState"), "active");
-    handed_over(&ns, &old_pid, &pid, 2).await;
+    assert_eq!(props.get("NRestarts"), "0", "a handover, not a restart");
+    handed_over(&ns, &old_pid, &pid, 2, "predecessor").await;
+    let exe = ns.run(&["readlink", &format!("/proc/{pid}/exe")]).await;
+    assert_eq!(
+        stdout(&exe),
+        "/usr/bin/openai-proxy",
+        "the new process runs the new binary"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let count = ns.run(&["pgrep", "-c", "-x", "openai-proxy"]).await;
+        if stdout(&count).trim() == "1" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old process did not leave: {}",
+            stdout(&count)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(props.get("NFileDescriptorStore"), "2");
+
+    eprintln!("step 7: a new binary that cannot start: the reload fails, the old process serves");
+    failed_handover(&ns, &client, &pid, a).await;
 
     eprintln!("  the man page's drop-in for a port below 1024");
     let low = free_low_port();
@@ -530,23 +564,31 @@ fn nothing_failed(props: &Props, pid: &str) {
     );
 }
 
-/// The old process drained what it had and cut nothing; the new one took over every stored
-/// listening socket instead of binding afresh.
-async fn handed_over(ns: &Ns, old_pid: &str, new_pid: &str, listeners: usize) {
+/// The old process drained what it had and cut nothing; the new one took over every listening
+/// socket (`from` systemd's fd store after a restart, or its predecessor in a handover) instead
+/// of binding afresh.
+async fn handed_over(ns: &Ns, old_pid: &str, new_pid: &str, listeners: usize, from: &str) {
     let entries = ns
-        .journal_until("the new process adopted the stored sockets", |entries| {
-            let adopted = entries
-                .iter()
-                .filter(|e| field(e, "_PID") == new_pid)
-                .filter(|e| field(e, "MESSAGE") == "adopted a listening socket from systemd")
-                .count();
-            (adopted == listeners).then_some(())
-        })
+        .journal_until(
+            "the new process adopted the sockets, the old one drained",
+            |entries| {
+                let adopted = entries
+                    .iter()
+                    .filter(|e| field(e, "_PID") == new_pid)
+                    .filter(|e| field(e, "MESSAGE") == "adopted a listening socket")
+                    .filter(|e| field(e, "FROM") == from)
+                    .count();
+                let drained = entries.iter().any(|e| {
+                    field(e, "_PID") == old_pid && field(e, "MESSAGE") == "drained; exiting"
+                });
+                (adopted == listeners && drained).then_some(())
+            },
+        )
         .await;
     let drained = entries
         .iter()
         .find(|e| field(e, "_PID") == old_pid && field(e, "MESSAGE") == "drained; exiting")
-        .unwrap_or_else(|| panic!("process {old_pid} did not log its drain"));
+        .expect("found above");
     assert_eq!(field(drained, "CUT"), "0", "nothing was cut: {drained:#}");
     let in_flight: usize = field(drained, "IN_FLIGHT").parse().unwrap();
     assert!(
@@ -559,9 +601,91 @@ async fn handed_over(ns: &Ns, old_pid: &str, new_pid: &str, listeners: usize) {
     );
 }
 
+/// A Realtime WebSocket through the proxy, echoed by the fake upstream.
+struct Realtime(
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+);
+
+impl Realtime {
+    async fn open(port: u16) -> Self {
+        let url = format!("ws://127.0.0.1:{port}/v1/realtime?model=gpt-4o-realtime-preview");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let hello = tokio_tungstenite::tungstenite::Message::text("hello");
+        futures_util::SinkExt::send(&mut ws, hello.clone())
+            .await
+            .unwrap();
+        let echoed = futures_util::StreamExt::next(&mut ws)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, hello);
+        Self(ws)
+    }
+
+    async fn echo(&mut self, text: &str) {
+        let message = tokio_tungstenite::tungstenite::Message::text(text);
+        futures_util::SinkExt::send(&mut self.0, message.clone())
+            .await
+            .expect("the WebSocket is still open");
+        let echoed = futures_util::StreamExt::next(&mut self.0).await;
+        assert_eq!(echoed.unwrap().unwrap(), message);
+    }
+
+    async fn close(mut self) {
+        self.0.close(None).await.unwrap();
+    }
+}
+
+/// A new binary that cannot start (here, one that exits 7 when run as the daemon): the reload
+/// that would hand over to it fails and says why, and the running process serves on.
+async fn failed_handover(ns: &Ns, client: &HttpClient, pid: &str, port: u16) {
+    let real = "/usr/local/lib/openai-proxy-real";
+    let script = format!(
+        "cp /usr/bin/openai-proxy {real} && printf '%s\\n' '#!/bin/sh' \
+         'case \"$1\" in check|reload) exec {real} \"$@\";; esac' 'exit 7' > /usr/bin/openai-proxy.new \
+         && chmod 755 /usr/bin/openai-proxy.new && mv /usr/bin/openai-proxy.new /usr/bin/openai-proxy"
+    );
+    ok(
+        &ns.run(&["sh", "-c", &script]).await,
+        "installing a broken binary",
+    );
+    let reload = ns.run(&["systemctl", "reload", UNIT]).await;
+    assert!(
+        !reload.status.success(),
+        "the reload to a broken binary succeeded"
+    );
+    let props = ns.props().await;
+    assert_eq!(
+        props.get("MainPID"),
+        pid,
+        "the old process is still the main one"
+    );
+    assert_eq!(props.get("ActiveState"), "active");
+    let status = props.get("StatusText");
+    assert!(
+        status.contains("handover failed") && status.contains("exit status: 7"),
+        "StatusText={status}"
+    );
+    let answer = send(
+        client,
+        post_json(
+            &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+            chat(),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "the old process serves");
+    ok(
+        &ns.run(&["mv", real, "/usr/bin/openai-proxy"]).await,
+        "restoring the binary",
+    );
+}
+
 struct LoadRun {
     /// Requests answered 200, all of them.
     served: usize,
+    /// The longest a request sent while the action ran took to be answered.
+    slowest_during: Duration,
 }
 
 /// Runs `action` while a client opens a new connection for a request every 10ms and an SSE
@@ -625,28 +749,32 @@ where
             .map(|o| &o.result)
             .collect::<Vec<_>>()
     );
-    let during = outcomes
+    let during: Vec<&Outcome> = outcomes
         .iter()
         .filter(|o| o.started >= began && o.started < ended)
-        .count();
+        .collect();
+    let slowest_during = during.iter().map(|o| o.took).max().unwrap_or_default();
+    let during = during.len();
     assert!(
         during >= 10,
         "only {during} requests were sent while the action ran"
     );
     let props = ns.props().await;
     eprintln!(
-        "  {} requests ({during} sent during it) and one SSE stream all served; action took {:?}; MainPID now {}",
+        "  {} requests ({during} sent during it, the slowest answered in {slowest_during:?}) and one SSE stream all served; action took {:?}; MainPID now {}",
         outcomes.len(),
         ended - began,
         props.get("MainPID")
     );
     LoadRun {
         served: outcomes.len(),
+        slowest_during,
     }
 }
 
 struct Outcome {
     started: Instant,
+    took: Duration,
     result: Result<(), String>,
 }
 
@@ -705,7 +833,11 @@ impl Load {
                     if result.is_ok() {
                         counter.fetch_add(1, Ordering::SeqCst);
                     }
-                    Outcome { started, result }
+                    Outcome {
+                        started,
+                        took: started.elapsed(),
+                        result,
+                    }
                 });
             }
             let mut outcomes = Vec::new();
