@@ -37,7 +37,8 @@ pub type ClientIo = Box<dyn Io>;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// For a request head to arrive once it has begun, and for the first one after connecting.
+    /// For a request head to arrive once it has begun. (The first one is due a fixed time after
+    /// the accept, handshake included: see `serve`.)
     pub header_read_timeout: Duration,
     /// For the next request on a kept-alive connection to begin.
     pub keepalive_timeout: Duration,
@@ -69,6 +70,7 @@ pub async fn serve(
     settings: &Settings,
     conn: &Arc<proxy::Connection>,
     cleartext: bool,
+    first_request: tokio::time::Instant,
 ) -> Served {
     let (half, writer) = tokio::io::split(io);
     let mut halves = (
@@ -87,9 +89,9 @@ pub async fn serve(
             // Whatever capacity is left goes: an idle connection holds no buffer.
             reader.buf = BytesMut::new();
             let wait = if first {
-                settings.header_read_timeout
+                first_request
             } else {
-                settings.keepalive_timeout
+                tokio::time::Instant::now() + settings.keepalive_timeout
             };
             let arrived = tokio::select! {
                 biased;
@@ -102,14 +104,20 @@ pub async fn serve(
                     // refuse, so it gets a moment to arrive, and then its answer.
                     tokio::time::timeout(FIRST_REQUEST_GRACE, reader.read_some()).await
                 }
-                read = tokio::time::timeout(wait, reader.read_some()) => read,
+                read = tokio::time::timeout_at(wait, reader.read_some()) => read,
             };
             if !matches!(arrived, Ok(Ok(1..))) {
                 return Served::Closed;
             }
         }
-        let head = tokio::time::timeout(
-            settings.header_read_timeout,
+        // The first head is due by the deadline set at the accept; a later one has its own.
+        let due = if first {
+            first_request
+        } else {
+            tokio::time::Instant::now() + settings.header_read_timeout
+        };
+        let head = tokio::time::timeout_at(
+            due,
             reader.read_head(settings.max_header_size, first && cleartext),
         )
         .await;

@@ -12,6 +12,7 @@ mod framing;
 mod generation;
 mod headers;
 mod http1;
+mod http2;
 mod inherited;
 mod listeners;
 mod logging;

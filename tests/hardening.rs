@@ -1,0 +1,133 @@
+//! The proxy's client side seen from an attacker's: raw bytes over real sockets (HTTP/2 frames
+//! written by hand, or a real HTTP/2 client where a whole exchange is needed), each test one
+//! abuse that must not hold a connection, reach the upstream or cost memory.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+/// A HEADERS frame on stream 1 whose block never ends (END_STREAM without END_HEADERS): its
+/// HPACK block is `:method GET`, `:scheme http`, `:path /`, and a CONTINUATION is due.
+const OPEN_HEADER_BLOCK: &[u8] = &[0, 0, 3, 1, 0x1, 0, 0, 0, 1, 0x82, 0x86, 0x84];
+
+fn plain_addr(proxy: &Proxy) -> String {
+    proxy.http.expect("a plain listener").to_string()
+}
+
+/// Reads and discards until the peer closes; the time that took. Fails after `within`.
+async fn closed_within(stream: &mut (impl AsyncRead + Unpin), within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut sink = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, read_all)
+        .await
+        .unwrap_or_else(|_| panic!("the connection was still open after {within:?}"));
+    started.elapsed()
+}
+
+/// A TLS client connection to the proxy's TLS listener offering only `alpn`.
+async fn tls_connect(
+    proxy: &Proxy,
+    pki: &Pki,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut config = (*pki.client).clone();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(proxy.https.expect("a TLS listener"))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+fn tls_config(upstream: &FakeUpstream, pki: &Pki, server: &str) -> String {
+    format!(
+        "listen = [\"127.0.0.1:0\"]\n[tls]\nlisten = [\"127.0.0.2:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[server]\n{server}\n{}",
+        pki.cert_pem.display(),
+        pki.key_pem.display(),
+        upstream.upstream_toml(pki)
+    )
+}
+
+const SHORT_TIMEOUTS: &str = "header_read_timeout = \"1s\"\nkeepalive_timeout = \"1s\"";
+
+/// Opens an h2c and a TLS-h2 connection, sends `frames` on each, and checks that the proxy
+/// closes both within a few seconds and no sooner than its 1 s timeout; nothing goes upstream.
+async fn both_closed_after(frames: &[&[u8]]) {
+    let pki = Pki::new();
+    let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+    let proxy = Proxy::start(&tls_config(&upstream, &pki, SHORT_TIMEOUTS));
+    let mut h2c = TcpStream::connect(plain_addr(&proxy)).await.unwrap();
+    let mut tls = tls_connect(&proxy, &pki, b"h2").await;
+    for frame in frames {
+        h2c.write_all(frame).await.unwrap();
+        tls.write_all(frame).await.unwrap();
+    }
+    let took = closed_within(&mut h2c, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(800), "closed after {took:?}");
+    closed_within(&mut tls, Duration::from_secs(5)).await;
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connection_that_sends_only_its_preface_is_closed() {
+    bounded(30, both_closed_after(&[PREFACE, EMPTY_SETTINGS])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_header_block_that_never_ends_is_closed() {
+    bounded(
+        30,
+        both_closed_after(&[PREFACE, EMPTY_SETTINGS, OPEN_HEADER_BLOCK]),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2_connection_is_sent_goaway_and_closed_after_its_keepalive() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let server = "header_read_timeout = \"5s\"\nkeepalive_timeout = \"1s\"";
+        let proxy = Proxy::start(&tls_config(&upstream, &pki, server));
+        let tcp = TcpStream::connect(plain_addr(&proxy)).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        let connection = tokio::spawn(connection);
+        let request = http::Request::get(format!("http://{}/v1/models", plain_addr(&proxy)))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        drop(response);
+        let idle_from = Instant::now();
+        // The proxy's GOAWAY ends the client's connection task without an error.
+        tokio::time::timeout(Duration::from_secs(5), connection)
+            .await
+            .expect("the idle connection was closed")
+            .unwrap()
+            .expect("closed gracefully");
+        assert!(idle_from.elapsed() >= Duration::from_millis(900));
+    })
+    .await;
+}
