@@ -53,16 +53,42 @@ impl<'de> Deserialize<'de> for PathPrefix {
     }
 }
 
-/// `..` could climb out of an allowed prefix at the upstream; `%2e` is the same dot.
+/// Whether `path`, percent-decoded, has a `.` or `..` segment: one could climb out of an
+/// allowed prefix at an upstream that decodes before it resolves segments. Segments are split at
+/// `/` and `\` both, and at their encodings `%2f` and `%5c`, since some servers take either as
+/// a separator once decoded.
 fn has_dot_segment(path: &str) -> bool {
     // Nearly every path has neither a dot nor an escape: no segment to look at then.
-    if !path.contains(['.', '%']) {
+    if !path.contains(['.', '%', '\\']) {
         return false;
     }
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    percent_decoded(path.as_bytes())
+        .split(|&b| b == b'/' || b == b'\\')
+        .any(|segment| segment == b"." || segment == b"..")
+}
+
+/// `bytes` with each `%XX` escape decoded once; a `%` that starts no escape stays as it is.
+fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', high, low]) => hex(*high).zip(hex(*low)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// What a connection tells each of its requests.
@@ -264,6 +290,16 @@ mod tests {
         assert!(has_dot_segment("/v1/../admin"));
         assert!(has_dot_segment("/v1/%2E%2e/admin"));
         assert!(has_dot_segment("/v1/./x"));
+        assert!(has_dot_segment("/v1/..%2fadmin"));
+        assert!(has_dot_segment("/v1/%2e%2e%2fadmin"));
+        assert!(has_dot_segment("/v1/%2E%2E%2Fadmin"));
+        assert!(has_dot_segment("/v1/.%2e%2fadmin"));
+        assert!(has_dot_segment("/v1/..%5cadmin"));
+        assert!(has_dot_segment("/v1/x\\..\\admin"));
+        assert!(has_dot_segment("/v1/.."));
+        assert!(!has_dot_segment("/v1/files/a%2Fb.jsonl"));
+        assert!(!has_dot_segment("/v1/100%"));
+        assert!(!has_dot_segment("/v1/%zz/..x"));
         assert!(!has_dot_segment("/v1/chat/completions"));
         assert!(!has_dot_segment("/v1/files/file-abc.jsonl"));
     }

@@ -131,3 +131,55 @@ async fn idle_h2_connection_is_sent_goaway_and_closed_after_its_keepalive() {
     })
     .await;
 }
+
+/// Sends one raw HTTP/1.1 request on a new connection and reads until the proxy closes it.
+async fn raw_exchange(proxy: &Proxy, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(plain_addr(proxy)).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn error_code(response: &str) -> String {
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let error: serde_json::Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("an OpenAI-shaped error ({e}): {response}"));
+    error["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_dot_segments_and_slashes_do_not_climb_out_of_the_prefix() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        for path in [
+            "/v1/..%2fadmin",
+            "/v1/%2e%2e%2fadmin",
+            "/v1/%2E%2E%2Fadmin",
+            "/v1/.%2e%2fadmin",
+            "/v1/..%5cadmin",
+            "/v1/models/..%2F..%2Fadmin",
+        ] {
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n");
+            let response = raw_exchange(&proxy, request.as_bytes()).await;
+            assert!(response.starts_with("HTTP/1.1 404 "), "{path}: {response}");
+            assert_eq!(error_code(&response), "path_not_allowed", "{path}");
+        }
+        assert!(upstream.received().is_empty(), "{:?}", upstream.received());
+        // An encoded slash that stays inside the prefix is no climb.
+        let request =
+            "GET /v1/files/a%2Fb.jsonl HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n";
+        let response = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+    })
+    .await;
+}
