@@ -18,10 +18,6 @@ const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 /// HPACK block is `:method GET`, `:scheme http`, `:path /`, and a CONTINUATION is due.
 const OPEN_HEADER_BLOCK: &[u8] = &[0, 0, 3, 1, 0x1, 0, 0, 0, 1, 0x82, 0x86, 0x84];
 
-fn plain_addr(proxy: &Proxy) -> String {
-    proxy.http.expect("a plain listener").to_string()
-}
-
 /// Reads and discards until the peer closes; the time that took. Fails after `within`.
 async fn closed_within(stream: &mut (impl AsyncRead + Unpin), within: Duration) -> Duration {
     let started = Instant::now();
@@ -73,7 +69,7 @@ async fn both_closed_after(frames: &[&[u8]]) {
     let pki = Pki::new();
     let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
     let proxy = Proxy::start(&tls_config(&upstream, &pki, SHORT_TIMEOUTS));
-    let mut h2c = TcpStream::connect(plain_addr(&proxy)).await.unwrap();
+    let mut h2c = connect(&proxy).await;
     let mut tls = tls_connect(&proxy, &pki, b"h2").await;
     for frame in frames {
         h2c.write_all(frame).await.unwrap();
@@ -106,7 +102,7 @@ async fn idle_h2_connection_is_sent_goaway_and_closed_after_its_keepalive() {
         let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
         let server = "header_read_timeout = \"5s\"\nkeepalive_timeout = \"1s\"";
         let proxy = Proxy::start(&tls_config(&upstream, &pki, server));
-        let tcp = TcpStream::connect(plain_addr(&proxy)).await.unwrap();
+        let tcp = connect(&proxy).await;
         let (mut sender, connection) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(tcp),
@@ -114,7 +110,7 @@ async fn idle_h2_connection_is_sent_goaway_and_closed_after_its_keepalive() {
         .await
         .unwrap();
         let connection = tokio::spawn(connection);
-        let request = http::Request::get(format!("http://{}/v1/models", plain_addr(&proxy)))
+        let request = http::Request::get(proxy.url("/v1/models"))
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();
         let response = sender.send_request(request).await.unwrap();
@@ -132,21 +128,8 @@ async fn idle_h2_connection_is_sent_goaway_and_closed_after_its_keepalive() {
     .await;
 }
 
-/// Sends one raw HTTP/1.1 request on a new connection and reads until the proxy closes it.
-async fn raw_exchange(proxy: &Proxy, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(plain_addr(proxy)).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
-        .await
-        .expect("the proxy closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn error_code(response: &str) -> String {
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    let error: serde_json::Value = serde_json::from_str(body)
+    let error: serde_json::Value = serde_json::from_str(body_of(response))
         .unwrap_or_else(|e| panic!("an OpenAI-shaped error ({e}): {response}"));
     error["error"]["code"]
         .as_str()
@@ -170,7 +153,7 @@ async fn encoded_dot_segments_and_slashes_do_not_climb_out_of_the_prefix() {
         ] {
             let request =
                 format!("GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n");
-            let response = raw_exchange(&proxy, request.as_bytes()).await;
+            let response = exchange(&proxy, request.as_bytes()).await;
             assert!(response.starts_with("HTTP/1.1 404 "), "{path}: {response}");
             assert_eq!(error_code(&response), "path_not_allowed", "{path}");
         }
@@ -178,7 +161,7 @@ async fn encoded_dot_segments_and_slashes_do_not_climb_out_of_the_prefix() {
         // An encoded slash that stays inside the prefix is no climb.
         let request =
             "GET /v1/files/a%2Fb.jsonl HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n";
-        let response = raw_exchange(&proxy, request.as_bytes()).await;
+        let response = exchange(&proxy, request.as_bytes()).await;
         assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
     })
     .await;
