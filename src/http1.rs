@@ -302,6 +302,29 @@ impl Reader {
     }
 }
 
+/// Answers a connection over `server.max_connections` without reading its request: a fixed
+/// 503, then a moment of reading and discarding into a small buffer (see `linger`).
+pub async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
+    static ANSWER: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let body = ProxyError::Overloaded.body();
+        let mut out = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        out
+    });
+    if stream.write_all(&ANSWER).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let discard = async {
+        let mut sink = [0u8; 512];
+        while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {}
+    };
+    let _ = tokio::time::timeout(LINGER, discard).await;
+}
+
 /// Closes the sending side, then reads and discards for a moment: closing a socket with unread
 /// data resets the connection, and the client could lose the answer just sent. (Boxed, as
 /// `respond` is.)

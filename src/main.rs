@@ -20,6 +20,7 @@ mod proxy;
 mod reload;
 mod server;
 mod systemd;
+mod tunnel;
 mod upstream;
 mod watch;
 mod workers;

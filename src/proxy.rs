@@ -12,7 +12,7 @@ use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
 use crate::headers;
-use crate::upstream::http1::Upgraded;
+use crate::tunnel;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -92,16 +92,15 @@ fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// What a connection tells each of its requests.
-#[derive(Clone)]
 pub struct Connection {
     pub live: Arc<Live>,
     pub client: SocketAddr,
-    /// Accepted beyond `server.max_connections`: every request is answered 503.
-    pub overloaded: bool,
     pub drain: drain::Watch,
+    /// The connection counts against `server.max_connections` for as long as this lives.
+    pub _open: crate::server::OpenConnection,
 }
 
-pub async fn handle(conn: &Connection, request: Request<Inbound>) -> Response<ResponseBody> {
+pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Response<ResponseBody> {
     // The generation is fixed for this request's whole life, whatever reloads happen meanwhile.
     let generation = conn.live.snapshot();
     let id = RequestId::next();
@@ -126,7 +125,7 @@ pub async fn handle(conn: &Connection, request: Request<Inbound>) -> Response<Re
             error.into_response(ResponseBody::whole)
         }
     };
-    if (conn.drain.is_draining() || conn.overloaded) && client_version < Version::HTTP_2 {
+    if conn.drain.is_draining() && client_version < Version::HTTP_2 {
         // This HTTP/1 connection ends after the response: say so to the client.
         response
             .headers_mut()
@@ -145,14 +144,7 @@ pub async fn handle(conn: &Connection, request: Request<Inbound>) -> Response<Re
 /// the answer rather than a reset.
 const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn admit(
-    generation: &Generation,
-    conn: &Connection,
-    request: &http::request::Parts,
-) -> Result<(), ProxyError> {
-    if conn.overloaded {
-        return Err(ProxyError::Overloaded);
-    }
+fn admit(generation: &Generation, request: &http::request::Parts) -> Result<(), ProxyError> {
     if request.method == Method::CONNECT {
         return Err(ProxyError::ConnectRefused);
     }
@@ -179,12 +171,12 @@ fn admit(
 
 async fn forward(
     generation: &Generation,
-    conn: &Connection,
+    conn: &Arc<Connection>,
     parts: &mut http::request::Parts,
     body: ClientBody,
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    admit(generation, conn, parts)?;
+    admit(generation, parts)?;
     let upstream = &generation.upstream;
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
     // other request with Upgrade fields goes as a plain request, without them.
@@ -230,7 +222,8 @@ async fn forward(
 
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (Some(client_upgrade), Some(upgraded)) = (client_upgrade, upgraded) {
-        tokio::spawn(tunnel(client_upgrade, upgraded, conn.drain.clone()));
+        // The tunnel holds the connection, which keeps counting against max_connections.
+        tokio::spawn(tunnel::splice(client_upgrade, upgraded, conn.clone(), idle));
     }
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switched && upgrade);
@@ -259,25 +252,6 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, client: SocketAddr) {
     };
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(name, value);
-    }
-}
-
-/// Splices a WebSocket (or any upgraded protocol) both ways until either side closes.
-async fn tunnel(client: crate::http1::OnUpgrade, mut upstream: Upgraded, drain: drain::Watch) {
-    let mut client = match client.connection().await {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade did not complete");
-            return;
-        }
-    };
-    let started = tokio::time::Instant::now();
-    tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {
-            Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, seconds = started.elapsed().as_secs_f64(), "tunnel closed"),
-            Err(error) => tracing::debug!(%error, "tunnel closed with an error"),
-        },
-        () = drain.cut() => tracing::info!(after = ?started.elapsed(), "tunnel cut at the end of the drain timeout"),
     }
 }
 

@@ -111,8 +111,9 @@ pub async fn accept_loop(
     }
 }
 
-/// Counts itself among the open connections for as long as it lives.
-struct OpenConnection {
+/// Counts itself among the open connections for as long as it lives: its connection's, and any
+/// WebSocket tunnel's that outlives the request that opened it.
+pub struct OpenConnection {
     counter: Arc<AtomicUsize>,
     open: usize,
 }
@@ -142,11 +143,19 @@ async fn serve_connection(
     count: OpenConnection,
 ) {
     let generation = live.snapshot();
+    if count.open > generation.config.server.max_connections.0 {
+        // Answered before anything is read, so that connections over the limit cost no buffer;
+        // over TLS there is nothing to answer in before a handshake, so closed.
+        if !generation.is_tls(local) {
+            http1::refuse_overloaded(stream).await;
+        }
+        return;
+    }
     let conn = Arc::new(proxy::Connection {
         live: live.clone(),
         client,
-        overloaded: count.open > generation.config.server.max_connections.0,
         drain,
+        _open: count,
     });
     // The handshake, the first read and the first request head share one deadline.
     let first_request =
@@ -175,7 +184,6 @@ async fn serve_connection(
         None => (Box::new(stream), false, true),
     };
     serve_http(io, h2, cleartext, first_request, &generation, conn).await;
-    drop(count);
 }
 
 /// HTTP/2 when TLS negotiated it or a cleartext client opens with its preface; HTTP/1.1 otherwise.

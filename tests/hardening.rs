@@ -140,9 +140,7 @@ fn error_code(response: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encoded_dot_segments_and_slashes_do_not_climb_out_of_the_prefix() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
         for path in [
             "/v1/..%2fadmin",
             "/v1/%2e%2e%2fadmin",
@@ -163,6 +161,109 @@ async fn encoded_dot_segments_and_slashes_do_not_climb_out_of_the_prefix() {
             "GET /v1/files/a%2Fb.jsonl HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n";
         let response = exchange(&proxy, request.as_bytes()).await;
         assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+    })
+    .await;
+}
+
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn open_websocket(proxy: &Proxy) -> WebSocket {
+    let url = format!("ws://{}/v1/realtime", proxy.http.unwrap());
+    let (ws, response) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade through the proxy");
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tunnels_count_against_max_connections() {
+    bounded(30, async {
+        let (_pki, _upstream, proxy) = proxy_and_upstream("[server]\nmax_connections = 2").await;
+        let _first = open_websocket(&proxy).await;
+        let _second = open_websocket(&proxy).await;
+        let request = b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n";
+        let response = exchange(&proxy, request).await;
+        assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
+        assert_eq!(error_code(&response), "proxy_overloaded");
+        assert!(response.contains("connection: close\r\n"), "{response}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_tunnel_is_closed_after_the_idle_timeout() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let config = basic_config(&upstream, &pki, "")
+            .replace("[upstream]\n", "[upstream]\nidle_timeout = \"1s\"\n");
+        let proxy = Proxy::start(&config);
+        let mut ws = open_websocket(&proxy).await;
+        use futures_util::{SinkExt, StreamExt};
+        let text = tokio_tungstenite::tungstenite::Message::text("still here");
+        ws.send(text.clone()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), text);
+        let idle_from = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+        assert!(ended.is_ok(), "the idle tunnel was still open after 5 s");
+        assert!(idle_from.elapsed() >= Duration::from_millis(900));
+    })
+    .await;
+}
+
+/// Connections over the limit cost no request head's worth of memory: they are answered
+/// before their heads are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_heads_over_max_connections_do_not_grow_memory() {
+    bounded(60, async {
+        let (_pki, _upstream, proxy) = proxy_and_upstream("[server]\nmax_connections = 10").await;
+        let pid = proxy.child.id();
+        // A request through first, so that what a request allocates once is in the baseline.
+        let ok = exchange(
+            &proxy,
+            b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(ok.starts_with("HTTP/1.1 200 "), "{ok}");
+        let idle = vm_rss_kib(pid);
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nX-Pad: {}",
+            "a".repeat(63 << 10)
+        );
+        let mut held = Vec::new();
+        for _ in 0..1500 {
+            let mut stream = connect(&proxy).await;
+            // Unfinished: no blank line ends the head. The proxy may close before it is all
+            // written, which the attacker does not mind.
+            let _ = stream.write_all(head.as_bytes()).await;
+            held.push(stream);
+        }
+        // The proxy reads what it reads in its own time: RSS is sampled for a while after.
+        let watch_until = Instant::now() + Duration::from_secs(3);
+        let mut peak = 0;
+        while Instant::now() < watch_until {
+            peak = peak.max(vm_rss_kib(pid));
+            assert!(
+                peak < idle + 8 * 1024,
+                "RSS went from {idle} KiB idle to {peak} KiB with 1,500 unfinished heads"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("RSS {idle} KiB idle, {peak} KiB at most with 1,500 unfinished heads");
+        drop(held);
     })
     .await;
 }

@@ -889,3 +889,12 @@ pub fn body_of(response: &str) -> &str {
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+/// The fake upstream (both ALPNs) and the proxy in front of it on a plain listener, with `extra`
+/// before the `[upstream]` table (a `[server]` table, say).
+pub async fn proxy_and_upstream(extra: &str) -> (Pki, FakeUpstream, Proxy) {
+    let pki = Pki::new();
+    let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+    let proxy = Proxy::start(&basic_config(&upstream, &pki, extra));
+    (pki, upstream, proxy)
+}
