@@ -43,6 +43,8 @@ pub struct Settings {
     /// For the next request on a kept-alive connection to begin.
     pub keepalive_timeout: Duration,
     pub max_header_size: usize,
+    /// A body declared longer is refused without a `100 Continue`.
+    pub max_request_body: u64,
 }
 
 /// How a connection left this module.
@@ -166,7 +168,8 @@ async fn exchange(
         expect_continue,
         upgrade,
     } = head;
-    if expect_continue && framing.has_body() {
+    let refused = matches!(framing, Framing::Length(n) if n > settings.max_request_body);
+    if expect_continue && framing.has_body() && !refused {
         // Sent at once rather than on the body's first read: the proxy streams the body
         // upstream right away in any case.
         writer
@@ -217,8 +220,14 @@ async fn exchange(
     let keep = respond(&mut writer, response, &facts, reader.as_mut())
         .await
         .ok()?;
+    if !keep {
+        // The client has been told that the connection ends: it ends now, whatever is left of
+        // the request body.
+        let _ = writer.shutdown().await;
+    }
     if let Some(returned) = returned {
-        reader = match tokio::time::timeout(BODY_AFTER_RESPONSE, returned).await {
+        let wait = if keep { BODY_AFTER_RESPONSE } else { LINGER };
+        reader = match tokio::time::timeout(wait, returned).await {
             Ok(Ok(current)) => Some(current),
             _ => None,
         };
@@ -387,8 +396,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(refused(error)),
     };
-    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
-        .map_err(|_| malformed("invalid method"))?;
+    let method = request.method.unwrap_or_default();
+    // Upper-case letters, '_' and '-', as nginx takes: `get` is not GET to every server.
+    if !method
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'-')
+    {
+        return Err(malformed("invalid method"));
+    }
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| malformed("invalid method"))?;
     let version = match request.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -399,6 +415,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let uri = Uri::from_maybe_shared(head.slice(path.0 as usize..path.1 as usize))
         .map_err(|_| malformed("invalid request target"))?;
     let (map, noted) = spans.header_map(&head).map_err(malformed)?;
+    headers::check_host(&map, version == Version::HTTP_11).map_err(malformed)?;
     let Noted {
         framed,
         connection,
@@ -425,8 +442,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let upgrade = upgrade_field
         && connection
         && version == Version::HTTP_11
+        && method == Method::GET
         && framing == Framing::Empty
-        && headers::is_upgrade(&map);
+        && headers::is_websocket_upgrade(&map);
     let facts = RequestFacts {
         version,
         head_method: method == Method::HEAD,

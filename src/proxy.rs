@@ -116,17 +116,24 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     let client_version = request.version();
     let (mut parts, body) = request.into_parts();
     let body = ClientBody::new(body);
+    let mut body_unread = false;
     let mut response = match forward(&generation, conn, &mut parts, body.clone(), bytes_in).await {
         Ok(response) => response,
         Err(error) => {
-            tracing::debug!(request_id = %id, %error, "answered by the proxy");
+            // Debug, not Display: the details (an upstream address) are for the log only.
+            tracing::debug!(request_id = %id, ?error, "answered by the proxy");
+            body_unread = matches!(
+                error,
+                ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_)
+            );
             // Like nginx's lingering close: the client may still be sending.
             body.discard_rest(DISCARD_TIME);
             error.into_response(ResponseBody::whole)
         }
     };
-    if conn.drain.is_draining() && client_version < Version::HTTP_2 {
-        // This HTTP/1 connection ends after the response: say so to the client.
+    if (conn.drain.is_draining() || body_unread) && client_version < Version::HTTP_2 {
+        // This HTTP/1 connection ends after the response (where the next request would start
+        // is unknown when the body was not read to its end): say so to the client.
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

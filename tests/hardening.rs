@@ -267,3 +267,227 @@ async fn unfinished_heads_over_max_connections_do_not_grow_memory() {
     })
     .await;
 }
+
+/// Each request, sent alone on a connection, is answered `status` with `code`, and the
+/// connection then closes.
+async fn all_refused(proxy: &Proxy, status: &str, code: &str, cases: &[(&str, &[u8])]) {
+    for (what, request) in cases {
+        let response = exchange(proxy, request).await;
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {response}"
+        );
+        assert_eq!(error_code(&response), code, "{what}");
+        assert!(
+            response.contains("connection: close\r\n"),
+            "{what}: {response}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_duplicated_or_invalid_host_is_400() {
+    bounded(30, async {
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
+        let cases: [(&str, &[u8]); 5] = [
+            ("no Host", b"GET /v1/models HTTP/1.1\r\n\r\n"),
+            (
+                "two Hosts",
+                b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            ),
+            (
+                "an empty Host",
+                b"GET /v1/models HTTP/1.1\r\nHost: \r\n\r\n",
+            ),
+            (
+                "a Host with user info",
+                b"GET /v1/models HTTP/1.1\r\nHost: user@evil\r\n\r\n",
+            ),
+            (
+                "a Host that is no authority",
+                b"GET /v1/models HTTP/1.1\r\nHost: a b/c\r\n\r\n",
+            ),
+        ];
+        all_refused(&proxy, "400", "malformed_request", &cases).await;
+        assert!(upstream.received().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lower_case_methods_and_repeated_content_length_are_400() {
+    bounded(30, async {
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
+        let cases: [(&str, &[u8]); 2] = [
+            ("a lower-case method", b"get /v1/models HTTP/1.1\r\nHost: p\r\n\r\n"),
+            (
+                "the same Content-Length twice",
+                b"POST /v1/x HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
+            ),
+        ];
+        all_refused(&proxy, "400", "malformed_request", &cases).await;
+        assert!(upstream.received().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_100_continue_before_a_413_that_the_length_decides() {
+    bounded(30, async {
+        let (_pki, upstream, proxy) =
+            proxy_and_upstream("[server]\nmax_request_body = 1024").await;
+        let mut stream = connect(&proxy).await;
+        let head = "POST /v1/files HTTP/1.1\r\nHost: p\r\nExpect: 100-continue\r\nContent-Length: 4096\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let response = read_until(&mut stream, "\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
+        assert!(upstream.received().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_and_a_bad_chunk_400_close_the_connection() {
+    bounded(30, async {
+        let (_pki, _upstream, proxy) =
+            proxy_and_upstream("[server]\nmax_request_body = 1024").await;
+        let too_large: &[u8] =
+            b"POST /v1/files HTTP/1.1\r\nHost: p\r\nContent-Length: 4096\r\n\r\n";
+        all_refused(&proxy, "413", "request_too_large", &[("413", too_large)]).await;
+        let bad_chunk: &[u8] =
+            b"POST /v1/files HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        all_refused(
+            &proxy,
+            "400",
+            "client_body_error",
+            &[("bad chunk", bad_chunk)],
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_and_chunk_extensions_count_against_a_limit() {
+    bounded(30, async {
+        let (_pki, _upstream, proxy) = proxy_and_upstream("").await;
+        let line = format!("x-t: {}\r\n", "t".repeat(4000));
+        let trailers = format!(
+            "POST /v1/x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n{}\r\n",
+            line.repeat(20)
+        );
+        let extension = format!("1;e={}\r\na\r\n", "e".repeat(4000));
+        let extensions = format!(
+            "POST /v1/x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+            extension.repeat(20)
+        );
+        let cases: [(&str, &[u8]); 2] = [
+            ("80 KB of trailers", trailers.as_bytes()),
+            ("80 KB of chunk extensions", extensions.as_bytes()),
+        ];
+        all_refused(&proxy, "400", "client_body_error", &cases).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_websocket_get_upgrades_pass_others_lose_their_upgrade() {
+    bounded(30, async {
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
+        let request = b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n";
+        let mut stream = connect(&proxy).await;
+        stream.write_all(request).await.unwrap();
+        let response = read_until(&mut stream, "\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+        let seen = upstream.last();
+        assert!(seen.headers.get("upgrade").is_none(), "{:?}", seen.headers);
+
+        let request = b"DELETE /v1/realtime HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let mut stream = connect(&proxy).await;
+        stream.write_all(request).await.unwrap();
+        let response = read_until(&mut stream, "\r\n\r\n").await;
+        assert!(!response.starts_with("HTTP/1.1 101 "), "{response}");
+        let seen = upstream.last();
+        assert_eq!(seen.method, "DELETE");
+        assert!(seen.headers.get("upgrade").is_none(), "{:?}", seen.headers);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_and_host_override_headers_are_not_forwarded() {
+    bounded(30, async {
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
+        let request = b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Forwarded-Host: evil\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nConnection: close\r\n\r\n";
+        let response = exchange(&proxy, request).await;
+        assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+        let seen = upstream.last();
+        for name in ["x-forwarded-host", "x-original-url", "x-rewrite-url"] {
+            assert!(seen.headers.get(name).is_none(), "{name} went upstream");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_first_head_is_due_once_header_read_timeout_after_the_accept() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = Proxy::start(&tls_config(&upstream, &pki, "header_read_timeout = \"2s\""));
+        let accepted = Instant::now();
+        let mut tls = tls_connect(&proxy, &pki, b"http/1.1").await;
+        // A slow client: the first bytes of its head late, the rest never.
+        tokio::time::sleep_until((accepted + Duration::from_millis(1500)).into()).await;
+        tls.write_all(b"GET /v1/models HTTP/1.1\r\n").await.unwrap();
+        closed_within(&mut tls, Duration::from_secs(5)).await;
+        let took = accepted.elapsed();
+        assert!(
+            took < Duration::from_millis(2900),
+            "closed {took:?} after the accept"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_502_does_not_show_the_upstream_address() {
+    bounded(30, async {
+        let config = down_upstream_config("");
+        let port = config
+            .split("127.0.0.1:")
+            .nth(2)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        let proxy = Proxy::start(&config);
+        let request = b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n";
+        let response = exchange(&proxy, request).await;
+        assert!(response.starts_with("HTTP/1.1 502 "), "{response}");
+        assert!(
+            body_of(&response).contains("could not connect to the upstream"),
+            "{response}"
+        );
+        assert!(!body_of(&response).contains(port), "{response}");
+        assert!(!body_of(&response).contains("127.0.0.1"), "{response}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_response_head_over_64_kib_is_502() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Http1Only).await;
+        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let request = b"GET /v1/huge-head HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n";
+        let response = exchange(&proxy, request).await;
+        assert!(
+            response.starts_with("HTTP/1.1 502 "),
+            "{}",
+            &response[..200.min(response.len())]
+        );
+    })
+    .await;
+}

@@ -367,6 +367,10 @@ async fn upstream_route(
                           "param": null, "code": "rate_limit_exceeded"}
             }),
         ),
+        "/v1/huge-head" => Response::builder()
+            .header("x-huge", "h".repeat(70 << 10))
+            .body(full("huge"))
+            .unwrap(),
         "/v1/hop" => Response::builder()
             .header("content-type", "text/plain")
             .header("connection", "x-upstream-hop")
