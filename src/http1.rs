@@ -852,3 +852,92 @@ mod date {
         });
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(wire: &[u8]) -> Result<Option<(Head, usize)>, ()> {
+        let mut buf = BytesMut::from(wire);
+        match parse_head(&mut buf) {
+            Ok(Some(head)) => Ok(Some((head, wire.len() - buf.len()))),
+            Ok(None) => Ok(None),
+            Err(_) => Err(()),
+        }
+    }
+
+    proptest! {
+        /// A valid request head is incomplete at every cut, and whole at its end: what is taken
+        /// is what httparse says the head is, field for field, and the bytes after it are left
+        /// for the body.
+        #[test]
+        fn request_heads_cut_anywhere_then_whole(
+            method in prop_oneof![Just("GET"), Just("POST"), Just("DELETE")],
+            path in "/v1/[a-z0-9/._-]{0,30}",
+            fields in prop::collection::vec(("x-[a-z]{1,10}", "[ -~]{0,20}"), 0..6),
+            cut in any::<prop::sample::Index>(),
+            body in prop::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let mut wire = format!("{method} {path} HTTP/1.1\r\nHost: proxy\r\n");
+            for (name, value) in &fields {
+                wire.push_str(&format!("{name}: {}\r\n", value.trim()));
+            }
+            wire.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+            let head_len = wire.len();
+            let mut wire = wire.into_bytes();
+            wire.extend_from_slice(&body);
+            let cut = cut.index(head_len);
+            prop_assert!(matches!(parse(&wire[..cut]), Ok(None)), "cut at {cut}");
+
+            let (head, taken) = parse(&wire).unwrap().expect("a whole head");
+            let mut reference = [httparse::EMPTY_HEADER; 16];
+            let mut request = httparse::Request::new(&mut reference);
+            let status = request.parse(&wire).unwrap();
+            prop_assert_eq!(status, httparse::Status::Complete(taken));
+            prop_assert_eq!(taken, head_len);
+            prop_assert_eq!(head.parts.method.as_str(), request.method.unwrap());
+            prop_assert_eq!(head.parts.uri.to_string(), request.path.unwrap());
+            for field in request.headers.iter() {
+                let got: Vec<_> = head.parts.headers.get_all(field.name).iter().map(|v| v.as_bytes()).collect();
+                prop_assert!(got.contains(&field.value), "{}", field.name);
+            }
+            prop_assert_eq!(head.framing, Framing::Length(body.len() as u64));
+        }
+
+        /// Whatever a mutation does to a head's framing fields or request line, a head is
+        /// either refused or taken exactly as httparse reads it, with framing that
+        /// framing::from_fields would give it.
+        #[test]
+        fn mutated_heads_are_refused_or_read_as_httparse_does(
+            line in prop_oneof![Just("GET / HTTP/1.1"), Just("get / HTTP/1.1"), Just("GET  / HTTP/1.1"),
+                Just("GET / HTTP/1.0"), Just("GET / HTTP/2.0"), Just("G\u{7f}T / HTTP/1.1")],
+            framing in prop::collection::vec(prop_oneof![
+                Just("Content-Length: 3"), Just("Content-Length: 3, 3"), Just("Content-Length: -3"),
+                Just("Transfer-Encoding: chunked"), Just("Transfer-Encoding: gzip"),
+                Just("Transfer-Encoding : chunked"), Just("Content-Length:3"),
+                Just("Host: other"), Just(" folded: x")], 0..4),
+        ) {
+            let mut wire = format!("{line}\r\nHost: proxy\r\n");
+            for field in &framing {
+                wire.push_str(field);
+                wire.push_str("\r\n");
+            }
+            wire.push_str("\r\n");
+            let mut reference = [httparse::EMPTY_HEADER; 16];
+            let mut request = httparse::Request::new(&mut reference);
+            let parsed = request.parse(wire.as_bytes());
+            match parse(wire.as_bytes()) {
+                Ok(Some((head, taken))) => {
+                    prop_assert_eq!(parsed, Ok(httparse::Status::Complete(taken)));
+                    let expected = framing::from_fields(&head.parts.headers, head.parts.version);
+                    prop_assert_eq!(Ok(head.framing), expected);
+                    prop_assert_eq!(head.parts.headers.get_all(header::HOST).iter().count(), 1);
+                    prop_assert!(head.parts.method.as_str().bytes().all(|b| b.is_ascii_uppercase()));
+                }
+                Ok(None) => prop_assert!(false, "a whole head taken as incomplete: {wire:?}"),
+                Err(()) => {}
+            }
+        }
+    }
+}
