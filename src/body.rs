@@ -14,6 +14,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access_log::AccessRecord;
 use crate::error::ProxyError;
+use crate::http2::OpenStream;
 use crate::upstream::UpstreamBody;
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +280,8 @@ impl Body for RequestBody {
 pub struct ResponseBody {
     kind: ResponseKind,
     record: Option<AccessRecord>,
+    /// Over HTTP/2, the stream it is sent on, counted open for as long as the body lives.
+    stream: Option<OpenStream>,
 }
 
 enum ResponseKind {
@@ -294,6 +297,7 @@ impl ResponseBody {
         Self {
             kind: ResponseKind::Whole((!bytes.is_empty()).then_some(bytes)),
             record: None,
+            stream: None,
         }
     }
 
@@ -304,7 +308,12 @@ impl ResponseBody {
                 idle: IdleTimer::new(idle),
             },
             record: None,
+            stream: None,
         }
+    }
+
+    pub fn hold_stream(&mut self, stream: OpenStream) {
+        self.stream = Some(stream);
     }
 
     pub fn set_record(&mut self, record: AccessRecord) {

@@ -32,7 +32,8 @@ pub enum ProxyError {
     ClientBody(String),
     #[error("the proxy is at its connection limit; retry shortly")]
     Overloaded,
-    #[error("could not connect to the upstream: {0}")]
+    /// What failed (an address, a lookup) is logged, never shown to the client.
+    #[error("could not connect to the upstream")]
     UpstreamUnreachable(String),
     #[error("TLS to the upstream failed: {0}")]
     UpstreamTls(String),

@@ -149,8 +149,10 @@ pub fn from_fields(map: &HeaderMap, version: Version) -> Result<Framing, &'stati
             .ok()
             .and_then(|v| v.parse().ok())
             .ok_or("invalid Content-Length")?;
-        if length.is_some_and(|seen| seen != n) {
-            return Err("conflicting Content-Length values");
+        // Even the same value twice: nginx refuses that, and one reader of the message
+        // taking a list where another takes a number is how smuggling starts.
+        if length.is_some() {
+            return Err("more than one Content-Length");
         }
         length = Some(n);
     }
@@ -161,6 +163,8 @@ pub fn from_fields(map: &HeaderMap, version: Version) -> Result<Framing, &'stati
 #[derive(Debug)]
 pub struct Decoder {
     state: State,
+    /// Bytes of chunk extensions and trailer fields so far, held to `MAX_METADATA`.
+    metadata: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -187,6 +191,9 @@ pub enum Decoded {
 pub const BODY_READ: usize = 16 << 10;
 /// Longest chunk-size line or trailer line accepted.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes of chunk extensions and trailer fields, together, in one body: as much as a head
+/// may have (server.max_header_size's default), since they are read and dropped like one.
+const MAX_METADATA: usize = 64 << 10;
 
 impl Decoder {
     pub fn new(framing: Framing) -> Self {
@@ -196,7 +203,16 @@ impl Decoder {
             Framing::Chunked => State::ChunkSize,
             Framing::Close => State::UntilClose,
         };
-        Self { state }
+        Self { state, metadata: 0 }
+    }
+
+    /// Counts `bytes` of chunk extensions or trailers against their limit.
+    fn metadata(&mut self, bytes: usize) -> Result<(), &'static str> {
+        self.metadata += bytes;
+        if self.metadata > MAX_METADATA {
+            return Err("chunk extensions and trailers over 64 KiB");
+        }
+        Ok(())
     }
 
     pub fn is_done(&self) -> bool {
@@ -251,6 +267,8 @@ impl Decoder {
                     let Some(line) = take_line(buf)? else {
                         return Ok(Decoded::More);
                     };
+                    let extension = line.iter().position(|&b| b == b';');
+                    self.metadata(extension.map_or(0, |at| line.len() - at))?;
                     self.state = match chunk_size(&line)? {
                         0 => State::Trailers,
                         n => State::ChunkData(n),
@@ -269,7 +287,7 @@ impl Decoder {
                 // Trailer fields are read and dropped: no hop after this one needs them.
                 State::Trailers => match take_line(buf)? {
                     Some(line) if line.is_empty() => self.state = State::Done,
-                    Some(_) => {}
+                    Some(line) => self.metadata(line.len() + 2)?,
                     None => return Ok(Decoded::More),
                 },
             }
@@ -362,8 +380,6 @@ mod tests {
             from_fields(&fields(&[("content-length", "42")]), v11),
             Ok(Framing::Length(42))
         );
-        let same_twice = fields(&[("content-length", "7"), ("content-length", "7")]);
-        assert_eq!(from_fields(&same_twice, v11), Ok(Framing::Length(7)));
         let chunked = fields(&[("transfer-encoding", "Chunked")]);
         assert_eq!(from_fields(&chunked, v11), Ok(Framing::Chunked));
         for bad in [
@@ -371,6 +387,7 @@ mod tests {
             fields(&[("content-length", "+5")]),
             fields(&[("content-length", "5, 5")]),
             fields(&[("content-length", "5"), ("content-length", "6")]),
+            fields(&[("content-length", "7"), ("content-length", "7")]),
             fields(&[("content-length", "99999999999999999999")]),
             fields(&[("transfer-encoding", "gzip, chunked")]),
             fields(&[("transfer-encoding", "chunked, chunked")]),
@@ -426,5 +443,102 @@ mod tests {
         assert!(Decoder::new(Framing::Empty).is_done());
         assert!(Decoder::new(Framing::Close).ends_at_close());
         assert!(!Decoder::new(Framing::Length(3)).ends_at_close());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A body cut into chunks, with extensions and trailers, as RFC 9112 §7.1 frames it.
+        fn chunked(chunks: &[Vec<u8>], extension: &str, trailers: &[String]) -> Vec<u8> {
+            let mut wire = Vec::new();
+            for chunk in chunks.iter().filter(|c| !c.is_empty()) {
+                wire.extend_from_slice(format!("{:X}{extension}\r\n", chunk.len()).as_bytes());
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(format!("0{extension}\r\n").as_bytes());
+            for trailer in trailers {
+                wire.extend_from_slice(format!("x-{trailer}: v\r\n").as_bytes());
+            }
+            wire.extend_from_slice(b"\r\n");
+            wire
+        }
+
+        proptest! {
+            /// Whatever the chunking and however the bytes arrive, the body decodes to what was
+            /// framed, and the next message's bytes are left untouched.
+            #[test]
+            fn chunked_bodies_round_trip(
+                chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8),
+                extension in prop_oneof![Just(String::new()), "[a-z]{1,8}".prop_map(|e| format!(";{e}=1"))],
+                trailers in prop::collection::vec("[a-z]{1,8}", 0..3),
+                piece in 1usize..40,
+                next in prop::collection::vec(any::<u8>(), 0..16),
+            ) {
+                let mut wire = chunked(&chunks, &extension, &trailers);
+                wire.extend_from_slice(&next);
+                let (body, rest) = decode(Framing::Chunked, &wire, piece).unwrap();
+                prop_assert_eq!(body, chunks.concat());
+                prop_assert_eq!(rest, next);
+            }
+
+            /// A chunked body cut short is never taken as whole.
+            #[test]
+            fn cut_chunked_bodies_are_incomplete(
+                chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..32), 1..6),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let wire = chunked(&chunks, "", &[]);
+                let cut = cut.index(wire.len());
+                prop_assert_eq!(decode(Framing::Chunked, &wire[..cut], 7), Err("ran out"));
+            }
+
+            /// A mutated chunk-size line is either refused or read as the hex digits it holds:
+            /// never a sign, a prefix or anything else another reader could take differently.
+            #[test]
+            fn chunk_size_lines_are_hex_or_refused(line in "[-+0-9a-fA-FxX ;=\t]{0,20}") {
+                let digits = line.split(';').next().unwrap().trim_matches([' ', '\t']);
+                let strict = !digits.is_empty()
+                    && digits.len() <= 15
+                    && digits.bytes().all(|b| b.is_ascii_hexdigit());
+                match chunk_size(line.as_bytes()) {
+                    Ok(n) => {
+                        prop_assert!(strict, "{line:?} accepted");
+                        prop_assert_eq!(Some(n), u64::from_str_radix(digits, 16).ok());
+                    }
+                    Err(_) => prop_assert!(!strict, "{line:?} refused"),
+                }
+            }
+
+            /// Content-Length is one run of digits, once; Transfer-Encoding is `chunked` alone
+            /// and never with a Content-Length. Anything else is refused.
+            #[test]
+            fn framing_fields_are_accepted_only_unambiguous(
+                lengths in prop::collection::vec(prop_oneof![
+                    "[0-9]{1,5}", Just("1, 1".to_owned()), Just("+1".to_owned()), Just(" 1".to_owned()),
+                    Just("".to_owned()), Just("0x10".to_owned())], 0..3),
+                codings in prop::collection::vec(prop_oneof![
+                    Just("chunked"), Just("Chunked"), Just("gzip"), Just("chunked, chunked"),
+                    Just("identity")], 0..3),
+            ) {
+                let mut map = HeaderMap::new();
+                for value in &lengths {
+                    map.append(header::CONTENT_LENGTH, HeaderValue::from_str(value).unwrap());
+                }
+                for value in &codings {
+                    map.append(header::TRANSFER_ENCODING, HeaderValue::from_static(value));
+                }
+                let expected = match (&lengths[..], &codings[..]) {
+                    ([], []) => Ok(Framing::Empty),
+                    ([], [coding]) if coding.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
+                    ([length], []) if length.bytes().all(|b| b.is_ascii_digit()) && !length.is_empty() => {
+                        Ok(Framing::Length(length.parse().unwrap()))
+                    }
+                    _ => Err(()),
+                };
+                prop_assert_eq!(from_fields(&map, Version::HTTP_11).map_err(|_| ()), expected);
+            }
+        }
     }
 }

@@ -120,6 +120,7 @@ impl Generation {
             header_read_timeout: server.header_read_timeout.0,
             keepalive_timeout: server.keepalive_timeout.0,
             max_header_size: usize::try_from(server.max_header_size.0).unwrap_or(usize::MAX),
+            max_request_body: server.max_request_body.0,
         }
     }
 

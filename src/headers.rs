@@ -29,11 +29,39 @@ fn is_client_identity(name: &HeaderName) -> bool {
             | "cf-connecting-ip"
             | "true-client-ip"
             | "x-client-ip"
+            | "x-forwarded-host"
+            // Not identity, but as easily trusted by a server behind: they override the path
+            // that admission looked at.
+            | "x-original-url"
+            | "x-rewrite-url"
     )
 }
 
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && has_token(headers, header::CONNECTION, "upgrade")
+/// A WebSocket upgrade's fields: `Upgrade: websocket`, alone, and `Connection` listing
+/// `upgrade`. (Whether the method is GET is the caller's to check.) Any other protocol, h2c
+/// included, is no upgrade here: its fields are dropped as hop-by-hop, as nginx does.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let mut upgrade = headers.get_all(header::UPGRADE).iter();
+    let websocket = upgrade
+        .next()
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    websocket && upgrade.next().is_none() && has_token(headers, header::CONNECTION, "upgrade")
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host, and an HTTP/1.0 one at most one;
+/// its value is an authority without user info (nginx answers 400 otherwise, as here).
+pub fn check_host(headers: &HeaderMap, http11: bool) -> Result<(), &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return if http11 { Err("no Host field") } else { Ok(()) };
+    };
+    if hosts.next().is_some() {
+        return Err("more than one Host field");
+    }
+    let valid = !host.is_empty()
+        && !host.as_bytes().contains(&b'@')
+        && http::uri::Authority::try_from(host.as_bytes()).is_ok();
+    if valid { Ok(()) } else { Err("invalid Host") }
 }
 
 /// Whether any of the comma-separated fields `name` lists `token`.
@@ -133,10 +161,24 @@ mod tests {
             ("upgrade", "websocket"),
             ("sec-websocket-key", "abc"),
         ]);
-        assert!(is_upgrade(&h));
+        assert!(is_websocket_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["sec-websocket-key"], "abc");
+        let h2c = map(&[("connection", "Upgrade"), ("upgrade", "h2c")]);
+        assert!(!is_websocket_upgrade(&h2c));
+    }
+
+    #[test]
+    fn host_fields() {
+        assert!(check_host(&map(&[("host", "api.example:8080")]), true).is_ok());
+        assert!(check_host(&map(&[("host", "[::1]:80")]), true).is_ok());
+        assert!(check_host(&map(&[]), false).is_ok());
+        assert!(check_host(&map(&[]), true).is_err());
+        assert!(check_host(&map(&[("host", "a"), ("host", "a")]), true).is_err());
+        assert!(check_host(&map(&[("host", "")]), true).is_err());
+        assert!(check_host(&map(&[("host", "u@h")]), true).is_err());
+        assert!(check_host(&map(&[("host", "a/b")]), true).is_err());
     }
 }

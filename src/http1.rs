@@ -37,11 +37,14 @@ pub type ClientIo = Box<dyn Io>;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// For a request head to arrive once it has begun, and for the first one after connecting.
+    /// For a request head to arrive once it has begun. (The first one is due a fixed time after
+    /// the accept, handshake included: see `serve`.)
     pub header_read_timeout: Duration,
     /// For the next request on a kept-alive connection to begin.
     pub keepalive_timeout: Duration,
     pub max_header_size: usize,
+    /// A body declared longer is refused without a `100 Continue`.
+    pub max_request_body: u64,
 }
 
 /// How a connection left this module.
@@ -69,6 +72,7 @@ pub async fn serve(
     settings: &Settings,
     conn: &Arc<proxy::Connection>,
     cleartext: bool,
+    first_request: tokio::time::Instant,
 ) -> Served {
     let (half, writer) = tokio::io::split(io);
     let mut halves = (
@@ -88,9 +92,9 @@ pub async fn serve(
             reader.buf = BytesMut::new();
             conn.activity.set(proxy::Stage::Idle);
             let wait = if first {
-                settings.header_read_timeout
+                first_request
             } else {
-                settings.keepalive_timeout
+                tokio::time::Instant::now() + settings.keepalive_timeout
             };
             let arrived = tokio::select! {
                 biased;
@@ -103,15 +107,21 @@ pub async fn serve(
                     // refuse, so it gets a moment to arrive, and then its answer.
                     tokio::time::timeout(FIRST_REQUEST_GRACE, reader.read_some()).await
                 }
-                read = tokio::time::timeout(wait, reader.read_some()) => read,
+                read = tokio::time::timeout_at(wait, reader.read_some()) => read,
             };
             if !matches!(arrived, Ok(Ok(1..))) {
                 return Served::Closed;
             }
         }
         conn.activity.set(proxy::Stage::Head);
-        let head = tokio::time::timeout(
-            settings.header_read_timeout,
+        // The first head is due by the deadline set at the accept; a later one has its own.
+        let due = if first {
+            first_request
+        } else {
+            tokio::time::Instant::now() + settings.header_read_timeout
+        };
+        let head = tokio::time::timeout_at(
+            due,
             reader.read_head(settings.max_header_size, first && cleartext),
         )
         .await;
@@ -160,7 +170,8 @@ async fn exchange(
         expect_continue,
         upgrade,
     } = head;
-    if expect_continue && framing.has_body() {
+    let refused = matches!(framing, Framing::Length(n) if n > settings.max_request_body);
+    if expect_continue && framing.has_body() && !refused {
         // Sent at once rather than on the body's first read: the proxy streams the body
         // upstream right away in any case.
         writer
@@ -213,8 +224,14 @@ async fn exchange(
     let keep = respond(&mut writer, response, &facts, reader.as_mut())
         .await
         .ok()?;
+    if !keep {
+        // The client has been told that the connection ends: it ends now, whatever is left of
+        // the request body.
+        let _ = writer.shutdown().await;
+    }
     if let Some(returned) = returned {
-        reader = match tokio::time::timeout(BODY_AFTER_RESPONSE, returned).await {
+        let wait = if keep { BODY_AFTER_RESPONSE } else { LINGER };
+        reader = match tokio::time::timeout(wait, returned).await {
             Ok(Ok(current)) => Some(current),
             _ => None,
         };
@@ -298,6 +315,29 @@ impl Reader {
     }
 }
 
+/// Answers a connection over `server.max_connections` without reading its request: a fixed
+/// 503, then a moment of reading and discarding into a small buffer (see `linger`).
+pub async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
+    static ANSWER: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let body = ProxyError::Overloaded.body();
+        let mut out = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        out
+    });
+    if stream.write_all(&ANSWER).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let discard = async {
+        let mut sink = [0u8; 512];
+        while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {}
+    };
+    let _ = tokio::time::timeout(LINGER, discard).await;
+}
+
 /// Closes the sending side, then reads and discards for a moment: closing a socket with unread
 /// data resets the connection, and the client could lose the answer just sent. (Boxed, as
 /// `respond` is.)
@@ -360,8 +400,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(refused(error)),
     };
-    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
-        .map_err(|_| malformed("invalid method"))?;
+    let method = request.method.unwrap_or_default();
+    // Upper-case letters, '_' and '-', as nginx takes: `get` is not GET to every server.
+    if !method
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'-')
+    {
+        return Err(malformed("invalid method"));
+    }
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| malformed("invalid method"))?;
     let version = match request.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -372,6 +419,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let uri = Uri::from_maybe_shared(head.slice(path.0 as usize..path.1 as usize))
         .map_err(|_| malformed("invalid request target"))?;
     let (map, noted) = spans.header_map(&head).map_err(malformed)?;
+    headers::check_host(&map, version == Version::HTTP_11).map_err(malformed)?;
     let Noted {
         framed,
         connection,
@@ -398,8 +446,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let upgrade = upgrade_field
         && connection
         && version == Version::HTTP_11
+        && method == Method::GET
         && framing == Framing::Empty
-        && headers::is_upgrade(&map);
+        && headers::is_websocket_upgrade(&map);
     let facts = RequestFacts {
         version,
         head_method: method == Method::HEAD,
@@ -805,5 +854,94 @@ mod date {
             }
             out.extend_from_slice(text.as_bytes());
         });
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(wire: &[u8]) -> Result<Option<(Head, usize)>, ()> {
+        let mut buf = BytesMut::from(wire);
+        match parse_head(&mut buf) {
+            Ok(Some(head)) => Ok(Some((head, wire.len() - buf.len()))),
+            Ok(None) => Ok(None),
+            Err(_) => Err(()),
+        }
+    }
+
+    proptest! {
+        /// A valid request head is incomplete at every cut, and whole at its end: what is taken
+        /// is what httparse says the head is, field for field, and the bytes after it are left
+        /// for the body.
+        #[test]
+        fn request_heads_cut_anywhere_then_whole(
+            method in prop_oneof![Just("GET"), Just("POST"), Just("DELETE")],
+            path in "/v1/[a-z0-9/._-]{0,30}",
+            fields in prop::collection::vec(("x-[a-z]{1,10}", "[ -~]{0,20}"), 0..6),
+            cut in any::<prop::sample::Index>(),
+            body in prop::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let mut wire = format!("{method} {path} HTTP/1.1\r\nHost: proxy\r\n");
+            for (name, value) in &fields {
+                wire.push_str(&format!("{name}: {}\r\n", value.trim()));
+            }
+            wire.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+            let head_len = wire.len();
+            let mut wire = wire.into_bytes();
+            wire.extend_from_slice(&body);
+            let cut = cut.index(head_len);
+            prop_assert!(matches!(parse(&wire[..cut]), Ok(None)), "cut at {cut}");
+
+            let (head, taken) = parse(&wire).unwrap().expect("a whole head");
+            let mut reference = [httparse::EMPTY_HEADER; 16];
+            let mut request = httparse::Request::new(&mut reference);
+            let status = request.parse(&wire).unwrap();
+            prop_assert_eq!(status, httparse::Status::Complete(taken));
+            prop_assert_eq!(taken, head_len);
+            prop_assert_eq!(head.parts.method.as_str(), request.method.unwrap());
+            prop_assert_eq!(head.parts.uri.to_string(), request.path.unwrap());
+            for field in request.headers.iter() {
+                let got: Vec<_> = head.parts.headers.get_all(field.name).iter().map(|v| v.as_bytes()).collect();
+                prop_assert!(got.contains(&field.value), "{}", field.name);
+            }
+            prop_assert_eq!(head.framing, Framing::Length(body.len() as u64));
+        }
+
+        /// Whatever a mutation does to a head's framing fields or request line, a head is
+        /// either refused or taken exactly as httparse reads it, with framing that
+        /// framing::from_fields would give it.
+        #[test]
+        fn mutated_heads_are_refused_or_read_as_httparse_does(
+            line in prop_oneof![Just("GET / HTTP/1.1"), Just("get / HTTP/1.1"), Just("GET  / HTTP/1.1"),
+                Just("GET / HTTP/1.0"), Just("GET / HTTP/2.0"), Just("G\u{7f}T / HTTP/1.1")],
+            framing in prop::collection::vec(prop_oneof![
+                Just("Content-Length: 3"), Just("Content-Length: 3, 3"), Just("Content-Length: -3"),
+                Just("Transfer-Encoding: chunked"), Just("Transfer-Encoding: gzip"),
+                Just("Transfer-Encoding : chunked"), Just("Content-Length:3"),
+                Just("Host: other"), Just(" folded: x")], 0..4),
+        ) {
+            let mut wire = format!("{line}\r\nHost: proxy\r\n");
+            for field in &framing {
+                wire.push_str(field);
+                wire.push_str("\r\n");
+            }
+            wire.push_str("\r\n");
+            let mut reference = [httparse::EMPTY_HEADER; 16];
+            let mut request = httparse::Request::new(&mut reference);
+            let parsed = request.parse(wire.as_bytes());
+            match parse(wire.as_bytes()) {
+                Ok(Some((head, taken))) => {
+                    prop_assert_eq!(parsed, Ok(httparse::Status::Complete(taken)));
+                    let expected = framing::from_fields(&head.parts.headers, head.parts.version);
+                    prop_assert_eq!(Ok(head.framing), expected);
+                    prop_assert_eq!(head.parts.headers.get_all(header::HOST).iter().count(), 1);
+                    prop_assert!(head.parts.method.as_str().bytes().all(|b| b.is_ascii_uppercase()));
+                }
+                Ok(None) => prop_assert!(false, "a whole head taken as incomplete: {wire:?}"),
+                Err(()) => {}
+            }
+        }
     }
 }

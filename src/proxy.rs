@@ -12,7 +12,7 @@ use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
 use crate::headers;
-use crate::upstream::http1::Upgraded;
+use crate::tunnel;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -53,27 +53,53 @@ impl<'de> Deserialize<'de> for PathPrefix {
     }
 }
 
-/// `..` could climb out of an allowed prefix at the upstream; `%2e` is the same dot.
+/// Whether `path`, percent-decoded, has a `.` or `..` segment: one could climb out of an
+/// allowed prefix at an upstream that decodes before it resolves segments. Segments are split at
+/// `/` and `\` both, and at their encodings `%2f` and `%5c`, since some servers take either as
+/// a separator once decoded.
 fn has_dot_segment(path: &str) -> bool {
     // Nearly every path has neither a dot nor an escape: no segment to look at then.
-    if !path.contains(['.', '%']) {
+    if !path.contains(['.', '%', '\\']) {
         return false;
     }
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    percent_decoded(path.as_bytes())
+        .split(|&b| b == b'/' || b == b'\\')
+        .any(|segment| segment == b"." || segment == b"..")
+}
+
+/// `bytes` with each `%XX` escape decoded once; a `%` that starts no escape stays as it is.
+fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', high, low]) => hex(*high).zip(hex(*low)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// What a connection tells each of its requests.
 pub struct Connection {
     pub live: Arc<Live>,
     pub client: SocketAddr,
-    /// Accepted beyond `server.max_connections`: every request is answered 503.
-    pub overloaded: bool,
     pub drain: drain::Watch,
     /// What the connection is waiting for, for the log line of a drain that has to cut it.
     pub activity: Activity,
+    /// The connection counts against `server.max_connections` for as long as this lives.
+    pub _open: crate::server::OpenConnection,
 }
 
 /// The stage an HTTP/1.1 connection is at. Set as it moves on (a relaxed store), read only when
@@ -113,7 +139,7 @@ impl Activity {
     }
 }
 
-pub async fn handle(conn: &Connection, request: Request<Inbound>) -> Response<ResponseBody> {
+pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Response<ResponseBody> {
     // The generation is fixed for this request's whole life, whatever reloads happen meanwhile.
     let generation = conn.live.snapshot();
     let id = RequestId::next();
@@ -129,17 +155,24 @@ pub async fn handle(conn: &Connection, request: Request<Inbound>) -> Response<Re
     let client_version = request.version();
     let (mut parts, body) = request.into_parts();
     let body = ClientBody::new(body);
+    let mut body_unread = false;
     let mut response = match forward(&generation, conn, &mut parts, body.clone(), bytes_in).await {
         Ok(response) => response,
         Err(error) => {
-            tracing::debug!(request_id = %id, %error, "answered by the proxy");
+            // Debug, not Display: the details (an upstream address) are for the log only.
+            tracing::debug!(request_id = %id, ?error, "answered by the proxy");
+            body_unread = matches!(
+                error,
+                ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_)
+            );
             // Like nginx's lingering close: the client may still be sending.
             body.discard_rest(DISCARD_TIME);
             error.into_response(ResponseBody::whole)
         }
     };
-    if (conn.drain.is_draining() || conn.overloaded) && client_version < Version::HTTP_2 {
-        // This HTTP/1 connection ends after the response: say so to the client.
+    if (conn.drain.is_draining() || body_unread) && client_version < Version::HTTP_2 {
+        // This HTTP/1 connection ends after the response (where the next request would start
+        // is unknown when the body was not read to its end): say so to the client.
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -157,14 +190,7 @@ pub async fn handle(conn: &Connection, request: Request<Inbound>) -> Response<Re
 /// the answer rather than a reset.
 const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn admit(
-    generation: &Generation,
-    conn: &Connection,
-    request: &http::request::Parts,
-) -> Result<(), ProxyError> {
-    if conn.overloaded {
-        return Err(ProxyError::Overloaded);
-    }
+fn admit(generation: &Generation, request: &http::request::Parts) -> Result<(), ProxyError> {
     if request.method == Method::CONNECT {
         return Err(ProxyError::ConnectRefused);
     }
@@ -191,12 +217,12 @@ fn admit(
 
 async fn forward(
     generation: &Generation,
-    conn: &Connection,
+    conn: &Arc<Connection>,
     parts: &mut http::request::Parts,
     body: ClientBody,
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    admit(generation, conn, parts)?;
+    admit(generation, parts)?;
     let upstream = &generation.upstream;
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
     // other request with Upgrade fields goes as a plain request, without them.
@@ -242,7 +268,8 @@ async fn forward(
 
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (Some(client_upgrade), Some(upgraded)) = (client_upgrade, upgraded) {
-        tokio::spawn(tunnel(client_upgrade, upgraded, conn.drain.clone()));
+        // The tunnel holds the connection, which keeps counting against max_connections.
+        tokio::spawn(tunnel::splice(client_upgrade, upgraded, conn.clone(), idle));
     }
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switched && upgrade);
@@ -274,25 +301,6 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, client: SocketAddr) {
     }
 }
 
-/// Splices a WebSocket (or any upgraded protocol) both ways until either side closes.
-async fn tunnel(client: crate::http1::OnUpgrade, mut upstream: Upgraded, drain: drain::Watch) {
-    let mut client = match client.connection().await {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade did not complete");
-            return;
-        }
-    };
-    let started = tokio::time::Instant::now();
-    tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {
-            Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, seconds = started.elapsed().as_secs_f64(), "tunnel closed"),
-            Err(error) => tracing::debug!(%error, "tunnel closed with an error"),
-        },
-        () = drain.cut() => tracing::info!(after = ?started.elapsed(), "tunnel cut at the end of the drain timeout"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +310,16 @@ mod tests {
         assert!(has_dot_segment("/v1/../admin"));
         assert!(has_dot_segment("/v1/%2E%2e/admin"));
         assert!(has_dot_segment("/v1/./x"));
+        assert!(has_dot_segment("/v1/..%2fadmin"));
+        assert!(has_dot_segment("/v1/%2e%2e%2fadmin"));
+        assert!(has_dot_segment("/v1/%2E%2E%2Fadmin"));
+        assert!(has_dot_segment("/v1/.%2e%2fadmin"));
+        assert!(has_dot_segment("/v1/..%5cadmin"));
+        assert!(has_dot_segment("/v1/x\\..\\admin"));
+        assert!(has_dot_segment("/v1/.."));
+        assert!(!has_dot_segment("/v1/files/a%2Fb.jsonl"));
+        assert!(!has_dot_segment("/v1/100%"));
+        assert!(!has_dot_segment("/v1/%zz/..x"));
         assert!(!has_dot_segment("/v1/chat/completions"));
         assert!(!has_dot_segment("/v1/files/file-abc.jsonl"));
     }

@@ -16,6 +16,7 @@ use crate::config::{self, ByteSize, Timeout};
 use crate::drain;
 use crate::generation::{Generation, Live};
 use crate::http1::{self, ClientIo, Rewind};
+use crate::http2::{self, Streams};
 use crate::proxy;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -110,8 +111,9 @@ pub async fn accept_loop(
     }
 }
 
-/// Counts itself among the open connections for as long as it lives.
-struct OpenConnection {
+/// Counts itself among the open connections for as long as it lives: its connection's, and any
+/// WebSocket tunnel's that outlives the request that opened it.
+pub struct OpenConnection {
     counter: Arc<AtomicUsize>,
     open: usize,
 }
@@ -141,21 +143,31 @@ async fn serve_connection(
     count: OpenConnection,
 ) {
     let generation = live.snapshot();
+    if count.open > generation.config.server.max_connections.0 {
+        // Answered before anything is read, so that connections over the limit cost no buffer;
+        // over TLS there is nothing to answer in before a handshake, so closed.
+        if !generation.is_tls(local) {
+            http1::refuse_overloaded(stream).await;
+        }
+        return;
+    }
     let conn = Arc::new(proxy::Connection {
         live: live.clone(),
         client,
-        overloaded: count.open > generation.config.server.max_connections.0,
         drain,
         activity: proxy::Activity::default(),
+        _open: count,
     });
+    // The handshake, the first read and the first request head share one deadline.
+    let first_request =
+        tokio::time::Instant::now() + generation.config.server.header_read_timeout.0;
     let tls = generation.tls.as_ref().filter(|_| generation.is_tls(local));
     // One await of serve_http, not one per branch: a task is as large as its largest state, and
     // each await point of a future holds a slot of its own. The common case, an HTTP/1.1
     // connection waiting for its next request, should be small; so is the TLS handshake boxed.
     let (io, h2, cleartext): (ClientIo, bool, bool) = match tls {
         Some(acceptor) => {
-            let timeout = generation.config.server.header_read_timeout.0;
-            match tokio::time::timeout(timeout, Box::pin(acceptor.accept(stream))).await {
+            match tokio::time::timeout_at(first_request, Box::pin(acceptor.accept(stream))).await {
                 Ok(Ok(stream)) => {
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                     (Box::new(stream), h2, false)
@@ -172,8 +184,7 @@ async fn serve_connection(
         }
         None => (Box::new(stream), false, true),
     };
-    serve_http(io, h2, cleartext, &generation, conn).await;
-    drop(count);
+    serve_http(io, h2, cleartext, first_request, &generation, conn).await;
 }
 
 /// HTTP/2 when TLS negotiated it or a cleartext client opens with its preface; HTTP/1.1 otherwise.
@@ -181,6 +192,7 @@ async fn serve_http(
     io: ClientIo,
     h2: bool,
     cleartext: bool,
+    first_request: tokio::time::Instant,
     generation: &Generation,
     conn: Arc<proxy::Connection>,
 ) {
@@ -189,7 +201,7 @@ async fn serve_http(
     } else {
         let settings = generation.http1_settings();
         let served = tokio::select! {
-            served = http1::serve(io, &settings, &conn, cleartext) => served,
+            served = http1::serve(io, &settings, &conn, cleartext, first_request) => served,
             () = conn.drain.cut() => {
                 tracing::debug!(client = %conn.client, waiting_for = conn.activity.describe(), "connection cut by the drain timeout");
                 return;
@@ -200,24 +212,45 @@ async fn serve_http(
             http1::Served::Closed => return,
         }
     };
-    Box::pin(serve_http2(io, generation, conn)).await;
+    Box::pin(serve_http2(io, first_request, generation, conn)).await;
 }
 
-async fn serve_http2(io: Rewind<ClientIo>, generation: &Generation, conn: Arc<proxy::Connection>) {
+async fn serve_http2(
+    io: Rewind<ClientIo>,
+    first_request: tokio::time::Instant,
+    generation: &Generation,
+    conn: Arc<proxy::Connection>,
+) {
     let drain = conn.drain.clone();
     let client = conn.client;
     conn.activity.set(proxy::Stage::Http2);
+    let streams = Streams::new();
+    let counted = streams.clone();
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let conn = conn.clone();
+        let stream = counted.open();
         async move {
             let request = request.map(Inbound::Http2);
-            Ok::<_, Infallible>(proxy::handle(&conn, request).await)
+            let mut response = proxy::handle(&conn, request).await;
+            response.body_mut().hold_stream(stream);
+            Ok::<_, Infallible>(response)
         }
     });
     let connection = generation.http2.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
+    let keepalive = generation.config.server.keepalive_timeout.0;
     let result = tokio::select! {
         result = connection.as_mut() => result,
+        () = streams.idle(first_request, keepalive) => {
+            // GOAWAY; a client that neither acknowledges it nor opens a stream meanwhile is
+            // closed on.
+            connection.as_mut().graceful_shutdown();
+            let grace = tokio::time::Instant::now() + http2::GOAWAY_GRACE;
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = streams.idle(grace, http2::GOAWAY_GRACE) => return,
+            }
+        }
         () = drain.draining() => {
             // GOAWAY: streams in flight finish, no new ones start.
             connection.as_mut().graceful_shutdown();

@@ -222,7 +222,10 @@ impl Upstream {
             }
         });
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2.timer(TokioTimer::new()).adaptive_window(true);
+        http2
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .max_header_list_size(64 << 10);
         let dialer = Arc::new(Dialer {
             resolver: resolve::Resolver::new(&url.host, url.port, config.dns_refresh.0),
             // http:// means HTTP/1.1: no prior-knowledge HTTP/2.

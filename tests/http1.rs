@@ -4,70 +4,16 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
-
-async fn connect(proxy: &Proxy) -> TcpStream {
-    let url = proxy.url("");
-    TcpStream::connect(url.trim_start_matches("http://"))
-        .await
-        .unwrap()
-}
-
-/// Sends `request` and reads until the proxy closes the connection.
-async fn exchange(proxy: &Proxy, request: &[u8]) -> String {
-    let mut stream = connect(proxy).await;
-    stream.write_all(request).await.unwrap();
-    read_to_close(&mut stream).await
-}
-
-async fn read_to_close(stream: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
-        .await
-        .expect("the proxy closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Reads until `text` has arrived; returns everything read so far.
-async fn read_until(stream: &mut TcpStream, text: &str) -> String {
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !String::from_utf8_lossy(&out).contains(text) {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{text:?} within 10 s; got {:?}",
-                    String::from_utf8_lossy(&out)
-                )
-            })
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before {text:?}: {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        out.extend_from_slice(&chunk[..n]);
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 fn post(path: &str, body: &str, extra: &str) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer sk-test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
         body.len()
     )
-}
-
-fn body_of(response: &str) -> &str {
-    response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -356,10 +356,6 @@ fn tcp_queues(wanted: impl Fn(u16, u16) -> bool) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The client side.
 
@@ -377,46 +373,6 @@ async fn connect(proxy: &Proxy) -> TcpStream {
 }
 
 /// Reads until `text` has arrived; returns everything read so far.
-async fn read_until(stream: &mut TcpStream, text: &str) -> String {
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 16 << 10];
-    while find(&out, text.as_bytes()).is_none() {
-        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{text:?} within {WAIT:?}; got {:?}",
-                    String::from_utf8_lossy(&out)
-                )
-            })
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{e} before {text:?}; got {:?}",
-                    String::from_utf8_lossy(&out)
-                )
-            });
-        assert!(
-            n > 0,
-            "closed before {text:?}: {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        out.extend_from_slice(&chunk[..n]);
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn read_to_close(stream: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
-        .await
-        .expect("the proxy closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn body_of(response: &str) -> &str {
-    response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The cases.

@@ -486,6 +486,10 @@ fn parse_head(buf: &mut BytesMut, out: &Outgoing) -> Result<Option<Head>, &'stat
         buf,
         &mut fields,
     ) {
+        // A head that arrived whole in one read is held to the limit too.
+        Ok(httparse::Status::Complete(length)) if length > MAX_HEAD => {
+            return Err("the response head is larger than 64 KiB");
+        }
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err("the response head does not parse as HTTP/1.1"),

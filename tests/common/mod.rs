@@ -24,6 +24,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_openai-proxy");
 
@@ -365,6 +367,10 @@ async fn upstream_route(
                           "param": null, "code": "rate_limit_exceeded"}
             }),
         ),
+        "/v1/huge-head" => Response::builder()
+            .header("x-huge", "h".repeat(70 << 10))
+            .body(full("huge"))
+            .unwrap(),
         "/v1/hop" => Response::builder()
             .header("content-type", "text/plain")
             .header("connection", "x-upstream-hop")
@@ -820,4 +826,79 @@ pub async fn stream_chat(
     assert!(done, "the stream ended with [DONE]");
     assert_eq!(arrivals.len() as u64, events, "every event arrived");
     arrivals
+}
+
+// Raw HTTP/1.1 spoken to the proxy's plain listener.
+
+/// How long a raw read waits for what it expects.
+const RAW_WAIT: Duration = Duration::from_secs(10);
+
+pub async fn connect(proxy: &Proxy) -> TcpStream {
+    let url = proxy.url("");
+    TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap()
+}
+
+/// Sends `request` and reads until the proxy closes the connection.
+pub async fn exchange(proxy: &Proxy, request: &[u8]) -> String {
+    let mut stream = connect(proxy).await;
+    stream.write_all(request).await.unwrap();
+    read_to_close(&mut stream).await
+}
+
+pub async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    tokio::time::timeout(RAW_WAIT, stream.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads until `text` has arrived; returns everything read so far.
+pub async fn read_until(stream: &mut TcpStream, text: &str) -> String {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    while find(&out, text.as_bytes()).is_none() {
+        let n = tokio::time::timeout(RAW_WAIT, stream.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{text:?} within {RAW_WAIT:?}; got {:?}",
+                    String::from_utf8_lossy(&out)
+                )
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e} before {text:?}; got {:?}",
+                    String::from_utf8_lossy(&out)
+                )
+            });
+        assert!(
+            n > 0,
+            "closed before {text:?}: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What follows a raw response's head.
+pub fn body_of(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The fake upstream (both ALPNs) and the proxy in front of it on a plain listener, with `extra`
+/// before the `[upstream]` table (a `[server]` table, say).
+pub async fn proxy_and_upstream(extra: &str) -> (Pki, FakeUpstream, Proxy) {
+    let pki = Pki::new();
+    let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+    let proxy = Proxy::start(&basic_config(&upstream, &pki, extra));
+    (pki, upstream, proxy)
 }
