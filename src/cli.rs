@@ -1,4 +1,5 @@
-//! The command line: `openai-proxy [check] [--config PATH]`, `--version`, `--help`.
+//! The command line: `openai-proxy [check] [--config PATH]`, `token new NAME`, `--version`,
+//! `--help`.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -11,6 +12,8 @@ openai-proxy: a reverse proxy for the OpenAI API
 Usage:
   openai-proxy [--config PATH]          run the proxy
   openai-proxy check [--config PATH]    validate the config (and the files it names), then exit
+  openai-proxy token new NAME           print a new client token, then the [[token]] table that
+                                        lets it in (for the tokens_file of [auth] mode = \"tokens\")
   openai-proxy --version | --help
 
 Options:
@@ -26,11 +29,21 @@ Signals:
 pub enum Command {
     Run { config: PathBuf },
     Check { config: PathBuf },
+    TokenNew { name: String },
     Help,
     Version,
 }
 
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    if args.first().is_some_and(|a| a == "token") {
+        return match &args[1..] {
+            [new, name] if new == "new" => Ok(Command::TokenNew {
+                name: name.to_string_lossy().into_owned(),
+            }),
+            _ => Err("usage: openai-proxy token new NAME".into()),
+        };
+    }
     let mut check = false;
     let mut config = None;
     let mut args = args.into_iter();
@@ -91,5 +104,13 @@ mod tests {
         assert_eq!(parse(args(&["--version"])).unwrap(), Command::Version);
         assert!(parse(args(&["--config"])).is_err());
         assert!(parse(args(&["serve"])).is_err());
+        assert_eq!(
+            parse(args(&["token", "new", "alice"])).unwrap(),
+            Command::TokenNew {
+                name: "alice".into()
+            }
+        );
+        assert!(parse(args(&["token", "new"])).is_err());
+        assert!(parse(args(&["token", "revoke", "alice"])).is_err());
     }
 }
