@@ -358,6 +358,15 @@ async fn upstream_route(
                 }),
             )
         }
+        "/v1/models" => {
+            let data: Vec<serde_json::Value> = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-nano", "whisper-1"]
+                .map(|id| serde_json::json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "openai"}))
+                .into();
+            json_response(
+                StatusCode::OK,
+                serde_json::json!({"object": "list", "data": data}),
+            )
+        }
         "/v1/error" => json_response(
             StatusCode::TOO_MANY_REQUESTS,
             serde_json::json!({
@@ -458,6 +467,12 @@ fn websocket_echo(
         );
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let protocol = req
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|p| p.trim().to_owned());
     let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
@@ -476,13 +491,16 @@ fn websocket_echo(
             }
         }
     });
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header("connection", "upgrade")
         .header("upgrade", "websocket")
-        .header("sec-websocket-accept", accept)
-        .body(full(Bytes::new()))
-        .unwrap()
+        .header("sec-websocket-accept", accept);
+    // Like OpenAI's Realtime API: the first subprotocol offered (`realtime`) is the one spoken.
+    if let Some(first) = protocol {
+        response = response.header("sec-websocket-protocol", first);
+    }
+    response.body(full(Bytes::new())).unwrap()
 }
 
 /// A unix datagram socket standing in for systemd's NOTIFY_SOCKET; keeps every message.
