@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,70 +15,12 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The proxy's own OpenAI key, as the key file holds it.
-const KEY: &str = "sk-proj-UPSTREAM-SECRET-KEY-42";
-const AUTH: &str = "[auth]\nmode = \"tokens\"\nupstream_key_file = \"openai-key\"\ntokens_file = \"tokens.toml\"\norganization = \"org-proxy\"\n";
-
-/// A token made by `openai-proxy token new NAME`, and the `[[token]]` table it printed.
-struct Issued {
-    token: String,
-    table: String,
-}
-
-fn issue(name: &str) -> Issued {
-    let out = std::process::Command::new(BIN)
-        .args(["token", "new", name])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (token, table) = text.split_once('\n').unwrap();
-    assert!(token.starts_with("op-"), "{token}");
-    Issued {
-        token: token.to_owned(),
-        table: table.to_owned(),
-    }
-}
-
-/// Writes a file whole under a temporary name, then renames it over the old one, as careful
-/// tools do (the watcher settles such a change in 0.1 s).
-fn replace_file(path: &Path, contents: &str) {
-    let temporary = path.with_extension("new");
-    std::fs::write(&temporary, contents).unwrap();
-    std::fs::rename(&temporary, path).unwrap();
-}
-
-fn write_key(dir: &Path, mode: u32) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("openai-key");
-    std::fs::write(&path, format!("{KEY}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-    path
-}
-
-/// The proxy in tokens mode, its key file and tokens file beside its config.
-fn start(upstream: &FakeUpstream, pki: &Pki, tokens: &str, env: &[(&str, &str)]) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    write_key(dir.path(), 0o600);
-    std::fs::write(dir.path().join("tokens.toml"), tokens).unwrap();
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, basic_config(upstream, pki, AUTH)).unwrap();
-    let options = ProxyOptions {
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    };
-    Proxy::spawn(dir, config_path, options)
-}
-
 /// A fake upstream and the proxy in tokens mode in front of it, with these `[[token]]` tables.
 /// (The Pki is kept: a reload reads its CA file again.)
 async fn setup(tokens: &str, env: &[(&str, &str)]) -> (Pki, FakeUpstream, Proxy) {
     let pki = Pki::new();
     let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-    let proxy = start(&upstream, &pki, tokens, env);
+    let proxy = start_tokens(&upstream, &pki, tokens, env);
     (pki, upstream, proxy)
 }
 
@@ -95,7 +37,10 @@ fn assert_model_outcome(
         assert_eq!(answer.status, StatusCode::OK);
         let seen = upstream.last();
         assert!(seen.body == *body, "the body went byte for byte");
-        assert_eq!(seen.headers["authorization"], format!("Bearer {KEY}"));
+        assert_eq!(
+            seen.headers["authorization"],
+            format!("Bearer {UPSTREAM_KEY}")
+        );
     } else {
         assert_error(answer, StatusCode::FORBIDDEN, "model_not_allowed");
         assert_eq!(upstream.received().len(), before, "nothing went upstream");
@@ -156,7 +101,10 @@ async fn the_upstream_gets_the_key_and_never_the_token() {
             let received = upstream.received();
             assert_eq!(received.len(), i + 1);
             let seen = &received[i];
-            assert_eq!(seen.headers["authorization"], format!("Bearer {KEY}"));
+            assert_eq!(
+                seen.headers["authorization"],
+                format!("Bearer {UPSTREAM_KEY}")
+            );
             assert_eq!(
                 seen.headers["openai-organization"], "org-proxy",
                 "the proxy's organization, not the client's"
@@ -196,10 +144,10 @@ async fn a_missing_unknown_or_expired_token_gets_401_and_nothing_goes_upstream()
             ("a token it did not issue", Some(unknown.token.as_str())),
             (
                 "the client's own OpenAI key",
-                Some("sk-test-SECRET-KEY-123"),
+                Some("sk-test-SECRET-UPSTREAM_KEY-123"),
             ),
             ("an expired token", Some(old.token.as_str())),
-            ("the key itself", Some(KEY)),
+            ("the key itself", Some(UPSTREAM_KEY)),
         ];
         for (what, token) in cases {
             let answer = send(&client, chat_request(&url, token, "gpt-4o-mini")).await;
@@ -441,7 +389,11 @@ fn a_key_file_others_may_read_is_refused_unless_systemd_made_it() {
     let alice = issue("alice");
     std::fs::write(dir.path().join("tokens.toml"), &alice.table).unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::write(&config, format!("listen = [\"127.0.0.1:0\"]\n{AUTH}")).unwrap();
+    std::fs::write(
+        &config,
+        format!("listen = [\"127.0.0.1:0\"]\n{TOKENS_AUTH}"),
+    )
+    .unwrap();
     let check = |env: Option<&Path>| {
         let mut command = std::process::Command::new(BIN);
         command.arg("check").arg("--config").arg(&config);
@@ -455,7 +407,7 @@ fn a_key_file_others_may_read_is_refused_unless_systemd_made_it() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(!text.contains(KEY), "the key was printed: {text}");
+        assert!(!text.contains(UPSTREAM_KEY), "the key was printed: {text}");
         (out.status.success(), text)
     };
     write_key(dir.path(), 0o644);
@@ -530,7 +482,7 @@ async fn realtime_websocket_with_the_token_as_a_subprotocol() {
         let seen = upstream.last();
         assert_eq!(
             seen.headers["sec-websocket-protocol"],
-            format!("realtime, openai-insecure-api-key.{KEY}, openai-beta.realtime-v1")
+            format!("realtime, openai-insecure-api-key.{UPSTREAM_KEY}, openai-beta.realtime-v1")
         );
         assert_no_token(&seen, &alice.token);
 
@@ -580,7 +532,7 @@ async fn the_key_and_the_tokens_never_reach_the_log_even_at_trace_level() {
         assert!(logs.lines().count() > 50, "trace logging is on");
         assert!(logs.contains("token=carol"), "the log names the tokens");
         let notify = proxy.notify.messages().join("\n");
-        for secret in [KEY, &alice.token, &carol.token, &nobody.token] {
+        for secret in [UPSTREAM_KEY, &alice.token, &carol.token, &nobody.token] {
             assert!(!logs.contains(secret), "a secret reached the log");
             assert!(!notify.contains(secret), "a secret reached systemd");
         }
