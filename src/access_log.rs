@@ -71,6 +71,8 @@ pub struct AccessRecord {
     pub time_to_headers: Duration,
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: u64,
+    /// The name of the client's token, in tokens mode.
+    pub token: Option<Arc<str>>,
     cut: Option<String>,
     enabled: bool,
 }
@@ -95,6 +97,7 @@ impl AccessRecord {
             time_to_headers: Duration::ZERO,
             bytes_in: Arc::default(),
             bytes_out: 0,
+            token: None,
             cut: None,
             enabled,
         }
@@ -131,6 +134,7 @@ impl Drop for AccessRecord {
                     duration_ms,
                     client = %self.client,
                     generation = self.generation,
+                    token = self.token.as_deref().map(tracing::field::display),
                     cut = self.cut.as_deref(),
                     "{} {} {}",
                     self.method,

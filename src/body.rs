@@ -1,5 +1,6 @@
 //! Bodies as they stream through: counted, size-limited and watched for silence, never buffered.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,6 +85,15 @@ impl IdleTimer {
 pub enum Inbound {
     Http1(crate::http1::IncomingBody),
     Http2(Incoming),
+    /// What the proxy read ahead to look at (`ClientBody::read_ahead`), then the rest.
+    ReadAhead(Box<ReadAhead>),
+}
+
+pub struct ReadAhead {
+    /// Sent first, as they came.
+    frames: VecDeque<Frame<Bytes>>,
+    /// None: the body ended within what was read.
+    rest: Option<Inbound>,
 }
 
 impl Body for Inbound {
@@ -97,6 +107,13 @@ impl Body for Inbound {
         match self.get_mut() {
             Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
             Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Self::ReadAhead(ahead) => match ahead.frames.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => match ahead.rest.as_mut() {
+                    Some(rest) => Pin::new(rest).poll_frame(cx),
+                    None => Poll::Ready(None),
+                },
+            },
         }
     }
 
@@ -104,6 +121,9 @@ impl Body for Inbound {
         match self {
             Self::Http1(body) => body.is_end_stream(),
             Self::Http2(body) => body.is_end_stream(),
+            Self::ReadAhead(ahead) => {
+                ahead.frames.is_empty() && ahead.rest.as_ref().is_none_or(Body::is_end_stream)
+            }
         }
     }
 
@@ -111,6 +131,23 @@ impl Body for Inbound {
         match self {
             Self::Http1(body) => body.size_hint(),
             Self::Http2(body) => body.size_hint(),
+            Self::ReadAhead(ahead) => {
+                let read: u64 = ahead
+                    .frames
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                    .sum();
+                let rest = ahead
+                    .rest
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + read);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
+            }
         }
     }
 }
@@ -132,6 +169,39 @@ impl ClientBody {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads the body ahead, up to a little over `limit` bytes, so that it can be looked at
+    /// before it goes upstream; what was read is put back to be sent first, unchanged. Returns
+    /// the bytes read and whether they are the whole body (false: more than `limit` came).
+    pub async fn read_ahead(&self, limit: u64, idle: Duration) -> Result<(Bytes, bool), BodyError> {
+        let Some(mut body) = self.lock().take() else {
+            return Ok((Bytes::new(), true));
+        };
+        let mut frames = VecDeque::new();
+        let mut bytes = bytes::BytesMut::new();
+        let outcome = loop {
+            if bytes.len() as u64 > limit {
+                break Ok(false);
+            }
+            match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => break Err(BodyError::Idle(idle)),
+                Ok(None) => break Ok(true),
+                Ok(Some(Err(error))) => break Err(error),
+                Ok(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        bytes.extend_from_slice(data);
+                    }
+                    frames.push_back(frame);
+                }
+            }
+        };
+        let ended = matches!(outcome, Ok(true));
+        if !(ended && frames.is_empty()) {
+            let rest = (!ended).then_some(body);
+            *self.lock() = Some(Inbound::ReadAhead(Box::new(ReadAhead { frames, rest })));
+        }
+        outcome.map(|whole| (bytes.freeze(), whole))
     }
 
     /// Reads what is left of the body in the background, for up to `within`, then drops it

@@ -1,4 +1,5 @@
-//! The command line: `openai-proxy [check | reload PID] [--config PATH]`, `--version`, `--help`.
+//! The command line: `openai-proxy [check | reload PID] [--config PATH]`, `token new NAME`,
+//! `--version`, `--help`.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ Usage:
   openai-proxy reload PID               ask the proxy running as PID to reload (SIGHUP), and under
                                         systemd wait for the outcome: exit 0 once the new config
                                         (or, after an upgrade, the new process) serves, 1 if not
+  openai-proxy token new NAME           print a new client token, then the [[token]] table that
+                                        lets it in (for the tokens_file of [auth] mode = \"tokens\")
   openai-proxy --version | --help
 
 Options:
@@ -35,11 +38,21 @@ pub enum Command {
     Run { config: PathBuf },
     Check { config: PathBuf },
     Reload { pid: u32 },
+    TokenNew { name: String },
     Help,
     Version,
 }
 
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    if args.first().is_some_and(|a| a == "token") {
+        return match &args[1..] {
+            [new, name] if new == "new" => Ok(Command::TokenNew {
+                name: name.to_string_lossy().into_owned(),
+            }),
+            _ => Err("usage: openai-proxy token new NAME".into()),
+        };
+    }
     let mut check = false;
     let mut reload = None;
     let mut config = None;
@@ -120,5 +133,13 @@ mod tests {
         assert_eq!(parse(args(&["--version"])).unwrap(), Command::Version);
         assert!(parse(args(&["--config"])).is_err());
         assert!(parse(args(&["serve"])).is_err());
+        assert_eq!(
+            parse(args(&["token", "new", "alice"])).unwrap(),
+            Command::TokenNew {
+                name: "alice".into()
+            }
+        );
+        assert!(parse(args(&["token", "new"])).is_err());
+        assert!(parse(args(&["token", "revoke", "alice"])).is_err());
     }
 }

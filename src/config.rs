@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{listeners, logging, proxy, reload, server, upstream};
+use crate::{auth, listeners, logging, proxy, reload, server, upstream};
 
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 
@@ -33,6 +33,8 @@ pub struct Config {
     pub log: logging::Config,
     #[serde(default)]
     pub reload: reload::Config,
+    #[serde(default)]
+    pub auth: auth::Config,
 }
 
 /// The text of a config file, kept so that a span anywhere in it can be named by line and column.
@@ -66,12 +68,24 @@ impl ConfigFile {
         })
     }
 
+    /// Another TOML file the config names (the tokens file), for its errors to point into.
+    pub fn new(path: PathBuf, text: String) -> Self {
+        Self { path, text }
+    }
+
     pub fn text(&self) -> &str {
         &self.text
     }
 
     pub fn parse(&self) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(&self.text).map_err(|e| {
+        let config: Config = self.deserialize()?;
+        self.validate(&config)?;
+        Ok(config)
+    }
+
+    /// The whole file as `T`; an error names the place in this file where it went wrong.
+    pub fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(&self.text).map_err(|e| {
             let message = e.message().trim_end().to_owned();
             match e.span() {
                 Some(span) => self.error_at(span, message),
@@ -80,9 +94,7 @@ impl ConfigFile {
                     message,
                 },
             }
-        })?;
-        self.validate(&config)?;
-        Ok(config)
+        })
     }
 
     /// Checks that need more than one value at a time.

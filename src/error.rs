@@ -26,6 +26,15 @@ pub enum ProxyError {
     Malformed(&'static str),
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error(
+        "request body exceeds {limit} bytes, the most this proxy reads to find the model of a token limited to some models"
+    )]
+    InspectTooLarge { limit: u64 },
+    /// Never holds what the client sent: only which check failed.
+    #[error("Incorrect API key provided: {0}")]
+    InvalidApiKey(&'static str),
+    #[error("the model {0:?} is not allowed for this token")]
+    ModelNotAllowed(String),
     #[error("request head exceeds the limit of {limit} bytes")]
     HeadersTooLarge { limit: u64 },
     #[error("the request body from the client failed: {0}")]
@@ -51,6 +60,9 @@ impl ProxyError {
             | Self::PathNotAllowed(_)
             | Self::Malformed(_)
             | Self::BodyTooLarge { .. }
+            | Self::InspectTooLarge { .. }
+            | Self::InvalidApiKey(_)
+            | Self::ModelNotAllowed(_)
             | Self::HeadersTooLarge { .. }
             | Self::ClientBody(_) => Side::Client,
             Self::Overloaded => Side::Proxy,
@@ -66,7 +78,11 @@ impl ProxyError {
             Self::ConnectRefused | Self::AbsoluteFormRefused => StatusCode::FORBIDDEN,
             Self::PathNotAllowed(_) => StatusCode::NOT_FOUND,
             Self::Malformed(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::InspectTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) | Self::UpstreamTls(_) | Self::UpstreamProtocol(_) => {
@@ -82,7 +98,9 @@ impl ProxyError {
             Self::ConnectRefused | Self::AbsoluteFormRefused => "proxy_request_refused",
             Self::PathNotAllowed(_) => "path_not_allowed",
             Self::Malformed(_) => "malformed_request",
-            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BodyTooLarge { .. } | Self::InspectTooLarge { .. } => "request_too_large",
+            Self::InvalidApiKey(_) => "invalid_api_key",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::HeadersTooLarge { .. } => "request_headers_too_large",
             Self::ClientBody(_) => "client_body_error",
             Self::Overloaded => "proxy_overloaded",

@@ -26,6 +26,8 @@ pub struct Generation {
     pub upstream: Arc<Upstream>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub http2: http2::Builder<TokioExecutor>,
+    /// Tokens mode's key and tokens; None in passthrough mode.
+    pub auth: Option<crate::auth::Tokens>,
     /// The config file and every file it names, with a fingerprint of their contents as loaded:
     /// the file watcher reloads when the fingerprint on disk differs.
     pub files: Vec<PathBuf>,
@@ -77,6 +79,8 @@ impl Generation {
             workers,
             previous.map(|p| &p.upstream),
         )?;
+        let (auth, read) = crate::auth::load(&config.auth, &file)?;
+        contents.extend(read);
         let http2 = http2_builder(&config);
         let fingerprint = fingerprint(
             contents
@@ -93,6 +97,7 @@ impl Generation {
             upstream,
             tls,
             http2,
+            auth,
         })
     }
 

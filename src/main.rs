@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 mod access_log;
+mod auth;
 mod body;
 mod cli;
 mod config;
@@ -71,6 +72,20 @@ fn main() -> ExitCode {
             Err(message) => {
                 eprintln!("openai-proxy: reload failed: {message}");
                 ExitCode::FAILURE
+            }
+        },
+        Command::TokenNew { name } => match auth::new_token(&name) {
+            Ok(text) => {
+                print!("{text}");
+                eprintln!(
+                    "openai-proxy: the first line is the token, for the client (it is kept nowhere \
+                     else); add the table to the tokens_file"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("openai-proxy: {error}");
+                ExitCode::from(2)
             }
         },
         Command::Run { config } => run(config),

@@ -7,6 +7,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use serde::{Deserialize, Deserializer};
 
 use crate::access_log::{AccessRecord, RequestId};
+use crate::auth;
 use crate::body::{ClientBody, Inbound, RequestBody, ResponseBody};
 use crate::drain;
 use crate::error::ProxyError;
@@ -156,7 +157,9 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     let (mut parts, body) = request.into_parts();
     let body = ClientBody::new(body);
     let mut body_unread = false;
-    let mut response = match forward(&generation, conn, &mut parts, body.clone(), bytes_in).await {
+    let forwarded = forward(&generation, conn, &mut parts, body.clone(), bytes_in).await;
+    record.token = auth::token_name(&parts.extensions);
+    let mut response = match forwarded {
         Ok(response) => response,
         Err(error) => {
             // Debug, not Display: the details (an upstream address) are for the log only.
@@ -223,6 +226,8 @@ async fn forward(
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     admit(generation, parts)?;
+    let grant = auth::admit(generation, parts, &body).await?;
+    let model_list = auth::wants_model_list(&grant, parts);
     let upstream = &generation.upstream;
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
     // other request with Upgrade fields goes as a plain request, without them.
@@ -284,10 +289,11 @@ async fn forward(
             .headers
             .insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
-    Ok(Response::from_parts(
-        parts,
-        ResponseBody::upstream(body, idle),
-    ))
+    let body = ResponseBody::upstream(body, idle);
+    if model_list {
+        return auth::filter_model_list(&grant, parts, body).await;
+    }
+    Ok(Response::from_parts(parts, body))
 }
 
 fn append_forwarded_for(headers: &mut http::HeaderMap, client: SocketAddr) {

@@ -131,6 +131,9 @@ async fn run(
     // Unknown: the files may have changed since the serving config read them, so the first
     // event always leads to a look at their contents.
     let mut last_stamps = Vec::new();
+    // How they looked when watching began: enough to tell, on that first look, a file replaced
+    // whole (settled in SETTLE_REPLACED) from one written in place.
+    let mut at_start = Some(stamps(&current.files));
     loop {
         tokio::select! {
             changed = watched.changed() => {
@@ -148,7 +151,11 @@ async fn run(
                 if current.files.is_empty() || stamps(&current.files) == last_stamps {
                     continue;
                 }
-                last_stamps = settle(&current.files, last_stamps).await;
+                let before = match at_start.take() {
+                    Some(at_start) if last_stamps.is_empty() => at_start,
+                    _ => last_stamps,
+                };
+                last_stamps = settle(&current.files, before).await;
                 // A reload (SIGHUP) may have been made meanwhile: compare with what serves now.
                 if watched.has_changed().unwrap_or(false) {
                     current = watched.borrow_and_update().clone();

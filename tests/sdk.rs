@@ -91,8 +91,14 @@ impl Sdk {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    /// Runs the script with `args`, killing it if it overruns; fails unless it exits 0.
+    /// Runs the script with `args` and the client's own key, killing it if it overruns; fails
+    /// unless it exits 0.
     async fn run(self, args: &[&str]) -> String {
+        self.run_with_key(args, KEY).await
+    }
+
+    /// Runs the script with `args`, the SDK given `api_key`.
+    async fn run_with_key(self, args: &[&str], api_key: &str) -> String {
         let mut command = tokio::process::Command::new(self.interpreter());
         command
             .arg(self.script())
@@ -123,6 +129,7 @@ impl Sdk {
         ] {
             command.env_remove(var);
         }
+        command.env("OPENAI_PROXY_TEST_API_KEY", api_key);
         let started = Instant::now();
         let mut child = command
             .spawn()
@@ -240,15 +247,38 @@ fn path_of(seen: &Received) -> String {
     seen.uri.parse::<http::Uri>().unwrap().path().to_owned()
 }
 
-async fn sdk_round_trip(sdk: Sdk) {
+/// How the SDK's key is taken: passed through, or (tokens mode) a token of the proxy's that the
+/// proxy swaps for its own key.
+#[derive(Clone, Copy, PartialEq)]
+enum Auth {
+    Passthrough,
+    Tokens,
+}
+
+async fn sdk_round_trip(sdk: Sdk, auth: Auth) {
     let version = sdk.require_installed();
     for alpn in [Alpn::Both, Alpn::Http1Only] {
         let pki = Pki::new();
         let upstream = FakeUpstream::start(&pki, alpn).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (proxy, api_key, upstream_key) = match auth {
+            Auth::Passthrough => (
+                Proxy::start(&basic_config(&upstream, &pki, "")),
+                KEY.to_owned(),
+                KEY,
+            ),
+            Auth::Tokens => {
+                let issued = issue("sdk");
+                (
+                    start_tokens(&upstream, &pki, &issued.table, &[]),
+                    issued.token,
+                    UPSTREAM_KEY,
+                )
+            }
+        };
         let dir = tempfile::tempdir().unwrap();
         let (file, content) = training_file(dir.path());
-        sdk.run(&[&proxy.url("/v1"), file.to_str().unwrap()]).await;
+        sdk.run_with_key(&[&proxy.url("/v1"), file.to_str().unwrap()], &api_key)
+            .await;
 
         let received = upstream.received();
         let paths: Vec<String> = received.iter().map(path_of).collect();
@@ -269,9 +299,18 @@ async fn sdk_round_trip(sdk: Sdk) {
             assert_eq!(seen.host(), "api.openai.com", "{what}");
             assert_eq!(
                 header(seen, "authorization"),
-                format!("Bearer {KEY}"),
-                "{what}: the key goes through unchanged"
+                format!("Bearer {upstream_key}"),
+                "{what}: the key goes up (the client's unchanged, or the proxy's for a token)"
             );
+            if auth == Auth::Tokens {
+                for (name, value) in &seen.headers {
+                    let value = String::from_utf8_lossy(value.as_bytes());
+                    assert!(
+                        !value.contains(&api_key),
+                        "{what}: the token went up in {name}"
+                    );
+                }
+            }
             let agent = header(seen, "user-agent");
             assert_eq!(
                 agent,
@@ -345,6 +384,7 @@ async fn sdk_round_trip(sdk: Sdk) {
         })
         .await;
         assert!(!logs.contains("SECRET"), "the key never reaches the log");
+        assert!(!logs.contains(&api_key), "the token never reaches the log");
     }
 }
 
@@ -380,14 +420,73 @@ async fn sdk_sees_proxy_errors(sdk: Sdk) {
     }
 }
 
+/// A token the proxy did not issue: the SDK raises its authentication error, carrying the
+/// proxy's own 401 word for word, and nothing reaches the upstream.
+async fn sdk_sees_authentication_error(sdk: Sdk) {
+    sdk.require_installed();
+    let pki = Pki::new();
+    let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+    let proxy = start_tokens(&upstream, &pki, &issue("sdk").table, &[]);
+    let wrong = issue("nobody").token;
+    let mut request = post_json(
+        &proxy.url("/v1/chat/completions"),
+        serde_json::json!({"model": "gpt-4o-mini", "messages": []}),
+    );
+    let bearer = format!("Bearer {wrong}").parse().unwrap();
+    request.headers_mut().insert("authorization", bearer);
+    let answer = send(&http_client(), request).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let error = answer.json()["error"].clone();
+    assert_eq!(error["code"], "invalid_api_key", "{error}");
+    let args = [
+        &proxy.url("/v1"),
+        "--expect-error",
+        "401",
+        &error.to_string(),
+    ];
+    let out = sdk.run_with_key(&args, &wrong).await;
+    for call in ["chat:", "stream:", "embeddings:", "upload 1/"] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(&format!("ok {call}"))
+                    && l.contains("AuthenticationError 401 invalid_api_key")),
+            "{call} raised the SDK's AuthenticationError: {out}"
+        );
+    }
+    assert!(
+        upstream.received().is_empty(),
+        "nothing reached the upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_through_the_proxy() {
-    bounded(150, sdk_round_trip(Sdk::Python)).await;
+    bounded(150, sdk_round_trip(Sdk::Python, Auth::Passthrough)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_sdk_through_the_proxy() {
-    bounded(150, sdk_round_trip(Sdk::Node)).await;
+    bounded(150, sdk_round_trip(Sdk::Node, Auth::Passthrough)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_with_a_token_of_the_proxys() {
+    bounded(150, sdk_round_trip(Sdk::Python, Auth::Tokens)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_sdk_with_a_token_of_the_proxys() {
+    bounded(150, sdk_round_trip(Sdk::Node, Auth::Tokens)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_raises_its_authentication_error_on_a_wrong_token() {
+    bounded(90, sdk_sees_authentication_error(Sdk::Python)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_sdk_raises_its_authentication_error_on_a_wrong_token() {
+    bounded(90, sdk_sees_authentication_error(Sdk::Node)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

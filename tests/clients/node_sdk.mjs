@@ -26,7 +26,8 @@ try {
 }
 const { VERSION } = await import('openai/version');
 
-const API_KEY = 'sk-test-SECRET-KEY-123';
+// The key the SDK is given: a client's own OpenAI key, or a token of the proxy's (tokens mode).
+const API_KEY = process.env.OPENAI_PROXY_TEST_API_KEY ?? 'sk-test-SECRET-KEY-123';
 const MODEL = 'gpt-4o-mini';
 // The fake upstream reads these headers: this many content events, this far apart. The gap is
 // wide enough that a stream buffered anywhere on the way shows up as chunks arriving together.

@@ -26,7 +26,8 @@ except ImportError:
         "install it with: pip install -r tests/clients/requirements.txt"
     )
 
-API_KEY = "sk-test-SECRET-KEY-123"
+# The key the SDK is given: a client's own OpenAI key, or a token of the proxy's (tokens mode).
+API_KEY = os.environ.get("OPENAI_PROXY_TEST_API_KEY", "sk-test-SECRET-KEY-123")
 MODEL = "gpt-4o-mini"
 # The fake upstream reads these headers: this many content events, this far apart. The gap is
 # wide enough that a stream buffered anywhere on the way shows up as chunks arriving together.

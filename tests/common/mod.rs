@@ -360,6 +360,15 @@ async fn upstream_route(
                 }),
             )
         }
+        "/v1/models" => {
+            let data: Vec<serde_json::Value> = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-nano", "whisper-1"]
+                .map(|id| serde_json::json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "openai"}))
+                .into();
+            json_response(
+                StatusCode::OK,
+                serde_json::json!({"object": "list", "data": data}),
+            )
+        }
         "/v1/error" => json_response(
             StatusCode::TOO_MANY_REQUESTS,
             serde_json::json!({
@@ -464,6 +473,12 @@ fn websocket_echo(
         );
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let protocol = req
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|p| p.trim().to_owned());
     let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
@@ -482,13 +497,16 @@ fn websocket_echo(
             }
         }
     });
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header("connection", "upgrade")
         .header("upgrade", "websocket")
-        .header("sec-websocket-accept", accept)
-        .body(full(Bytes::new()))
-        .unwrap()
+        .header("sec-websocket-accept", accept);
+    // Like OpenAI's Realtime API: the first subprotocol offered (`realtime`) is the one spoken.
+    if let Some(first) = protocol {
+        response = response.header("sec-websocket-protocol", first);
+    }
+    response.body(full(Bytes::new())).unwrap()
 }
 
 /// A unix datagram socket standing in for systemd's NOTIFY_SOCKET; keeps every message.
@@ -901,4 +919,69 @@ pub async fn proxy_and_upstream(extra: &str) -> (Pki, FakeUpstream, Proxy) {
     let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
     let proxy = Proxy::start(&basic_config(&upstream, &pki, extra));
     (pki, upstream, proxy)
+}
+
+// Tokens mode ([auth] mode = "tokens").
+
+/// The proxy's own OpenAI key, as the key file holds it.
+pub const UPSTREAM_KEY: &str = "sk-proj-UPSTREAM-SECRET-KEY-42";
+pub const TOKENS_AUTH: &str = "[auth]\nmode = \"tokens\"\nupstream_key_file = \"openai-key\"\ntokens_file = \"tokens.toml\"\norganization = \"org-proxy\"\n";
+
+/// A token made by `openai-proxy token new NAME`, and the `[[token]]` table it printed.
+pub struct Issued {
+    pub token: String,
+    pub table: String,
+}
+
+pub fn issue(name: &str) -> Issued {
+    let out = std::process::Command::new(BIN)
+        .args(["token", "new", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (token, table) = text.split_once('\n').unwrap();
+    assert!(token.starts_with("op-"), "{token}");
+    Issued {
+        token: token.to_owned(),
+        table: table.to_owned(),
+    }
+}
+
+/// Writes a file whole under a temporary name, then renames it over the old one, as careful
+/// tools do (the watcher settles such a change in 0.1 s).
+pub fn replace_file(path: &Path, contents: &str) {
+    let temporary = path.with_extension("new");
+    std::fs::write(&temporary, contents).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+pub fn write_key(dir: &Path, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("openai-key");
+    std::fs::write(&path, format!("{UPSTREAM_KEY}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// The real proxy in tokens mode, its key file and tokens file beside its config.
+pub fn start_tokens(
+    upstream: &FakeUpstream,
+    pki: &Pki,
+    tokens: &str,
+    env: &[(&str, &str)],
+) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    write_key(dir.path(), 0o600);
+    std::fs::write(dir.path().join("tokens.toml"), tokens).unwrap();
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, basic_config(upstream, pki, TOKENS_AUTH)).unwrap();
+    let options = ProxyOptions {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    Proxy::spawn(dir, config_path, options)
 }
