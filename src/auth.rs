@@ -345,7 +345,7 @@ pub async fn admit(
     parts.extensions.insert(TokenName(token.name.clone()));
     if token.restricts_models() {
         let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
-        let body = (!upgrade).then_some(body);
+        let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
         inspect::check_models(generation, &token, parts, body).await?;
     }
     tokens.rewrite(&mut parts.headers);

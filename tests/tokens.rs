@@ -296,6 +296,32 @@ fn transcription(model: &str) -> (String, Bytes) {
     )
 }
 
+/// A file upload names no model: a model-limited token's upload goes through unread, even one
+/// larger than what the proxy reads ahead of other requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_upload_larger_than_the_read_ahead_goes_through_for_a_limited_token() {
+    bounded(60, async {
+        let carol = issue("carol");
+        let (_pki, upstream, proxy) = setup(&limited(&carol), &[]).await;
+        let boundary = "----openai-proxy-test-boundary";
+        let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.jsonl\"\r\n\r\n").into_bytes();
+        body.resize(body.len() + (33 << 20), b'x');
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let body = Bytes::from(body);
+        let request = Request::post(proxy.url("/v1/files"))
+            .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+            .header("authorization", format!("Bearer {}", carol.token))
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let answer = send(&http_client(), request).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        let seen = upstream.last();
+        assert!(seen.uri.ends_with("/v1/files"), "{}", seen.uri);
+        assert_eq!(seen.body.len(), body.len(), "the upload went up whole");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multipart_upload_with_an_allowed_and_a_refused_model() {
     bounded(30, async {

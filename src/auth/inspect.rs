@@ -26,6 +26,16 @@ pub const INSPECT_LIMIT: u64 = 32 << 20;
 /// The most of a model list read to cut it down; OpenAI's is some tens of KB.
 const MODEL_LIST_LIMIT: usize = 8 << 20;
 
+/// Whether a request to `path` may name a model in its body. File uploads (`/v1/files`, and
+/// the parts of `/v1/uploads`) name none and may be far larger than what is read ahead, so
+/// their bodies go through unread.
+pub fn body_may_name_a_model(path: &str) -> bool {
+    !["/v1/files", "/v1/uploads"].iter().any(|prefix| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
 pub async fn check_models(
     generation: &Generation,
     token: &Token,
