@@ -223,3 +223,51 @@ async fn a_successor_that_cannot_start_leaves_the_old_process_serving() {
     })
     .await;
 }
+
+/// Processes running the binary at `bin`, by PID.
+fn running(bin: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == bin))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handovers_asked_for_at_once_leave_one_successor() {
+    bounded(60, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let mut proxy = proxy_from_copy(&basic_config(&upstream, &pki, ""));
+        let bin = proxy.dir.path().join("openai-proxy");
+        replace_binary(&bin, &std::fs::read(BIN).unwrap());
+        let seen = proxy.notify.messages().len();
+        for signal in ["USR2", "HUP", "USR2", "HUP"] {
+            proxy.signal(signal);
+        }
+        let named = proxy
+            .notify
+            .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
+        let successor = main_pid(&proxy.notify.messages()[named]);
+        let _successor = Successor(successor);
+        proxy.wait_ready(named + 1);
+        assert_eq!(proxy.wait_exit(10 * SECOND).code(), Some(0));
+        let named: Vec<_> = proxy.notify.messages()[seen..]
+            .iter()
+            .filter(|m| m.contains("MAINPID="))
+            .cloned()
+            .collect();
+        assert_eq!(named.len(), 1, "{named:?}");
+        assert_eq!(
+            running(&bin),
+            [successor],
+            "one process is left, the successor"
+        );
+        let client = http_client();
+        assert_eq!(
+            status(&client, &proxy.url("/v1/models")).await,
+            Some(StatusCode::OK)
+        );
+    })
+    .await;
+}
