@@ -36,15 +36,8 @@ fn proxy_from_copy(config: &str) -> Proxy {
     std::fs::copy(BIN, &bin).unwrap();
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, config).unwrap();
-    let mut command = Command::new(&bin);
-    command
-        .arg("--config")
-        .arg(&config_path)
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .env_remove("LISTEN_FDS")
-        .env_remove("WATCHDOG_USEC")
-        .env("RUNTIME_DIRECTORY", dir.path());
+    let mut command = Proxy::command(&bin, &config_path);
+    command.env("RUNTIME_DIRECTORY", dir.path());
     Proxy::spawn_command(dir, config_path, command, true)
 }
 

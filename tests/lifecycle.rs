@@ -835,34 +835,6 @@ async fn the_descriptor_table_is_sized_at_start_and_the_soft_limit_raised() {
     .await;
 }
 
-/// Reads one response with a Content-Length body from a kept-alive connection; returns its head.
-async fn read_one_response(stream: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut buf).await.unwrap();
-        assert!(
-            n > 0,
-            "closed mid-response: {}",
-            String::from_utf8_lossy(&bytes)
-        );
-        bytes.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let Some(end) = text.find("\r\n\r\n") else {
-            continue;
-        };
-        let head = text[..end].to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .map_or(0, |v| v.trim().parse().unwrap());
-        if bytes.len() >= end + 4 + length {
-            return head;
-        }
-    }
-}
-
 /// Opens `count` connections, each carrying one request and then kept alive, idle.
 async fn idle_connections(addr: std::net::SocketAddr, count: usize) -> Vec<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
@@ -872,7 +844,8 @@ async fn idle_connections(addr: std::net::SocketAddr, count: usize) -> Vec<tokio
             .write_all(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n")
             .await
             .unwrap();
-        let head = read_one_response(&mut stream).await;
+        let response = read_response(&mut stream).await.to_ascii_lowercase();
+        let head = &response[..response.find("\r\n\r\n").unwrap()];
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert!(!head.contains("connection: close"), "{head}");
         stream

@@ -606,15 +606,22 @@ impl Proxy {
         Self::spawn(dir, config_path, options)
     }
 
-    pub fn spawn(dir: TempDir, config_path: PathBuf, options: ProxyOptions) -> Self {
-        let mut command = Command::new(BIN);
+    /// The command that runs the proxy binary at `bin` with `config_path`, in an environment of
+    /// its own: none of the test runner's logging, journal, sockets or watchdog.
+    pub fn command(bin: &Path, config_path: &Path) -> Command {
+        let mut command = Command::new(bin);
         command
             .arg("--config")
-            .arg(&config_path)
+            .arg(config_path)
             .env_remove("RUST_LOG")
             .env_remove("JOURNAL_STREAM")
             .env_remove("LISTEN_FDS")
             .env_remove("WATCHDOG_USEC");
+        command
+    }
+
+    pub fn spawn(dir: TempDir, config_path: PathBuf, options: ProxyOptions) -> Self {
+        let mut command = Self::command(Path::new(BIN), &config_path);
         for (k, v) in &options.env {
             command.env(k, v);
         }
@@ -901,6 +908,40 @@ pub async fn read_until(stream: &mut TcpStream, text: &str) -> String {
         out.extend_from_slice(&chunk[..n]);
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one response with a Content-Length body (or none) from a kept-alive connection;
+/// returns it whole.
+pub async fn read_response(stream: &mut TcpStream) -> String {
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(RAW_WAIT, stream.read(&mut buf))
+            .await
+            .expect("a response within the wait")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        bytes.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = text[..end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        if bytes.len() >= end + 4 + length {
+            return text;
+        }
+    }
 }
 
 /// What follows a raw response's head.
