@@ -98,8 +98,17 @@ impl FileWatcher {
             }
         })
         .map_err(std::io::Error::other)?;
-        let (watched, watched_rx) = watch::channel(watched(generation));
-        tokio::spawn(run(watcher, watched_rx, events, reload));
+        let (watched, mut watched_rx) = watch::channel(watched(generation));
+        // Watching begins now, before the daemon says it is ready, not when the task first
+        // runs: a change made just after READY=1 must not go unseen.
+        let mut watching = Watching {
+            watcher,
+            dirs: HashSet::new(),
+        };
+        let files = watched_rx.borrow_and_update().files.clone();
+        watching.rewatch(&files);
+        let at_start = stamps(&files);
+        tokio::spawn(run(watching, watched_rx, events, at_start, reload));
         Ok(Self { watched })
     }
 
@@ -119,21 +128,26 @@ fn watched(generation: &Generation) -> Watched {
     }
 }
 
+/// The directories being watched, and the watcher that watches them.
+struct Watching {
+    watcher: RecommendedWatcher,
+    dirs: HashSet<PathBuf>,
+}
+
+/// `at_start`: how the files looked when watching began, enough to tell on the first look a
+/// file replaced whole (settled in SETTLE_REPLACED) from one written in place.
 async fn run(
-    mut watcher: RecommendedWatcher,
+    mut watching: Watching,
     mut watched: watch::Receiver<Watched>,
     mut events: mpsc::UnboundedReceiver<()>,
+    at_start: Vec<Option<Stamp>>,
     reload: Arc<Notify>,
 ) {
-    let mut dirs = HashSet::new();
-    let mut current = watched.borrow_and_update().clone();
-    rewatch(&mut watcher, &mut dirs, &current.files);
+    let mut current = watched.borrow().clone();
     // Unknown: the files may have changed since the serving config read them, so the first
     // event always leads to a look at their contents.
     let mut last_stamps = Vec::new();
-    // How they looked when watching began: enough to tell, on that first look, a file replaced
-    // whole (settled in SETTLE_REPLACED) from one written in place.
-    let mut at_start = Some(stamps(&current.files));
+    let mut at_start = Some(at_start);
     loop {
         tokio::select! {
             changed = watched.changed() => {
@@ -141,7 +155,7 @@ async fn run(
                     return;
                 }
                 current = watched.borrow_and_update().clone();
-                rewatch(&mut watcher, &mut dirs, &current.files);
+                watching.rewatch(&current.files);
             }
             event = events.recv() => {
                 if event.is_none() {
@@ -159,7 +173,7 @@ async fn run(
                 // A reload (SIGHUP) may have been made meanwhile: compare with what serves now.
                 if watched.has_changed().unwrap_or(false) {
                     current = watched.borrow_and_update().clone();
-                    rewatch(&mut watcher, &mut dirs, &current.files);
+                    watching.rewatch(&current.files);
                 }
                 let files = current.files.clone();
                 let Ok(on_disk) = tokio::task::spawn_blocking(move || fingerprint_on_disk(&files)).await else {
@@ -188,17 +202,19 @@ fn fingerprint_on_disk(files: &[PathBuf]) -> u64 {
     )
 }
 
-fn rewatch(watcher: &mut RecommendedWatcher, dirs: &mut HashSet<PathBuf>, files: &[PathBuf]) {
-    let wanted: HashSet<PathBuf> = files.iter().flat_map(|f| directories_of(f)).collect();
-    for gone in dirs.difference(&wanted) {
-        let _ = watcher.unwatch(gone);
-    }
-    for dir in wanted.difference(dirs) {
-        if let Err(error) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), %error, "cannot watch for config changes");
+impl Watching {
+    fn rewatch(&mut self, files: &[PathBuf]) {
+        let wanted: HashSet<PathBuf> = files.iter().flat_map(|f| directories_of(f)).collect();
+        for gone in self.dirs.difference(&wanted) {
+            let _ = self.watcher.unwatch(gone);
         }
+        for dir in wanted.difference(&self.dirs) {
+            if let Err(error) = self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), %error, "cannot watch for config changes");
+            }
+        }
+        self.dirs = wanted;
     }
-    *dirs = wanted;
 }
 
 /// The directory a file is named in, and the one it really lives in if it is a symlink.
