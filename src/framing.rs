@@ -361,7 +361,7 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use http::{HeaderName, HeaderValue};
 
@@ -445,12 +445,13 @@ mod tests {
         assert!(!Decoder::new(Framing::Length(3)).ends_at_close());
     }
 
-    mod properties {
+    /// Shared with the response side's properties (src/upstream/http1.rs).
+    pub(crate) mod properties {
         use super::*;
         use proptest::prelude::*;
 
         /// A body cut into chunks, with extensions and trailers, as RFC 9112 §7.1 frames it.
-        fn chunked(chunks: &[Vec<u8>], extension: &str, trailers: &[String]) -> Vec<u8> {
+        pub(crate) fn chunked(chunks: &[Vec<u8>], extension: &str, trailers: &[String]) -> Vec<u8> {
             let mut wire = Vec::new();
             for chunk in chunks.iter().filter(|c| !c.is_empty()) {
                 wire.extend_from_slice(format!("{:X}{extension}\r\n", chunk.len()).as_bytes());

@@ -660,3 +660,689 @@ impl Body for ResponseBody {
         }
     }
 }
+
+/// Property tests of the response side of the codec: a response read off an upstream
+/// connection as `exchange` reads it (`read_head`, then the decoder its body uses), held to
+/// RFC 9112 §6.3 and its head cross-checked against httparse on its own. The request side's are
+/// in src/http1.rs and src/framing.rs.
+#[cfg(test)]
+mod properties {
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::ops::Range;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::framing::tests::properties::chunked;
+
+    /// What the model and the checks need of a response to generate.
+    #[derive(Debug, Clone)]
+    struct Spec {
+        /// Interim responses before the final one: their codes, and a framing field each may
+        /// carry (which must not give them a body).
+        interim: Vec<(u16, Option<&'static str>)>,
+        version: &'static str,
+        status: u16,
+        fields: Vec<Field>,
+        head_method: bool,
+        upgrade: bool,
+        body: Vec<u8>,
+        /// How a chunked body is cut into chunks (sizes, taken in turn).
+        chunk_sizes: Vec<usize>,
+        extension: String,
+        trailers: Vec<String>,
+    }
+
+    /// A Content-Length field's value, in terms of the body's real length n.
+    #[derive(Debug, Clone, Copy)]
+    enum Length {
+        Exact,
+        /// " n ": optional whitespace, which is not part of the value.
+        Padded,
+        LeadingZero,
+        /// "n, n": the same length listed twice.
+        Listed,
+        TrailingComma,
+        /// n + 1: a valid length, conflicting with Exact.
+        Other,
+        Plus,
+        Minus,
+        Hex,
+        Blank,
+        /// Over u64::MAX.
+        Huge,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Field {
+        Length(Length),
+        /// A Transfer-Encoding value.
+        Coding(&'static str),
+        /// `Transfer-Encoding : chunked`, whitespace before the colon.
+        SpacedCoding,
+        Connection(&'static str),
+        Other(String, String),
+    }
+
+    impl Field {
+        fn line(&self, n: usize) -> String {
+            match self {
+                Self::Length(form) => format!("Content-Length: {}", form.value(n)),
+                Self::Coding(coding) => format!("Transfer-Encoding: {coding}"),
+                Self::SpacedCoding => "Transfer-Encoding : chunked".to_owned(),
+                Self::Connection(tokens) => format!("Connection: {tokens}"),
+                Self::Other(name, value) => format!("{name}: {value}"),
+            }
+        }
+    }
+
+    impl Length {
+        fn value(self, n: usize) -> String {
+            match self {
+                Self::Exact => n.to_string(),
+                Self::Padded => format!(" {n} "),
+                Self::LeadingZero => format!("0{n}"),
+                Self::Listed => format!("{n}, {n}"),
+                Self::TrailingComma => format!("{n},"),
+                Self::Other => (n + 1).to_string(),
+                Self::Plus => format!("+{n}"),
+                Self::Minus => format!("-{n}"),
+                Self::Hex => format!("0x{n:x}"),
+                Self::Blank => String::new(),
+                Self::Huge => "99999999999999999999".to_owned(),
+            }
+        }
+    }
+
+    /// How RFC 9112 §6.3 has a response's body delimited.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Rfc {
+        /// This framing and no other: the response must be read so.
+        Framed(Framing),
+        /// Read so, or refused: the RFC lets a recipient refuse it as ambiguous (both framing
+        /// fields, a coding other than `chunked` alone, a length listed twice, whitespace
+        /// before a colon, Transfer-Encoding in HTTP/1.0).
+        MayRefuse(Framing),
+        /// Must be refused.
+        Invalid,
+    }
+
+    /// RFC 9112 §6.3's rules, in its order, written from the fields as generated rather than
+    /// as the codec sees them.
+    fn rfc_framing(spec: &Spec) -> Rfc {
+        let unreadable = !matches!(spec.version, "HTTP/1.1" | "HTTP/1.0") || spec.status < 100;
+        if unreadable || (spec.status == 101 && !spec.upgrade) {
+            return Rfc::Invalid;
+        }
+        // Rule 1: HEAD, 1xx, 204 and 304 have no body, whatever their fields say.
+        if spec.head_method || spec.status < 200 || matches!(spec.status, 204 | 304) {
+            return Rfc::Framed(Framing::Empty);
+        }
+        let n = spec.body.len();
+        let mut codings = Vec::new();
+        let mut lengths = Vec::new();
+        let mut clean = true;
+        for field in &spec.fields {
+            match field {
+                Field::Coding(value) => codings.push(*value),
+                // Read as if without the whitespace, which a proxy must remove (RFC 9112 §5.1).
+                Field::SpacedCoding => {
+                    clean = false;
+                    codings.push("chunked");
+                }
+                Field::Length(form) => lengths.push(form.value(n)),
+                _ => {}
+            }
+        }
+        // Rules 3 and 4: Transfer-Encoding wins; chunked last is chunked, else to the close.
+        if !codings.is_empty() {
+            let list: Vec<&str> = codings
+                .iter()
+                .flat_map(|c| c.split(','))
+                .map(str::trim)
+                .collect();
+            let framing = match list.iter().rev().find(|c| !c.is_empty()) {
+                Some(last) if last.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+                _ => Framing::Close,
+            };
+            clean &= list.len() == 1 && lengths.is_empty() && spec.version == "HTTP/1.1";
+            return if clean && framing == Framing::Chunked {
+                Rfc::Framed(framing)
+            } else {
+                Rfc::MayRefuse(framing)
+            };
+        }
+        if lengths.is_empty() {
+            // Rule 8: a response with neither runs to the close.
+            return Rfc::Framed(Framing::Close);
+        }
+        // Rules 5 and 6: every listed length must be digits and the same.
+        let members: Vec<&str> = lengths
+            .iter()
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .collect();
+        let parsed: Vec<Option<u64>> = members
+            .iter()
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                m.bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| m.parse().ok())
+                    .flatten()
+            })
+            .collect();
+        match parsed.first() {
+            Some(Some(first)) if parsed.iter().all(|p| *p == Some(*first)) => {
+                if members.len() == 1 {
+                    Rfc::Framed(Framing::Length(*first))
+                } else {
+                    Rfc::MayRefuse(Framing::Length(*first))
+                }
+            }
+            _ => Rfc::Invalid,
+        }
+    }
+
+    /// Whether the connection may carry another response after this one (RFC 9112 §9.3), as
+    /// the codec decides it: HTTP/1.1, no `close`, and a body that does not end with it.
+    fn persists(spec: &Spec, framing: Framing) -> bool {
+        let close = spec.fields.iter().any(|field| match field {
+            Field::Connection(tokens) => tokens
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("close")),
+            _ => false,
+        });
+        spec.version == "HTTP/1.1" && !close && framing != Framing::Close
+    }
+
+    /// The body bytes `framing` delimits, for a body generated as `body`.
+    fn delimited(framing: Framing, body: &[u8]) -> Vec<u8> {
+        match framing {
+            Framing::Empty => Vec::new(),
+            Framing::Length(n) => {
+                let mut body = body.to_vec();
+                body.resize(n as usize, b'#');
+                body
+            }
+            Framing::Chunked | Framing::Close => body.to_vec(),
+        }
+    }
+
+    /// A response that follows on the same connection.
+    const NEXT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nNEXT";
+
+    /// A response's bytes, and where its parts lie in them.
+    struct Wire {
+        bytes: Vec<u8>,
+        /// Where each interim response starts.
+        interims: Vec<usize>,
+        /// The final response's head.
+        head: Range<usize>,
+        /// Where the final response ends (and NEXT, if there is one, starts).
+        end: usize,
+    }
+
+    /// Writes `spec` out: its interim responses, its head, its body framed as RFC 9112 says the
+    /// fields frame it, then NEXT unless the body runs to the close.
+    fn wire(spec: &Spec) -> Wire {
+        let mut bytes = Vec::new();
+        let mut interims = Vec::new();
+        for (code, field) in &spec.interim {
+            interims.push(bytes.len());
+            bytes.extend_from_slice(format!("HTTP/1.1 {code} Interim\r\n").as_bytes());
+            if let Some(field) = field {
+                bytes.extend_from_slice(format!("{field}\r\n").as_bytes());
+            }
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let start = bytes.len();
+        let status = format!("{} {:03} Final\r\n", spec.version, spec.status);
+        bytes.extend_from_slice(status.as_bytes());
+        for field in &spec.fields {
+            bytes.extend_from_slice(format!("{}\r\n", field.line(spec.body.len())).as_bytes());
+        }
+        bytes.extend_from_slice(b"\r\n");
+        let head = start..bytes.len();
+        let framing = match rfc_framing(spec) {
+            Rfc::Framed(framing) | Rfc::MayRefuse(framing) => framing,
+            Rfc::Invalid => Framing::Length(spec.body.len() as u64),
+        };
+        if framing == Framing::Chunked {
+            let chunks = split(&spec.body, &spec.chunk_sizes);
+            bytes.extend_from_slice(&chunked(&chunks, &spec.extension, &spec.trailers));
+        } else {
+            bytes.extend_from_slice(&delimited(framing, &spec.body));
+        }
+        let end = bytes.len();
+        if framing != Framing::Close {
+            bytes.extend_from_slice(NEXT);
+        }
+        Wire {
+            bytes,
+            interims,
+            head,
+            end,
+        }
+    }
+
+    /// `body` cut into chunks of `sizes`, taken in turn.
+    fn split(mut body: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
+        let mut chunks = Vec::new();
+        for &size in sizes.iter().cycle() {
+            if body.is_empty() {
+                break;
+            }
+            let (chunk, rest) = body.split_at(size.min(body.len()));
+            chunks.push(chunk.to_vec());
+            body = rest;
+        }
+        chunks
+    }
+
+    /// The upstream's end of a connection: sends `pieces` in turn, then ends the stream (`eof`)
+    /// or sends nothing more, ever.
+    struct Script {
+        pieces: VecDeque<Vec<u8>>,
+        eof: bool,
+    }
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.pieces.pop_front() {
+                Some(mut piece) => {
+                    let n = piece.len().min(buf.remaining());
+                    buf.put_slice(&piece[..n]);
+                    if n < piece.len() {
+                        self.pieces.push_front(piece.split_off(n));
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                None if self.eof => Poll::Ready(Ok(())),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncWrite for Script {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A connection that receives `bytes` in pieces of `piece` (never empty ones, which would
+    /// read as its end).
+    fn connection(bytes: &[u8], piece: usize, eof: bool) -> Connection {
+        let pieces = bytes.chunks(piece).map(<[u8]>::to_vec).collect();
+        Connection::new(Box::new(Script { pieces, eof }))
+    }
+
+    fn outgoing(head_method: bool, upgrade: bool) -> Outgoing {
+        let method = if head_method {
+            Method::HEAD
+        } else {
+            Method::GET
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri("/v1/models")
+            .body(RequestBody::empty())
+            .unwrap();
+        Outgoing::new(request, &HeaderValue::from_static("upstream"), upgrade)
+    }
+
+    /// Polls `future` once. A Script never waits on a waker, so Pending means that it wants
+    /// bytes the script does not have: "need more".
+    fn poll_once<F: Future>(future: F) -> Poll<F::Output> {
+        std::pin::pin!(future).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// Header fields as (lower-case name, value), sorted: a head's fields, whatever their order.
+    type Fields = Vec<(String, Vec<u8>)>;
+
+    /// A final response head as read: status, version, fields, framing, keep-alive.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Seen {
+        status: u16,
+        version: Version,
+        fields: Fields,
+        framing: Framing,
+        keep_alive: bool,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum End {
+        /// Needs more bytes than have come.
+        Waiting,
+        Failed,
+        /// The body has ended (or the protocol switched).
+        Whole,
+    }
+
+    /// What was read of one response: its head, as much of its body as came, and how it ended.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Transcript {
+        head: Option<Seen>,
+        body: Vec<u8>,
+        end: End,
+    }
+
+    /// Reads one response off `conn` as `exchange` and `ResponseBody` do.
+    fn read_one(conn: &mut Connection, out: &Outgoing) -> Transcript {
+        let mut read = Transcript {
+            head: None,
+            body: Vec::new(),
+            end: End::Failed,
+        };
+        let head = match poll_once(read_head(conn, out)) {
+            Poll::Pending => {
+                read.end = End::Waiting;
+                return read;
+            }
+            Poll::Ready(Err(_)) => return read,
+            Poll::Ready(Ok(head)) => head,
+        };
+        let mut fields: Vec<_> = (head.headers.iter())
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+            .collect();
+        fields.sort();
+        read.head = Some(Seen {
+            status: head.status.as_u16(),
+            version: head.version,
+            fields,
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+        });
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            read.end = End::Whole;
+            return read;
+        }
+        let mut decoder = Decoder::new(head.framing);
+        let mut cx = Context::from_waker(Waker::noop());
+        read.end = loop {
+            let Connection { io, buf, .. } = conn;
+            match framing::poll_piece(&mut decoder, buf, io, &mut cx) {
+                Poll::Pending => break End::Waiting,
+                Poll::Ready(Ok(Some(data))) => read.body.extend_from_slice(&data),
+                Poll::Ready(Ok(None)) => break End::Whole,
+                Poll::Ready(Err(_)) => break End::Failed,
+            }
+        };
+        read
+    }
+
+    /// The final head as httparse alone reads it: status, version and sorted fields; None if it
+    /// refuses it or finds it incomplete.
+    fn httparse_head(head: &[u8]) -> Option<(u16, Version, Fields)> {
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut fields);
+        if response.parse(head) != Ok(httparse::Status::Complete(head.len())) {
+            return None;
+        }
+        let version = match response.version? {
+            0 => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        let mut fields: Vec<_> = (response.headers.iter())
+            .map(|f| (f.name.to_ascii_lowercase(), f.value.to_vec()))
+            .collect();
+        fields.sort();
+        Some((response.code?, version, fields))
+    }
+
+    /// Framing fields, each kind of case often enough to be met in a run: clean ones (one
+    /// Content-Length or `chunked`), one mutated, two lengths that may conflict, a coding with
+    /// another framing field, or none at all.
+    fn framing_fields() -> impl Strategy<Value = Vec<Field>> {
+        use Length::*;
+        let forms = vec![
+            Exact,
+            Padded,
+            LeadingZero,
+            Listed,
+            TrailingComma,
+            Other,
+            Plus,
+            Minus,
+            Hex,
+            Blank,
+            Huge,
+        ];
+        let length = prop::sample::select(forms).prop_map(Field::Length);
+        let codings = vec![
+            "chunked",
+            "Chunked",
+            "gzip, chunked",
+            "chunked, gzip",
+            "chunked, chunked",
+            "chunked,",
+            "gzip",
+            "identity",
+            "",
+        ];
+        let coding = prop::sample::select(codings).prop_map(Field::Coding);
+        let mutated = prop_oneof![
+            3 => length.clone(),
+            3 => coding.clone(),
+            1 => Just(Field::SpacedCoding),
+        ];
+        let maybe_same = prop::sample::select(vec![Exact, Other, LeadingZero, Listed]);
+        let clean = prop::sample::select(vec![Field::Length(Exact), Field::Coding("chunked")]);
+        prop_oneof![
+            2 => clean.prop_map(|field| vec![field]),
+            3 => mutated.prop_map(|field| vec![field]),
+            1 => (maybe_same.clone(), maybe_same)
+                .prop_map(|(a, b)| vec![Field::Length(a), Field::Length(b)]),
+            1 => (coding.clone(), prop_oneof![length, coding]).prop_map(|(a, b)| vec![a, b]),
+            1 => Just(Vec::new()),
+        ]
+    }
+
+    fn other_field() -> impl Strategy<Value = Field> {
+        let connection = prop_oneof![
+            Just("close"),
+            Just("Close"),
+            Just("keep-alive"),
+            Just("keep-alive, close"),
+            Just("upgrade"),
+        ];
+        prop_oneof![
+            connection.prop_map(Field::Connection),
+            ("x-[a-z]{1,8}", "[!-~]([ -~]{0,14}[!-~])?").prop_map(|(n, v)| Field::Other(n, v)),
+        ]
+    }
+
+    prop_compose! {
+        fn fields()(
+            framing in framing_fields(),
+            other in prop::collection::vec(other_field(), 0..3),
+        )(
+            fields in Just([framing, other].concat()).prop_shuffle(),
+        ) -> Vec<Field> {
+            fields
+        }
+    }
+
+    prop_compose! {
+        fn spec()(
+            interim in prop::collection::vec((
+                prop_oneof![Just(100u16), Just(102), Just(103)],
+                prop::option::of(prop_oneof![
+                    Just("content-length: 5"), Just("transfer-encoding: chunked")]),
+            ), 0..3),
+            version in prop_oneof![12 => Just("HTTP/1.1"), 4 => Just("HTTP/1.0"), 1 => Just("HTTP/2.0")],
+            status in prop_oneof![
+                3 => Just(200u16),
+                2 => prop::sample::select(vec![101, 204, 206, 304, 404, 502, 42]),
+            ],
+            fields in fields(),
+            head_method in prop::bool::weighted(0.1),
+            upgrade in any::<bool>(),
+            body in prop::collection::vec(any::<u8>(), 0..40),
+            chunk_sizes in prop::collection::vec(1usize..16, 1..6),
+            extension in prop_oneof![Just(String::new()), "[a-z]{1,8}".prop_map(|e| format!(";{e}=1"))],
+            trailers in prop::collection::vec("[a-z]{1,8}", 0..3),
+        ) -> Spec {
+            Spec { interim, version, status, fields, head_method, upgrade, body, chunk_sizes, extension, trailers }
+        }
+    }
+
+    /// Checks one whole response, read in pieces of `piece`, against the model and httparse.
+    fn check_framing(spec: &Spec, wire: &Wire, piece: usize) -> Result<(), TestCaseError> {
+        let rfc = rfc_framing(spec);
+        let reference = httparse_head(&wire.bytes[wire.head.clone()]);
+        let mut conn = connection(&wire.bytes, piece, true);
+        let read = read_one(&mut conn, &outgoing(spec.head_method, spec.upgrade));
+        let Some(head) = read.head else {
+            // Refused: only what httparse or the RFC lets a recipient refuse.
+            prop_assert_eq!(read.end, End::Failed);
+            let must_accept = matches!(rfc, Rfc::Framed(_)) && reference.is_some();
+            prop_assert!(!must_accept, "refused, where RFC 9112 says {:?}", rfc);
+            return Ok(());
+        };
+        let framing = match rfc {
+            Rfc::Framed(framing) | Rfc::MayRefuse(framing) => framing,
+            Rfc::Invalid => return Err(TestCaseError::fail("accepted invalid framing")),
+        };
+        let Some((status, version, fields)) = reference else {
+            return Err(TestCaseError::fail("accepted a head httparse refuses"));
+        };
+        prop_assert_eq!(
+            (head.status, head.version, &head.fields),
+            (status, version, &fields)
+        );
+        prop_assert_eq!(head.framing, framing);
+        prop_assert_eq!(head.keep_alive, persists(spec, framing));
+        prop_assert_eq!(read.end, End::Whole);
+        prop_assert_eq!(read.body, delimited(framing, &spec.body));
+        if framing != Framing::Close && status != 101 {
+            // The body ended where RFC 9112 says: the next response is read whole after it.
+            let next = read_one(&mut conn, &outgoing(false, false));
+            prop_assert_eq!(next.head.map(|h| h.status), Some(200));
+            prop_assert_eq!((next.body, next.end), (b"NEXT".to_vec(), End::Whole));
+        }
+        Ok(())
+    }
+
+    /// Checks the response cut at `cut`, the connection then waiting or closed, against the
+    /// whole response read the same way.
+    fn check_cut(spec: &Spec, wire: &Wire, cut: usize, piece: usize) -> Result<(), TestCaseError> {
+        let out = outgoing(spec.head_method, spec.upgrade);
+        let whole = read_one(&mut connection(&wire.bytes, piece, true), &out);
+        let cut_off = &wire.bytes[..cut];
+        // Waiting: need more, or what the whole response reads as, so far; never another head,
+        // never an error the whole response does not have.
+        let waiting = read_one(&mut connection(cut_off, piece, false), &out);
+        prop_assert!(waiting.end != End::Failed || whole.end == End::Failed);
+        prop_assert!(waiting.head.is_none() || waiting.head == whole.head);
+        prop_assert!(whole.body.starts_with(&waiting.body));
+        let to_close = whole
+            .head
+            .as_ref()
+            .is_some_and(|h| h.framing == Framing::Close);
+        if whole.end == End::Whole && cut >= wire.end && !to_close {
+            prop_assert_eq!(&waiting, &whole);
+        } else if waiting.end == End::Whole {
+            prop_assert_eq!(&waiting, &whole);
+        }
+        // Closed: a clean failure, unless the response had ended by then (a body that runs to
+        // the close ends with it, as whatever part of it came).
+        let closed = read_one(&mut connection(cut_off, piece, true), &out);
+        prop_assert!(closed.end != End::Waiting);
+        if closed.end == End::Whole {
+            prop_assert_eq!(&closed.head, &whole.head);
+            if to_close {
+                prop_assert_eq!(&closed.body[..], &wire.bytes[wire.head.end.min(cut)..cut]);
+            } else {
+                prop_assert!(
+                    cut >= wire.end && closed == whole,
+                    "a cut response taken as whole"
+                );
+            }
+        } else {
+            prop_assert!(closed.head.is_none() || closed.head == whole.head);
+        }
+        Ok(())
+    }
+
+    /// Checks `answer_begun` at every cut of the interim responses and final head: whole interim
+    /// heads are dropped, and the answer has begun once the final status line is there, never
+    /// before any of it is.
+    fn check_answer_begun(wire: &Wire) -> Result<(), TestCaseError> {
+        let start = wire.head.start;
+        let status_line = start
+            + 2
+            + (wire.bytes[start..].windows(2))
+                .position(|w| w == b"\r\n")
+                .unwrap();
+        for cut in 0..=wire.head.end {
+            let mut buf = BytesMut::from(&wire.bytes[..cut]);
+            let begun = answer_begun(&mut buf);
+            let from = if begun {
+                start
+            } else {
+                // The last message boundary at or before the cut.
+                let boundaries = wire.interims.iter().chain([&start]);
+                *boundaries.filter(|&&at| at <= cut).max().unwrap_or(&0)
+            };
+            prop_assert!(!begun || cut > start, "begun at {} of an interim", cut);
+            prop_assert!(
+                begun || cut < status_line,
+                "not begun at {} of a final",
+                cut
+            );
+            prop_assert_eq!(&buf[..], &wire.bytes[from..cut], "cut at {}", cut);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every accepted response is read as RFC 9112 §6.3 frames it: its head as httparse
+        /// reads it, its body as long as its framing fields say (none for HEAD, 1xx, 204 and
+        /// 304), keep-alive only where the next response can be found, which is then read
+        /// whole. Anything ambiguous may be refused; anything invalid must be.
+        #[test]
+        fn responses_are_framed_as_rfc_9112_says(spec in spec(), piece in 1usize..48) {
+            check_framing(&spec, &wire(&spec), piece)?;
+        }
+
+        /// A response cut anywhere, then waiting or closed, is "need more" or a clean failure,
+        /// never read differently from the whole response: a prefix of its body at most, taken
+        /// as whole only if it had ended (or runs to the close).
+        #[test]
+        fn cut_responses_wait_or_fail(
+            spec in spec(),
+            cut in any::<prop::sample::Index>(),
+            piece in 1usize..48,
+        ) {
+            let wire = wire(&spec);
+            check_cut(&spec, &wire, cut.index(wire.bytes.len() + 1), piece)?;
+        }
+
+        /// While a request is still being sent, interim responses are passed over only whole,
+        /// and the final answer counts as begun only once its status line is there.
+        #[test]
+        fn interim_responses_are_passed_over_whole(spec in spec()) {
+            check_answer_begun(&wire(&spec))?;
+        }
+    }
+}
