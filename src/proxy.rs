@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use serde::{Deserialize, Deserializer};
@@ -100,7 +101,31 @@ pub struct Connection {
     /// What the connection is waiting for, for the log line of a drain that has to cut it.
     pub activity: Activity,
     /// The connection counts against `server.max_connections` for as long as this lives.
-    pub _open: crate::server::OpenConnection,
+    pub _open: OpenConnection,
+}
+
+/// Counts itself among the open connections for as long as it lives: its connection's, and any
+/// WebSocket tunnel's that outlives the request that opened it.
+pub struct OpenConnection {
+    counter: Arc<AtomicUsize>,
+    /// How many were open with this one, when it opened.
+    pub open: usize,
+}
+
+impl OpenConnection {
+    pub fn new(counter: &Arc<AtomicUsize>) -> Self {
+        let open = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        Self {
+            counter: counter.clone(),
+            open,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The stage an HTTP/1.1 connection is at. Set as it moves on (a relaxed store), read only when

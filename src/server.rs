@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -88,7 +88,7 @@ pub async fn accept_loop(
                     return;
                 };
                 let _ = stream.set_nodelay(true);
-                let count = OpenConnection::new(&connections);
+                let count = proxy::OpenConnection::new(&connections);
                 tokio::spawn(serve_connection(
                     stream,
                     client,
@@ -111,36 +111,13 @@ pub async fn accept_loop(
     }
 }
 
-/// Counts itself among the open connections for as long as it lives: its connection's, and any
-/// WebSocket tunnel's that outlives the request that opened it.
-pub struct OpenConnection {
-    counter: Arc<AtomicUsize>,
-    open: usize,
-}
-
-impl OpenConnection {
-    fn new(counter: &Arc<AtomicUsize>) -> Self {
-        let open = counter.fetch_add(1, Ordering::Relaxed) + 1;
-        Self {
-            counter: counter.clone(),
-            open,
-        }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 async fn serve_connection(
     stream: TcpStream,
     client: SocketAddr,
     local: SocketAddr,
     live: Arc<Live>,
     drain: drain::Watch,
-    count: OpenConnection,
+    count: proxy::OpenConnection,
 ) {
     let generation = live.snapshot();
     if count.open > generation.config.server.max_connections.0 {
