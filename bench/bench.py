@@ -59,6 +59,10 @@ PROFILES = {
         starts=10,
         reloads=20,
         reload_load_secs=10,
+        upgrades=3,
+        upgrade_streams=3,
+        upgrade_events=100,
+        upgrade_after_ms=1000,
     ),
     # A smoke test of every step, with the same shapes and a third of the sizes.
     "quick": dict(
@@ -76,6 +80,10 @@ PROFILES = {
         starts=5,
         reloads=10,
         reload_load_secs=3,
+        upgrades=3,
+        upgrade_streams=3,
+        upgrade_events=100,
+        upgrade_after_ms=1000,
     ),
 }
 
@@ -107,8 +115,11 @@ class Processes:
     def __init__(self, logdir):
         self.logdir = logdir
         self.live = {}
+        # Processes this run caused but did not start: openai-proxy's successors after a
+        # handover (children of the old proxy, then of init). pid -> (name, start time).
+        self.adopted = {}
 
-    def start(self, name, argv, env=None):
+    def start(self, name, argv, env=None, pass_fds=()):
         logfile = open(self.logdir / f"{name}.log", "ab")
         logfile.write(f"\n### {time.strftime('%H:%M:%S')} {' '.join(map(str, argv))}\n".encode())
         logfile.flush()
@@ -119,6 +130,7 @@ class Processes:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
+            pass_fds=pass_fds,
         )
         logfile.close()
         self.live[proc.pid] = (name, proc)
@@ -146,7 +158,40 @@ class Processes:
             pass
         del self.live[proc.pid]
 
+    def forget(self, proc):
+        """A process that has exited and been waited for, whose group must not be signalled: a
+        handover's successor still runs in it."""
+        if proc.poll() is not None:
+            self.live.pop(proc.pid, None)
+
+    def adopt(self, name, pid):
+        """Stops `pid` when the run ends, though it is not our child: openai-proxy's successor
+        after a handover, named by MAINPID= on our notify socket."""
+        born = start_time(pid)
+        if born is not None:
+            self.adopted[pid] = (name, born)
+
+    def stop_adopted(self, pid, grace=10.0):
+        """SIGTERM, then SIGKILL after `grace`, to an adopted process, by its id, as long as
+        that id still names the process adopted (its start time is the same)."""
+        if pid not in self.adopted:
+            return
+        _name, born = self.adopted.pop(pid)
+        sig, deadline = signal.SIGTERM, time.monotonic() + grace
+        while start_time(pid) == born:
+            if sig is not None:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    return
+                sig = None
+            if time.monotonic() > deadline:
+                sig, deadline = signal.SIGKILL, time.monotonic() + 10
+            time.sleep(0.02)
+
     def stop_all(self):
+        for pid in list(self.adopted):
+            self.stop_adopted(pid, grace=5.0)
         for _pid, (_name, proc) in list(self.live.items()):
             self.stop(proc, grace=5.0)
 
@@ -181,6 +226,17 @@ class Processes:
         if proc.returncode != 0:
             raise RuntimeError(f"{name} exited {proc.returncode}: see {self.logdir / (name + '.log')}")
         return text
+
+
+def start_time(pid):
+    """When `pid` started (clock ticks since boot, from /proc), or None if no process, or only a
+    zombie, has that id: with the id, it names one process, even if the id is used again."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def descendants(pid):
@@ -694,21 +750,38 @@ class Notifier:
 
     def wait(self, word, timeout=10.0):
         """The time at which a message holding the line `word` arrives."""
+        return self.wait_for(lambda lines: word in lines, word, timeout)[0]
+
+    def wait_for(self, test, what, timeout=10.0):
+        """The first message whose lines pass `test`: the time it arrived, and its lines."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RuntimeError(f"no {word} on the notify socket within {timeout}s")
+                raise RuntimeError(f"no {what} on the notify socket within {timeout}s")
             self.sock.settimeout(left)
-            data, ancdata, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
-            now = time.perf_counter()
-            # FDSTORE=1 carries the listening socket: close our copy.
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    for i in range(0, len(payload) - len(payload) % 4, 4):
-                        os.close(int.from_bytes(payload[i : i + 4], sys.byteorder))
-            if word in data.decode(errors="replace").splitlines():
-                return now
+            now, lines = self._receive()
+            if test(lines):
+                return now, lines
+
+    def _receive(self):
+        data, ancdata, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+        now = time.perf_counter()
+        # FDSTORE=1 carries the listening socket: close our copy.
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for i in range(0, len(payload) - len(payload) % 4, 4):
+                    os.close(int.from_bytes(payload[i : i + 4], sys.byteorder))
+        return now, data.decode(errors="replace").splitlines()
+
+    def discard(self):
+        """Drops the messages already queued, so that the next wait sees only new ones."""
+        self.sock.settimeout(0)
+        try:
+            while True:
+                self._receive()
+        except (BlockingIOError, socket.timeout):
+            pass
 
     def close(self):
         self.sock.close()
@@ -717,7 +790,8 @@ class Notifier:
 
 def lifecycle(run, p, round_no):
     """openai-proxy's start to READY=1 and SIGHUP to READY=1, with the shipped config (only the
-    listen address changed); and the p99 at a fixed rate while it reloads every 100 ms."""
+    listen address changed); the p99 at a fixed rate while it reloads every 100 ms; and a new
+    request's wait during an upgrade with streams in flight (`upgrade`)."""
     notifier = Notifier(run.work / f"notify-{round_no}.sock")
     result = {}
     try:
@@ -785,6 +859,188 @@ def lifecycle(run, p, round_no):
         result["reloads_under_load"] = len(under)
         result["reload_under_load_ms"] = under
     finally:
+        notifier.close()
+    # An upgrade with long streams in flight: handover against restart.
+    result["upgrade"] = upgrade(run, p, round_no)
+    return result
+
+
+def upgrade(run, p, round_no):
+    """Issue 14: how long a new request waits while openai-proxy is upgraded with long streams in
+    flight. `upgrade_streams` SSE streams of `upgrade_events` events 50 ms apart (5 s) run
+    through the proxy; `upgrade_after_ms` after they start, the proxy is upgraded and a request
+    on a new connection is timed from sending to its answer:
+    * handover: SIGUSR2 (what a reload does once the binary on disk was replaced), the request
+      at once, and another once MAINPID= has come (the old process then no longer accepts). The
+      successor named by MAINPID= on our notify socket is the process handed over to next
+      time; not being our child, it is stopped by its id when the run ends;
+    * restart, as systemd does it with the listening socket in its fd store: SIGTERM, the
+      request once the proxy says STOPPING=1, and a new proxy once the old one has exited,
+      started with the socket this script holds, passed as systemd passes it (LISTEN_FDS=1,
+      LISTEN_FDNAMES, LISTEN_PID), so the request waits in the backlog, never refused.
+    Every stream must complete, through either."""
+    notifier = Notifier(run.work / f"notify-upgrade-{round_no}.sock")
+    long_port = free_port()
+    long_upstream = run.procs.start(
+        "upstream-long",
+        [
+            TOOL_BIN, "upstream",
+            "--listen", f"{LOOPBACK}:{long_port}",
+            "--cert", run.certs / "cert.pem",
+            "--key", run.certs / "key.pem",
+            "--events", p["upgrade_events"],
+            "--interval-ms", p["stream_interval_ms"],
+        ],
+    )
+    listening = socket.socket()
+    result = {
+        "streams": p["upgrade_streams"],
+        "stream_ms": p["upgrade_events"] * p["stream_interval_ms"],
+        "after_ms": p["upgrade_after_ms"],
+        "handover_ms": [], "handover_mainpid_ms": [], "handover_named_ms": [], "handover_ready_ms": [],
+        "restart_ms": [], "restart_ready_ms": [],
+        "streams_failed": 0, "requests_failed": 0,
+    }
+    procs = []
+    successors = []
+    try:
+        wait_tls(long_port, long_upstream, "the long-stream upstream")
+        target = OpenaiProxy(run)
+
+        def in_flight(name):
+            """Starts the streams in the background; returns a function that waits for them."""
+            box = {}
+            url = f"http://{LOOPBACK}:{target.port}{PATH}"
+            argv = [
+                TOOL_BIN, "streams", "--url", url, "--streams", p["upgrade_streams"],
+                "--ramp-ms", 100, "--events", p["upgrade_events"],
+                "--interval-ms", p["stream_interval_ms"], "--timeout-secs", 60,
+            ]
+
+            def streams_run():
+                try:
+                    box["result"] = json.loads(run.procs.run(name, argv, timeout=90))
+                except Exception as e:  # reported in the main thread
+                    box["error"] = e
+
+            thread = threading.Thread(target=streams_run, daemon=True)
+            thread.start()
+            time.sleep(p["upgrade_after_ms"] / 1e3)
+
+            def done():
+                thread.join()
+                if "error" in box:
+                    raise box["error"]
+                result["streams_failed"] += box["result"]["failed"]
+
+            return done
+
+        def timed_request():
+            begin = time.perf_counter()
+            try:
+                status = post(target.port, timeout=60.0)
+            except OSError:
+                status = None
+            if status != 200:
+                result["requests_failed"] += 1
+            return (time.perf_counter() - begin) * 1e3
+
+        # (a) Handover: the proxy binds its own socket, then hands it on each time.
+        target.port = free_port()
+        conf = run.work / f"openai-proxy-upgrade-r{round_no}.toml"
+        conf.write_text(target.config_text(target.port, long_port, access_log=False))
+        first = run.procs.start("openai-proxy-handover", [PROXY_BIN, "--config", conf], env=notifier.env())
+        procs.append(first)
+        notifier.wait("READY=1")
+        wait_serving(target.port, first, "openai-proxy")
+        main_pid = first.pid
+        for i in range(p["upgrades"]):
+            done = in_flight(f"streams-handover-r{round_no}-{i}")
+            notifier.discard()
+            signalled = time.perf_counter()
+            os.kill(main_pid, signal.SIGUSR2)
+            result["handover_ms"].append(timed_request())
+            named, lines = notifier.wait_for(
+                lambda lines: any(l.startswith("MAINPID=") for l in lines), "MAINPID=", timeout=40.0
+            )
+            old_pid = main_pid
+            main_pid = int(next(l for l in lines if l.startswith("MAINPID="))[len("MAINPID="):])
+            run.procs.adopt("openai-proxy-successor", main_pid)
+            successors.append(main_pid)
+            result["handover_mainpid_ms"].append((named - signalled) * 1e3)
+            # The old process stops accepting once it has named its successor: from then on only
+            # the successor can answer a new connection.
+            result["handover_named_ms"].append(timed_request())
+            result["handover_ready_ms"].append((notifier.wait("READY=1", timeout=10.0) - signalled) * 1e3)
+            done()
+            # The old process exits once its streams are done.
+            if old_pid == first.pid:
+                result["first_exit"] = first.wait(timeout=40)
+                run.procs.forget(first)
+            else:
+                deadline = time.monotonic() + 40
+                while start_time(old_pid) is not None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                run.procs.stop_adopted(old_pid)
+        run.procs.stop_adopted(main_pid)
+        run.procs.stop(first)
+
+        # (b) Restart: stop, wait for the exit, start anew on the same socket.
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((LOOPBACK, 0))
+        listening.listen(4096)
+        target.port = listening.getsockname()[1]
+        conf.write_text(target.config_text(target.port, long_port, access_log=False))
+        fd = listening.fileno()
+        env = notifier.env()
+        env["LISTEN_FDS"] = "1"
+        env["LISTEN_FDNAMES"] = f"listen-{LOOPBACK}-{target.port}"
+        # LISTEN_PID must be the proxy's own: the shell's, which exec keeps; the socket at fd 3.
+        move = "" if fd == 3 else f" 3<&{fd} {fd}<&-"
+        argv = ["/bin/sh", "-c", f'export LISTEN_PID=$$; exec "$0" "$@"{move}', PROXY_BIN, "--config", conf]
+
+        def start_restarted():
+            proc = run.procs.start("openai-proxy-restart", argv, env=env, pass_fds=(fd,))
+            procs.append(proc)
+            return proc
+
+        proc = start_restarted()
+        notifier.wait("READY=1")
+        wait_serving(target.port, proc, "openai-proxy")
+        for i in range(p["upgrades"]):
+            done = in_flight(f"streams-restart-r{round_no}-{i}")
+            notifier.discard()
+            box = {}
+
+            def restart(old=proc):
+                try:
+                    os.kill(old.pid, signal.SIGTERM)
+                    box["exit"] = old.wait(timeout=60)
+                    run.procs.forget(old)
+                    box["proc"] = start_restarted()
+                except Exception as e:  # reported in the main thread
+                    box["error"] = e
+
+            thread = threading.Thread(target=restart, daemon=True)
+            signalled = time.perf_counter()
+            thread.start()
+            notifier.wait("STOPPING=1", timeout=10.0)
+            result["restart_ms"].append(timed_request())
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            proc = box["proc"]
+            result["restart_ready_ms"].append((notifier.wait("READY=1", timeout=10.0) - signalled) * 1e3)
+            result.setdefault("restart_exits", []).append(box["exit"])
+            done()
+        run.procs.stop(proc)
+    finally:
+        for pid in successors:
+            run.procs.stop_adopted(pid)
+        for proc in procs:
+            run.procs.stop(proc)
+        run.procs.stop(long_upstream)
+        listening.close()
         notifier.close()
     return result
 
@@ -895,6 +1151,10 @@ def lifecycle_medians(rounds):
     reloading = [dig(r, ("lifecycle", "reloading", "p99_ms")) for r in rounds]
     ratios = [b / a for a, b in zip(steady, reloading) if a and b]
     errors = [dig(r, ("lifecycle", "reloading", "errors")) for r in rounds]
+    upgrades = [r["lifecycle"]["upgrade"] for r in rounds if dig(r, ("lifecycle", "upgrade"))]
+
+    def every(key):
+        return [x for u in upgrades for x in u.get(key, [])]
 
     def pct(values, q):
         if not values:
@@ -914,6 +1174,18 @@ def lifecycle_medians(rounds):
         "reloading_p99_ms": median(reloading),
         "p99_ratio_reloading_to_steady": median(ratios),
         "reloading_errors": errors,
+        "upgrade_handover_ms_median": median(every("handover_ms")),
+        "upgrade_handover_ms_max": max(every("handover_ms"), default=None),
+        "upgrade_handover_ready_ms_median": median(every("handover_ready_ms")),
+        "upgrade_handover_named_ms_median": median(every("handover_named_ms")),
+        "upgrade_handover_named_ms_max": max(every("handover_named_ms"), default=None),
+        "upgrade_restart_ms_median": median(every("restart_ms")),
+        "upgrade_restart_ms_min": min(every("restart_ms"), default=None),
+        "upgrade_restart_ms_max": max(every("restart_ms"), default=None),
+        "upgrade_samples": len(every("handover_ms")),
+        "upgrade_streams_failed": sum(u["streams_failed"] for u in upgrades) if upgrades else None,
+        "upgrade_requests_failed": sum(u["requests_failed"] for u in upgrades) if upgrades else None,
+        "upgrade_shape": {k: upgrades[0][k] for k in ("streams", "stream_ms", "after_ms")} if upgrades else None,
     }
 
 
@@ -1076,6 +1348,27 @@ def report(meta, rounds, p):
     lines.append(f"| reload SIGHUP to READY=1, shipped config (median / p90 / max) | {fmt(life['reload_ms_median'])} / {fmt(life['reload_ms_p90'])} / {fmt(life['reload_ms_max'])} ms |")
     lines.append(f"| reload SIGHUP to READY=1 under {p['rate']} req/s (median) | {fmt(life['reload_under_load_ms_median'])} ms |")
     lines.append(f"| p99 at {p['rate']} req/s, steady / reloading every 100 ms | {fmt(life['steady_p99_ms'], '{:.3f}')} / {fmt(life['reloading_p99_ms'], '{:.3f}')} ms ({fmt(life['p99_ratio_reloading_to_steady'], '{:.2f}')}x) |")
+    shape = life.get("upgrade_shape")
+    if shape:
+        lines.append(
+            f"| new request's wait during an upgrade, {shape['streams']} streams of {shape['stream_ms'] / 1e3:.0f} s "
+            f"in flight, upgraded {shape['after_ms'] / 1e3:.0f} s in: handover (SIGUSR2) median / max "
+            f"| {fmt(life['upgrade_handover_ms_median'])} / {fmt(life['upgrade_handover_ms_max'])} ms |"
+        )
+        lines.append(
+            f"| the same, restart (SIGTERM, exit, start on the kept socket, as systemd) median / min / max "
+            f"| {fmt(life['upgrade_restart_ms_median'])} / {fmt(life['upgrade_restart_ms_min'])} / "
+            f"{fmt(life['upgrade_restart_ms_max'])} ms |"
+        )
+        lines.append(
+            f"| handover: the same request sent once MAINPID= has come (only the successor accepts) median / max "
+            f"| {fmt(life['upgrade_handover_named_ms_median'])} / {fmt(life['upgrade_handover_named_ms_max'])} ms |"
+        )
+        lines.append(
+            f"| handover: SIGUSR2 to the successor's READY=1 (median); samples; streams / requests failed "
+            f"| {fmt(life['upgrade_handover_ready_ms_median'])} ms; {life['upgrade_samples']} each; "
+            f"{life['upgrade_streams_failed']} / {life['upgrade_requests_failed']} |"
+        )
     lines.append("")
     lines.append("Targets (issue 5):")
     lines.append("")
@@ -1373,6 +1666,12 @@ def main():
                     f"  openai-proxy lifecycle: start {statistics.median(life['start_ms']):.1f} ms, "
                     f"reload {statistics.median(life['reload_ms']):.1f} ms, p99 steady "
                     f"{life['steady']['p99_ms']:.3f} ms vs reloading {life['reloading']['p99_ms']:.3f} ms"
+                )
+                up = life["upgrade"]
+                log(
+                    f"  upgrade with streams in flight: new request waited {statistics.median(up['handover_ms']):.1f} ms "
+                    f"(handover) vs {statistics.median(up['restart_ms']):.1f} ms (restart); streams failed "
+                    f"{up['streams_failed']}, requests failed {up['requests_failed']}"
                 )
             rounds.append(entry)
         meta["minutes"] = (time.monotonic() - began) / 60
