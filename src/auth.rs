@@ -348,8 +348,47 @@ pub async fn admit(
         let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
         inspect::check_models(generation, &token, parts, body).await?;
     }
+    if let Some(theirs) = subprotocol_entry(&parts.headers) {
+        parts.extensions.insert(TokenSubprotocol(theirs));
+    }
     tokens.rewrite(&mut parts.headers);
     Ok(Some(token))
+}
+
+/// The subprotocol entry a client sent its token in, as it sent it.
+#[derive(Clone)]
+struct TokenSubprotocol(HeaderValue);
+
+fn subprotocol_entry(headers: &HeaderMap) -> Option<HeaderValue> {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| p.starts_with(SUBPROTOCOL_PREFIX))
+        .and_then(|p| HeaderValue::from_str(p).ok())
+}
+
+/// An upstream that selects the subprotocol carrying the key would show the key to the client:
+/// the answer names the client's own entry (its token) instead, or no subprotocol at all.
+pub fn hide_key_in_answer(request: &http::Extensions, answer: &mut HeaderMap) {
+    let prefix = SUBPROTOCOL_PREFIX.as_bytes();
+    let names_key = answer
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .any(|v| v.as_bytes().windows(prefix.len()).any(|w| w == prefix));
+    if !names_key {
+        return;
+    }
+    match request.get::<TokenSubprotocol>() {
+        Some(TokenSubprotocol(theirs)) => {
+            answer.insert(SEC_WEBSOCKET_PROTOCOL, theirs.clone());
+        }
+        None => {
+            answer.remove(SEC_WEBSOCKET_PROTOCOL);
+        }
+    }
 }
 
 impl Tokens {

@@ -301,8 +301,12 @@ async fn forward(
         // The tunnel holds the connection, which keeps counting against max_connections.
         tokio::spawn(tunnel::splice(client_upgrade, upgraded, conn.clone(), idle));
     }
+    let request_extensions = &parts.extensions;
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switched && upgrade);
+    if grant.is_some() {
+        auth::hide_key_in_answer(request_extensions, &mut parts.headers);
+    }
     let streaming = parts
         .headers
         .get(header::CONTENT_TYPE)

@@ -472,6 +472,23 @@ async fn realtime(
     ),
     tokio_tungstenite::tungstenite::Error,
 > {
+    let protocols = format!("realtime, openai-insecure-api-key.{token}, openai-beta.realtime-v1");
+    realtime_offering(proxy, &protocols).await
+}
+
+/// A Realtime WebSocket offering these subprotocols.
+async fn realtime_offering(
+    proxy: &Proxy,
+    protocols: &str,
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
     let url = format!(
         "ws://{}/v1/realtime?model=gpt-4o-realtime-preview",
         proxy.http.unwrap()
@@ -479,13 +496,41 @@ async fn realtime(
     let mut request =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
             .unwrap();
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        format!("realtime, openai-insecure-api-key.{token}, openai-beta.realtime-v1")
-            .parse()
-            .unwrap(),
-    );
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", protocols.parse().unwrap());
     tokio_tungstenite::connect_async(request).await
+}
+
+/// An upstream that selects the subprotocol carrying the key (the fake one selects the first
+/// offered) does not show the key to the client: the client sees its own token's entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_selects_the_key_subprotocol_does_not_show_the_key() {
+    bounded(20, async {
+        let alice = issue("alice");
+        let (_pki, upstream, proxy) = setup(&alice.table, &[]).await;
+        let offered = format!("openai-insecure-api-key.{}, realtime", alice.token);
+        let (ws, response) = realtime_offering(&proxy, &offered)
+            .await
+            .expect("upgrade through the proxy");
+        let selected = response.headers()["sec-websocket-protocol"]
+            .to_str()
+            .unwrap();
+        assert!(
+            !selected.contains(UPSTREAM_KEY),
+            "the key reached the client: {selected}"
+        );
+        assert_eq!(selected, format!("openai-insecure-api-key.{}", alice.token));
+        let seen = upstream.last();
+        assert!(
+            seen.headers["sec-websocket-protocol"]
+                .to_str()
+                .unwrap()
+                .starts_with(&format!("openai-insecure-api-key.{UPSTREAM_KEY}"))
+        );
+        drop(ws);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
