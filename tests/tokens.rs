@@ -459,11 +459,8 @@ fn a_key_file_others_may_read_is_refused_unless_systemd_made_it() {
     assert!(ok, "{text}");
 }
 
-/// A Realtime WebSocket as a browser opens it: the token as a subprotocol.
-async fn realtime(
-    proxy: &Proxy,
-    token: &str,
-) -> Result<
+/// A WebSocket through the proxy and the answer to its handshake, or why it failed.
+type Handshake = Result<
     (
         tokio_tungstenite::WebSocketStream<
             tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
@@ -471,24 +468,16 @@ async fn realtime(
         tokio_tungstenite::tungstenite::handshake::client::Response,
     ),
     tokio_tungstenite::tungstenite::Error,
-> {
+>;
+
+/// A Realtime WebSocket as a browser opens it: the token as a subprotocol.
+async fn realtime(proxy: &Proxy, token: &str) -> Handshake {
     let protocols = format!("realtime, openai-insecure-api-key.{token}, openai-beta.realtime-v1");
     realtime_offering(proxy, &protocols).await
 }
 
 /// A Realtime WebSocket offering these subprotocols.
-async fn realtime_offering(
-    proxy: &Proxy,
-    protocols: &str,
-) -> Result<
-    (
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    tokio_tungstenite::tungstenite::Error,
-> {
+async fn realtime_offering(proxy: &Proxy, protocols: &str) -> Handshake {
     let url = format!(
         "ws://{}/v1/realtime?model=gpt-4o-realtime-preview",
         proxy.http.unwrap()
