@@ -144,10 +144,10 @@ async fn run(
     reload: Arc<Notify>,
 ) {
     let mut current = watched.borrow().clone();
-    // Unknown: the files may have changed since the serving config read them, so the first
-    // event always leads to a look at their contents.
-    let mut last_stamps = Vec::new();
-    let mut at_start = Some(at_start);
+    let mut last_stamps = at_start;
+    // The files may have changed between the serving config's read of them and the first
+    // stamps, so the first event always leads to a look at their contents.
+    let mut looked = false;
     loop {
         tokio::select! {
             changed = watched.changed() => {
@@ -162,14 +162,11 @@ async fn run(
                     return;
                 }
                 while events.try_recv().is_ok() {}
-                if current.files.is_empty() || stamps(&current.files) == last_stamps {
+                if current.files.is_empty() || (looked && stamps(&current.files) == last_stamps) {
                     continue;
                 }
-                let before = match at_start.take() {
-                    Some(at_start) if last_stamps.is_empty() => at_start,
-                    _ => last_stamps,
-                };
-                last_stamps = settle(&current.files, before).await;
+                looked = true;
+                last_stamps = settle(&current.files, last_stamps).await;
                 // A reload (SIGHUP) may have been made meanwhile: compare with what serves now.
                 if watched.has_changed().unwrap_or(false) {
                     current = watched.borrow_and_update().clone();
