@@ -1,8 +1,9 @@
 //! Draining: a signal every connection honours, and a count whose reaching zero says they are done.
 //!
 //! One `Drain` per listener, so that a reload can retire one listener's connections while the
-//! others serve on; shutdown drains them all. Each connection and each WebSocket tunnel holds a
-//! `Watch`: when the last one is dropped, the drain is complete (the mini-redis pattern).
+//! others serve on; shutdown drains them all. Each connection holds a `Watch` (a WebSocket
+//! tunnel holds its connection's): when the last one is dropped, the drain is complete (the
+//! mini-redis pattern).
 
 use std::future::Future;
 use std::pin::Pin;

@@ -46,7 +46,12 @@ pub struct Exe {
 
 impl Exe {
     pub fn current() -> Self {
-        let path = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+        // A binary replaced already reads as "PATH (deleted)": its path is still PATH.
+        let link = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+        let path = link
+            .to_str()
+            .and_then(|l| l.strip_suffix(" (deleted)"))
+            .map_or(link.clone(), PathBuf::from);
         let identity = std::fs::metadata("/proc/self/exe")
             .ok()
             .map(|m| (m.dev(), m.ino()));
@@ -90,14 +95,14 @@ pub async fn hand_over(exe: &Exe, listeners: &ListenerSet, live: &Live) -> bool 
 }
 
 /// A successor that has said it serves, waiting to be named the main process.
-pub struct Successor {
+struct Successor {
     link: BufReader<tokio::net::UnixStream>,
-    pub pid: u32,
+    pid: u32,
 }
 
 /// Starts the binary on disk as a successor, hands it the listening sockets and waits until it
 /// serves. On any failure the successor is killed, and the error says why.
-pub async fn start(exe: &Exe, listeners: &ListenerSet) -> Result<Successor, String> {
+async fn start(exe: &Exe, listeners: &ListenerSet) -> Result<Successor, String> {
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| format!("cannot make a socket pair: {e}"))?;
     // Open across the exec, at the number the variable names; ours stays close-on-exec.

@@ -160,6 +160,8 @@ fn serve(
     inherited: Vec<InheritedListener>,
     predecessor: &mut Option<Predecessor>,
 ) -> Result<drain::Outcome, StartError> {
+    // The binary as it is now: a handover is due once another stands at its path.
+    let exe = handover::Exe::current();
     // Load the config and build everything from it: TLS, the upstream client, limits.
     let first = Generation::load(&config_path, 1, None)?;
     // While this is the only thread: growing the descriptor table later stalls every thread.
@@ -192,7 +194,6 @@ fn serve(
 
         // Serve, reloading on SIGHUP or a changed file, and handing over to a new binary when
         // one has replaced this one (or when asked), as often as asked.
-        let exe = handover::Exe::current();
         loop {
             match triggers.next().await {
                 Event::Shutdown => break,
