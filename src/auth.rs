@@ -360,14 +360,9 @@ pub async fn admit(
 struct TokenSubprotocol(HeaderValue);
 
 fn subprotocol_entry(headers: &HeaderMap) -> Option<HeaderValue> {
-    headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find(|p| p.starts_with(SUBPROTOCOL_PREFIX))
-        .and_then(|p| HeaderValue::from_str(p).ok())
+    token_subprotocols(headers)
+        .next()
+        .and_then(|entry| HeaderValue::from_bytes(entry).ok())
 }
 
 /// An upstream that selects the subprotocol carrying the key would show the key to the client:
@@ -476,12 +471,17 @@ impl Tokens {
 
 /// The tokens a browser sends as `openai-insecure-api-key.TOKEN` subprotocols.
 fn subprotocol_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    token_subprotocols(headers).map(|entry| &entry[SUBPROTOCOL_PREFIX.len()..])
+}
+
+/// The subprotocol entries that carry a token (`openai-insecure-api-key.TOKEN`), whole.
+fn token_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter_map(|p| p.strip_prefix(SUBPROTOCOL_PREFIX.as_bytes()))
+        .filter(|p| p.starts_with(SUBPROTOCOL_PREFIX.as_bytes()))
 }
 
 fn now_unix() -> i64 {
