@@ -64,33 +64,9 @@ fn has_dot_segment(path: &str) -> bool {
     if !path.contains(['.', '%', '\\']) {
         return false;
     }
-    percent_decoded(path.as_bytes())
+    headers::percent_decoded(path.as_bytes())
         .split(|&b| b == b'/' || b == b'\\')
         .any(|segment| segment == b"." || segment == b"..")
-}
-
-/// `bytes` with each `%XX` escape decoded once; a `%` that starts no escape stays as it is.
-fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = match bytes.get(i..i + 3) {
-            Some([b'%', high, low]) => hex(*high).zip(hex(*low)).map(|(h, l)| (h * 16 + l) as u8),
-            _ => None,
-        };
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// What a connection tells each of its requests.

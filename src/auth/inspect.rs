@@ -19,6 +19,7 @@ use super::{Grant, Token};
 use crate::body::{ClientBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::generation::Generation;
+use crate::headers;
 
 /// The most of a request body read to find its model: 32 MiB, so that an audio file at OpenAI's
 /// own 25 MB limit still fits in a multipart body. Only for tokens limited to some models.
@@ -198,29 +199,12 @@ fn percent_decode(text: &str) -> Cow<'_, str> {
     if !text.contains(['%', '+']) {
         return Cow::Borrowed(text);
     }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
-        match (bytes[i], escaped) {
-            (_, Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (b'+', None) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (byte, None) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
+    // `+` is a space; an escaped `%2B` stays a `+`, so the spaces go in before the escapes.
+    let spaced: Vec<u8> = text
+        .bytes()
+        .map(|b| if b == b'+' { b' ' } else { b })
+        .collect();
+    let out = headers::percent_decoded(&spaced);
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
