@@ -42,10 +42,13 @@ pub fn request(pid: u32) -> Result<String, String> {
         .ok()
         .and_then(rustix::process::Pid::from_raw)
         .ok_or_else(|| format!("{pid} is not a PID"))?;
-    let before = path().map(|p| std::fs::read_to_string(p).unwrap_or_default());
+    let path = path();
+    let before = path
+        .as_ref()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default());
     rustix::process::kill_process(target, rustix::process::Signal::HUP)
         .map_err(|e| format!("cannot signal PID {pid}: {e}"))?;
-    let (Some(path), Some(before)) = (path(), before) else {
+    let (Some(path), Some(before)) = (path, before) else {
         return Ok(format!("asked PID {pid} to reload"));
     };
     let deadline = Instant::now() + WAIT;
