@@ -73,6 +73,8 @@ pub struct AccessRecord {
     pub bytes_out: u64,
     /// The name of the client's token, in tokens mode.
     pub token: Option<Arc<str>>,
+    /// Counts the response among the event streams open while it is relayed.
+    pub stream: Option<crate::metrics::Open>,
     cut: Option<String>,
     enabled: bool,
 }
@@ -98,6 +100,7 @@ impl AccessRecord {
             bytes_in: Arc::default(),
             bytes_out: 0,
             token: None,
+            stream: None,
             cut: None,
             enabled,
         }
@@ -110,12 +113,21 @@ impl AccessRecord {
 
 impl Drop for AccessRecord {
     fn drop(&mut self) {
-        if !self.enabled {
-            return;
-        }
         let total = self.started.elapsed();
         let path = self.uri.path();
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        crate::metrics::request(&crate::metrics::Request {
+            method: &self.method,
+            path,
+            status: self.status,
+            time_to_headers: self.time_to_headers,
+            duration: total,
+            bytes_in,
+            bytes_out: self.bytes_out,
+        });
+        if !self.enabled {
+            return;
+        }
         let ttfb_ms = self.time_to_headers.as_secs_f64() * 1e3;
         let duration_ms = total.as_secs_f64() * 1e3;
         // One set of fields; a cut response is a warning, the rest are info.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{auth, listeners, logging, proxy, reload, server, upstream};
+use crate::{admin, auth, listeners, logging, proxy, reload, server, upstream};
 
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 
@@ -35,6 +35,8 @@ pub struct Config {
     pub reload: reload::Config,
     #[serde(default)]
     pub auth: auth::Config,
+    #[serde(default)]
+    pub admin: admin::Config,
 }
 
 /// The text of a config file, kept so that a span anywhere in it can be named by line and column.
@@ -119,6 +121,31 @@ impl ConfigFile {
                 ));
             }
         }
+        self.validate_admin(config, &all)
+    }
+
+    /// An admin address is never a proxy listener's socket, nor listed twice.
+    fn validate_admin(
+        &self,
+        config: &Config,
+        proxy: &[&Spanned<SocketAddr>],
+    ) -> Result<(), ConfigError> {
+        let admin = &config.admin.listen;
+        for (i, addr) in admin.iter().enumerate() {
+            let a = *addr.get_ref();
+            if let Some(clash) = proxy.iter().find(|p| same_socket(*p.get_ref(), a)) {
+                return Err(self.error_at(
+                    addr.span(),
+                    format!(
+                        "the admin address {a} is the socket of the proxy listener {}: give the admin listener an address of its own",
+                        clash.get_ref()
+                    ),
+                ));
+            }
+            if admin[..i].iter().any(|earlier| *earlier.get_ref() == a) {
+                return Err(self.error_at(addr.span(), format!("the address {a} is listed twice")));
+            }
+        }
         Ok(())
     }
 
@@ -153,6 +180,15 @@ impl ConfigFile {
             }
         }
     }
+}
+
+/// Whether two listen addresses would be one socket: the same port (not 0) on the same address,
+/// or on the same family where either is the unspecified address.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// A duration written as `"250ms"`, `"30s"`, `"5m"`, `"2h"` or `"1d"`.
@@ -339,6 +375,34 @@ mod tests {
         let err = parse("listen = [\"127.0.0.1:1\"]\n[upstream]\nconnect_timeout = \"0s\"\n")
             .unwrap_err();
         assert!(err.to_string().contains("longer than 0s"), "{err}");
+    }
+
+    #[test]
+    fn an_admin_address_is_never_a_proxy_socket() {
+        let config =
+            parse("listen = [\"127.0.0.1:8080\"]\n[admin]\nlisten = [\"127.0.0.1:9901\"]\n")
+                .unwrap();
+        assert_eq!(config.admin.listen.len(), 1);
+        let err = parse("listen = [\"127.0.0.1:8080\"]\n[admin]\nlisten = [\"127.0.0.1:8080\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":3:11: "), "{err}");
+        assert!(err.contains("proxy listener 127.0.0.1:8080"), "{err}");
+        let err = parse("listen = [\"0.0.0.0:8080\"]\n[admin]\nlisten = [\"127.0.0.1:8080\"]\n")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("proxy listener 0.0.0.0:8080"),
+            "{err}"
+        );
+        let err = parse(
+            "listen = [\"127.0.0.1:1\"]\n[admin]\nlisten = [\"127.0.0.1:2\", \"127.0.0.1:2\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
+        assert!(parse("listen = [\"127.0.0.1:0\"]\n[admin]\nlisten = [\"127.0.0.1:0\"]\n").is_ok());
+        assert!(
+            parse("listen = [\"[::]:8080\"]\n[admin]\nlisten = [\"127.0.0.1:8080\"]\n").is_ok()
+        );
     }
 
     #[test]

@@ -129,6 +129,12 @@ impl Generation {
         }
     }
 
+    /// Makes this generation's path prefixes the routes requests are counted under.
+    fn count_routes(&self) {
+        let prefixes = self.config.proxy.allowed_path_prefixes.iter();
+        crate::metrics::set_routes(prefixes.map(|p| p.as_str()));
+    }
+
     /// What it serves, as `openai-proxy check` tells it.
     pub fn summary(&self) -> String {
         let addrs: Vec<(SocketAddr, bool)> = self.listen_addrs().collect();
@@ -191,6 +197,7 @@ pub struct Live {
 
 impl Live {
     pub fn new(first: Generation) -> Self {
+        first.count_routes();
         Self {
             current: ArcSwap::from_pointee(first),
             last_reload_error: Mutex::new(None),
@@ -211,6 +218,7 @@ impl Live {
     }
 
     pub fn swap(&self, next: Generation) -> Arc<Generation> {
+        next.count_routes();
         let next = Arc::new(next);
         self.current.store(next.clone());
         *self.last_reload_error.lock().expect("not poisoned") = None;

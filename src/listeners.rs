@@ -24,7 +24,7 @@ use crate::drain::{self, Drain};
 use crate::generation::{Generation, Live};
 use crate::inherited::InheritedListener;
 use crate::workers::Workers;
-use crate::{server, systemd};
+use crate::{admin, server, systemd};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,8 +89,34 @@ pub struct ListenerSet {
     workers: Vec<tokio::runtime::Handle>,
     /// Connections open across all listeners, checked against `server.max_connections`.
     connections: Arc<AtomicUsize>,
-    /// By configured address (which may have port 0); each with the address it is bound to.
-    running: HashMap<SocketAddr, Running>,
+    /// By configured address (which may have port 0) and kind; each with the address it is
+    /// bound to.
+    running: HashMap<(SocketAddr, Kind), Running>,
+}
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Proxy,
+    /// `/metrics` and the health endpoints (`[admin] listen`).
+    Admin,
+}
+
+impl Kind {
+    /// Its name in systemd's fd store and in a handover.
+    fn socket_name(self, addr: SocketAddr) -> String {
+        match self {
+            Self::Proxy => systemd::listener_name(addr),
+            Self::Admin => systemd::admin_listener_name(addr),
+        }
+    }
+}
+
+/// Every address `generation` listens on, and for what.
+fn wanted(generation: &Generation) -> impl Iterator<Item = (SocketAddr, Kind)> + '_ {
+    let proxy = generation.listen_addrs().map(|(a, _)| (a, Kind::Proxy));
+    let admin = generation.config.admin.listen.iter();
+    proxy.chain(admin.map(|a| (*a.get_ref(), Kind::Admin)))
 }
 
 struct Running {
@@ -106,6 +132,7 @@ pub struct Bound(Vec<BoundSocket>);
 
 struct BoundSocket {
     addr: SocketAddr,
+    kind: Kind,
     listener: std::net::TcpListener,
     /// Bound by this process, so not yet in systemd's fd store.
     fresh: bool,
@@ -122,10 +149,10 @@ impl ListenerSet {
         let mut adopted: HashMap<SocketAddr, InheritedListener> =
             inherited.into_iter().map(|l| (l.addr, l)).collect();
         let mut sockets = Vec::new();
-        for (addr, _) in generation.listen_addrs() {
+        for (addr, kind) in wanted(&generation) {
             // A listener on port 0 has no fixed address to match, only its name in the store.
             let inherited = if addr.port() == 0 {
-                let name = systemd::listener_name(addr);
+                let name = kind.socket_name(addr);
                 let found = adopted
                     .iter()
                     .find(|(_, l)| l.name == name)
@@ -139,12 +166,14 @@ impl ListenerSet {
                     tracing::info!(%addr, name = %inherited.name, from = inherited.from, "adopted a listening socket");
                     sockets.push(BoundSocket {
                         addr,
+                        kind,
                         listener: inherited.listener,
                         fresh: false,
                     });
                 }
                 None => sockets.push(BoundSocket {
                     addr,
+                    kind,
                     listener: bind(addr)?,
                     fresh: true,
                 }),
@@ -167,10 +196,11 @@ impl ListenerSet {
     /// Binds the addresses `next` adds. Nothing changes until `apply`.
     pub fn bind_new(&self, next: &Generation) -> Result<Bound, BindError> {
         let mut bound = Vec::new();
-        for (addr, _) in next.listen_addrs() {
-            if !self.running.contains_key(&addr) {
+        for (addr, kind) in wanted(next) {
+            if !self.running.contains_key(&(addr, kind)) {
                 bound.push(BoundSocket {
                     addr,
+                    kind,
                     listener: bind(addr)?,
                     fresh: true,
                 });
@@ -189,16 +219,30 @@ impl ListenerSet {
     fn serve(&mut self, bound: Bound, generation: &Generation) {
         for BoundSocket {
             addr,
+            kind,
             listener,
             fresh,
         } in bound.0
         {
             if fresh {
-                systemd::store_listener(addr, &listener);
+                systemd::store_listener(&kind.socket_name(addr), &listener);
             }
             let local = listener.local_addr().unwrap_or(addr);
-            tracing::info!(%addr, %local, tls = generation.is_tls(addr), "listening");
             let drain = Drain::new();
+            if kind == Kind::Admin {
+                tracing::info!(%addr, %local, "admin listening");
+                let accept_loop = self.serve_admin(&listener, addr, &drain);
+                let accept_loops = accept_loop.into_iter().collect();
+                let running = Running {
+                    local,
+                    socket: listener,
+                    drain,
+                    accept_loops,
+                };
+                self.running.insert((addr, kind), running);
+                continue;
+            }
+            tracing::info!(%addr, %local, tls = generation.is_tls(addr), "listening");
             let mut accept_loops = Vec::with_capacity(self.workers.len());
             for worker in &self.workers {
                 // Each worker polls its own descriptor of the one socket; the kernel hands each
@@ -222,7 +266,7 @@ impl ListenerSet {
                 }));
             }
             self.running.insert(
-                addr,
+                (addr, kind),
                 Running {
                     local,
                     socket: listener,
@@ -231,25 +275,58 @@ impl ListenerSet {
                 },
             );
         }
+        self.publish(generation);
+    }
+
+    /// An admin listener is served by one accept loop, on the control thread.
+    fn serve_admin(
+        &self,
+        listener: &std::net::TcpListener,
+        addr: SocketAddr,
+        drain: &Drain,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let listener = listener
+            .try_clone()
+            .and_then(TcpListener::from_std)
+            .inspect_err(
+                |error| tracing::error!(%addr, %error, "cannot accept on the admin listener"),
+            )
+            .ok()?;
+        let (live, signal) = (self.live.clone(), drain.signal());
+        Some(tokio::spawn(admin::accept_loop(
+            listener, addr, live, signal,
+        )))
+    }
+
+    /// Tells the watchdog and the admin listener which sockets are in place.
+    fn publish(&self, generation: &Generation) {
+        let local = |kind: Kind| {
+            let running = self.running.iter().filter(move |((_, k), _)| *k == kind);
+            running.map(|((addr, _), r)| (*addr, r.local))
+        };
         self.live
-            .set_listening(self.running.values().map(|r| r.local).collect());
+            .set_listening(local(Kind::Proxy).map(|(_, local)| local).collect());
+        let proxy = local(Kind::Proxy)
+            .map(|(addr, local)| (local, generation.is_tls(addr)))
+            .collect();
+        admin::publish(proxy, local(Kind::Admin).map(|(_, local)| local).collect());
     }
 
     async fn retire(&mut self, generation: &Generation, drain_timeout: Duration) {
-        let wanted: Vec<SocketAddr> = generation.listen_addrs().map(|(a, _)| a).collect();
-        let retired: Vec<SocketAddr> = self
+        let wanted: Vec<(SocketAddr, Kind)> = wanted(generation).collect();
+        let retired: Vec<(SocketAddr, Kind)> = self
             .running
             .keys()
             .filter(|a| !wanted.contains(a))
             .copied()
             .collect();
-        for addr in retired {
+        for (addr, kind) in retired {
             let Running {
                 drain,
                 accept_loops,
                 ..
-            } = self.running.remove(&addr).expect("listed above");
-            systemd::forget_listener(&systemd::listener_name(addr));
+            } = self.running.remove(&(addr, kind)).expect("listed above");
+            systemd::forget_listener(&kind.socket_name(addr));
             tokio::spawn(async move {
                 let outcome = drain.drain(drain_timeout).await;
                 tracing::info!(%addr, in_flight = outcome.in_flight, cut = outcome.cut, "retired listener drained");
@@ -260,21 +337,20 @@ impl ListenerSet {
             }
             tracing::info!(%addr, "stopped listening; draining its connections");
         }
-        self.live
-            .set_listening(self.running.values().map(|r| r.local).collect());
+        self.publish(generation);
     }
 
     /// Every listening socket, by its fd store name.
     pub fn sockets(&self) -> impl Iterator<Item = (String, &std::net::TcpListener)> {
         self.running
             .iter()
-            .map(|(addr, r)| (systemd::listener_name(*addr), &r.socket))
+            .map(|((addr, kind), r)| (kind.socket_name(*addr), &r.socket))
     }
 
     /// Hands every listening socket to systemd's fd store (which ignores one it holds already).
     pub fn store_all(&self) {
-        for (addr, running) in &self.running {
-            systemd::store_listener(*addr, &running.socket);
+        for ((addr, kind), running) in &self.running {
+            systemd::store_listener(&kind.socket_name(*addr), &running.socket);
         }
     }
 
@@ -288,18 +364,29 @@ impl ListenerSet {
         let generation = self.live.snapshot();
         let mut bound: Vec<(SocketAddr, bool)> = generation
             .listen_addrs()
-            .filter_map(|(addr, tls)| self.running.get(&addr).map(|r| (r.local, tls)))
+            .filter_map(|(addr, tls)| {
+                let running = self.running.get(&(addr, Kind::Proxy));
+                running.map(|r| (r.local, tls))
+            })
             .collect();
         bound.dedup();
         self.live.status(&bound)
     }
 
     /// Stops accepting everywhere, lets what is in flight finish within `timeout`, cuts the rest.
+    /// The admin listeners answer on (`/readyz`: 503) until the proxy's connections are done.
     pub async fn drain(self, timeout: Duration) -> drain::Outcome {
-        let outcomes = futures_util::future::join_all(
-            self.running.into_values().map(|r| r.drain.drain(timeout)),
-        )
-        .await;
+        admin::set_draining();
+        let (proxy, admin): (Vec<_>, Vec<_>) = self
+            .running
+            .into_iter()
+            .partition(|((_, kind), _)| *kind == Kind::Proxy);
+        let outcomes =
+            futures_util::future::join_all(proxy.into_iter().map(|(_, r)| r.drain.drain(timeout)))
+                .await;
+        for (_, running) in admin {
+            running.drain.drain(ADMIN_DRAIN).await;
+        }
         outcomes.into_iter().fold(
             drain::Outcome {
                 in_flight: 0,
@@ -312,6 +399,9 @@ impl ListenerSet {
         )
     }
 }
+
+/// How long admin connections (a scrape, a probe) may take to finish at the end of a stop.
+const ADMIN_DRAIN: Duration = Duration::from_secs(1);
 
 fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, BindError> {
     let attempt = || -> io::Result<std::net::TcpListener> {

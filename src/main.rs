@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 mod access_log;
+mod admin;
 mod auth;
 mod body;
 mod cli;
@@ -18,6 +19,7 @@ mod http2;
 mod inherited;
 mod listeners;
 mod logging;
+mod metrics;
 mod outcome;
 mod proxy;
 mod reload;

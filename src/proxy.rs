@@ -38,6 +38,12 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPrefix(String);
 
+impl PathPrefix {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl<'de> Deserialize<'de> for PathPrefix {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
@@ -184,6 +190,7 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     response
         .headers_mut()
         .insert(RequestId::HEADER, id.header_value());
+    record.stream = crate::metrics::Open::stream_if_sse(response.headers());
     record.status = response.status().as_u16();
     record.time_to_headers = record.started.elapsed();
     response.body_mut().set_record(record);

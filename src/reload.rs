@@ -171,6 +171,7 @@ pub async fn reload(
             Err(error)
         }
     };
+    crate::metrics::reloaded(outcome.as_ref().map(drop).map_err(String::as_str));
     systemd::ready(&listeners.status());
     outcome
 }

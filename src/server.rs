@@ -76,34 +76,41 @@ pub async fn accept_loop(
     connections: Arc<AtomicUsize>,
 ) {
     let mut draining = drain.draining();
+    while let Some((stream, client, watch)) = accept(&listener, addr, &drain, &mut draining).await {
+        let _ = stream.set_nodelay(true);
+        let count = proxy::OpenConnection::new(&connections);
+        tokio::spawn(serve_connection(
+            stream,
+            client,
+            addr,
+            live.clone(),
+            watch,
+            count,
+        ));
+    }
+}
+
+/// The next connection, with its drain watch; None once the listener's drain has begun.
+pub async fn accept(
+    listener: &TcpListener,
+    addr: SocketAddr,
+    drain: &drain::Signal,
+    draining: &mut drain::PhaseWait,
+) -> Option<(TcpStream, SocketAddr, drain::Watch)> {
     loop {
         let accepted = tokio::select! {
             biased;
-            () = &mut draining => return,
+            () = &mut *draining => return None,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, client)) => {
-                let Some(watch) = drain.watch() else {
-                    return;
-                };
-                let _ = stream.set_nodelay(true);
-                let count = proxy::OpenConnection::new(&connections);
-                tokio::spawn(serve_connection(
-                    stream,
-                    client,
-                    addr,
-                    live.clone(),
-                    watch,
-                    count,
-                ));
-            }
+            Ok((stream, client)) => return Some((stream, client, drain.watch()?)),
             Err(error) => {
                 // Out of file descriptors, most likely: the connection waits in the backlog
                 // until one is free, so pause rather than spin.
                 tracing::warn!(%addr, %error, "accept failed");
                 tokio::select! {
-                    () = &mut draining => return,
+                    () = &mut *draining => return None,
                     () = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
             }

@@ -74,15 +74,19 @@ pub fn listener_name(addr: SocketAddr) -> String {
     format!("listen-{addr}").replace(':', "-")
 }
 
+/// The fd store name of an admin listener, `admin-127.0.0.1-9901`: apart from the proxy's.
+pub fn admin_listener_name(addr: SocketAddr) -> String {
+    format!("admin-{addr}").replace(':', "-")
+}
+
 /// Hands a copy of a listening socket to systemd, which keeps it open across our restarts.
-pub fn store_listener(addr: SocketAddr, listener: &impl AsFd) {
+pub fn store_listener(name: &str, listener: &impl AsFd) {
     if !MAIN.load(Ordering::SeqCst) {
         return;
     }
-    let name = listener_name(addr);
-    let states = [NotifyState::FdStore, NotifyState::FdName(&name)];
+    let states = [NotifyState::FdStore, NotifyState::FdName(name)];
     if let Err(error) = sd_notify::notify_with_fds(&states, &[listener.as_fd()]) {
-        tracing::warn!(%addr, %error, "could not store the listening socket with systemd");
+        tracing::warn!(%name, %error, "could not store the listening socket with systemd");
     }
 }
 

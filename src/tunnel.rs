@@ -31,6 +31,7 @@ pub async fn splice(
             return;
         }
     };
+    let _open = crate::metrics::Open::websocket();
     let started = Instant::now();
     // Every byte either way is read from or written to the client: watching that side alone
     // sees all the tunnel's traffic.

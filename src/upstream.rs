@@ -275,6 +275,19 @@ impl Upstream {
         }
     }
 
+    /// Connections open and carrying no request, across the workers' pools: for a scrape, which
+    /// takes each pool's lock for a moment.
+    pub fn connections_idle(&self) -> usize {
+        self.pools
+            .iter()
+            .map(|pool| {
+                let state = pool.lock();
+                let lanes = state.lanes.iter();
+                state.idle.len() + lanes.filter(|l| l.load.idle_since().is_some()).count()
+            })
+            .sum()
+    }
+
     /// The upstream URI for a client's path and query, under the url's base path.
     pub fn uri(&self, client: &Uri) -> Uri {
         let base = &self.config.url.base_path;
@@ -821,7 +834,9 @@ impl Dialer {
                     .handshake(TokioIo::new(tls))
                     .await
                     .map_err(|e| failure(&e))?;
+                let open = crate::metrics::Open::upstream_connection();
                 tokio::spawn(async move {
+                    let _open = open;
                     if let Err(error) = connection.await {
                         tracing::debug!(%error, "upstream HTTP/2 connection failed");
                     }
@@ -865,13 +880,18 @@ impl Dialer {
                 Err(e) => Err(tls_failure(&e)),
             }
         };
-        tokio::time::timeout(limit, connecting)
+        let transport = tokio::time::timeout(limit, connecting)
             .await
             .unwrap_or_else(|_| {
                 Err(ProxyError::UpstreamUnreachable(format!(
                     "connect timed out after {limit:?}"
                 )))
-            })
+            });
+        crate::metrics::upstream_dialed(match &transport {
+            Ok(transport) => Ok(matches!(transport, Transport::Tls(_))),
+            Err(_) => Err(()),
+        });
+        transport
     }
 
     async fn tcp(&self) -> Result<TcpStream, ProxyError> {

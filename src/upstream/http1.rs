@@ -50,6 +50,8 @@ pub(super) struct Connection {
     was_idle: bool,
     /// While it carries a request, it counts among its pool's busy connections (`Pool::busy`).
     pub busy: Option<Arc<()>>,
+    /// Counted among the upstream's open connections while it lives.
+    _open: crate::metrics::Open,
 }
 
 impl Connection {
@@ -59,6 +61,7 @@ impl Connection {
             buf: BytesMut::new(),
             was_idle: false,
             busy: None,
+            _open: crate::metrics::Open::upstream_connection(),
         }
     }
 
