@@ -183,6 +183,7 @@ fn status(live: &Live) -> serde_json::Value {
     serde_json::json!({
         "status": live.status(&proxy),
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
         "draining": DRAINING.load(Ordering::SeqCst),
         "generation": generation.number,
         "loaded_at": unix_seconds(generation.loaded_at),

@@ -373,6 +373,21 @@ impl ListenerSet {
         self.live.status(&bound)
     }
 
+    /// After a handover: the successor answers on the admin sockets from now on, so this process
+    /// stops accepting on them (they stay in systemd's store, the successor's now).
+    pub async fn leave_admin(&mut self) {
+        let admin: Vec<(SocketAddr, Kind)> = self
+            .running
+            .keys()
+            .filter(|(_, kind)| *kind == Kind::Admin)
+            .copied()
+            .collect();
+        for key in admin {
+            let running = self.running.remove(&key).expect("listed above");
+            running.drain.drain(ADMIN_DRAIN).await;
+        }
+    }
+
     /// Stops accepting everywhere, lets what is in flight finish within `timeout`, cuts the rest.
     /// The admin listeners answer on (`/readyz`: 503) until the proxy's connections are done.
     pub async fn drain(self, timeout: Duration) -> drain::Outcome {

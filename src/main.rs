@@ -209,6 +209,7 @@ fn serve(
                 }
                 Event::Reload | Event::Handover => {
                     if handover::hand_over(&exe, &listeners, &live).await {
+                        listeners.leave_admin().await;
                         break;
                     }
                 }

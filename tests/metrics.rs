@@ -555,3 +555,65 @@ async fn prometheus_scrapes_the_admin_listener() {
     })
     .await;
 }
+
+/// Ends the process a handover started (the test did not start it itself) when the test ends.
+struct Successor(u32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_passes_the_admin_socket_to_the_successor() {
+    bounded(60, async {
+        let (_pki, _upstream, mut proxy, admin) = proxy_with_admin().await;
+        let old_pid = proxy.child.id();
+        let stored = proxy.notify.messages().concat();
+        assert!(stored.contains("FDNAME=admin-127.0.0.1-0"), "{stored}");
+        let client = http_client();
+        // Held unread, so that the old process is still draining it after the handover.
+        let response = start_stream(&client, &proxy, 200).await;
+        let seen = proxy.notify.messages().len();
+        proxy.signal("USR2");
+        let named = proxy
+            .notify
+            .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
+        let message = &proxy.notify.messages()[named];
+        let new_pid: u32 = message
+            .lines()
+            .find_map(|l| l.strip_prefix("MAINPID="))
+            .and_then(|pid| pid.parse().ok())
+            .unwrap();
+        let _successor = Successor(new_pid);
+        proxy.wait_ready(named + 1);
+        // The same admin address, answered by the successor alone: ready, not draining.
+        eventually_async(
+            10 * SECOND,
+            "the successor on the admin socket",
+            || async move {
+                let status = get(admin, "/status", None).await.json();
+                (status["pid"] == new_pid).then_some(())
+            },
+        )
+        .await;
+        for _ in 0..10 {
+            let status = get(admin, "/status", None).await.json();
+            assert_eq!(status["pid"], new_pid, "{status}");
+            assert_eq!(get(admin, "/readyz", None).await.status, StatusCode::OK);
+        }
+        assert!(
+            proxy.child.try_wait().unwrap().is_none(),
+            "{old_pid} still drains"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.ends_with(b"data: [DONE]\n\n"));
+        assert_eq!(proxy.wait_exit(10 * SECOND).code(), Some(0));
+        assert_eq!(get(admin, "/healthz", None).await.status, StatusCode::OK);
+    })
+    .await;
+}
