@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,18 +15,6 @@ use http_body_util::{BodyExt, Full};
 use tokio_tungstenite::tungstenite::Message;
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// Ends a process the test did not start itself (the successor) when the test ends.
-struct Successor(u32);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(self.0.to_string())
-            .status();
-    }
-}
 
 /// The proxy started from a copy of its binary, which the test can then replace.
 fn proxy_from_copy(config: &str) -> Proxy {
@@ -68,14 +55,6 @@ async fn status(client: &HttpClient, url: &str) -> Option<StatusCode> {
     let status = response.status();
     response.into_body().collect().await.ok()?;
     Some(status)
-}
-
-fn main_pid(message: &str) -> u32 {
-    message
-        .lines()
-        .find_map(|l| l.strip_prefix("MAINPID="))
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no MAINPID in {message:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

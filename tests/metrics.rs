@@ -556,18 +556,6 @@ async fn prometheus_scrapes_the_admin_listener() {
     .await;
 }
 
-/// Ends the process a handover started (the test did not start it itself) when the test ends.
-struct Successor(u32);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(self.0.to_string())
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handover_passes_the_admin_socket_to_the_successor() {
     bounded(60, async {
@@ -583,12 +571,7 @@ async fn a_handover_passes_the_admin_socket_to_the_successor() {
         let named = proxy
             .notify
             .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
-        let message = &proxy.notify.messages()[named];
-        let new_pid: u32 = message
-            .lines()
-            .find_map(|l| l.strip_prefix("MAINPID="))
-            .and_then(|pid| pid.parse().ok())
-            .unwrap();
+        let new_pid = main_pid(&proxy.notify.messages()[named]);
         let _successor = Successor(new_pid);
         proxy.wait_ready(named + 1);
         // The same admin address, answered by the successor alone: ready, not draining.

@@ -1026,3 +1026,26 @@ pub fn start_tokens(
     };
     Proxy::spawn(dir, config_path, options)
 }
+
+// Handovers.
+
+/// Ends a process the test did not start itself (the successor) when the test ends.
+pub struct Successor(pub u32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
+/// The PID a notify message names the main process.
+pub fn main_pid(message: &str) -> u32 {
+    message
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {message:?}"))
+}
