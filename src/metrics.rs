@@ -61,10 +61,20 @@ impl Histogram {
     }
 }
 
+/// Shards per route: each worker counts in its own (`workers::current()` modulo this), so that
+/// workers on different cores never write the same cache line.
+const SHARDS: usize = 16;
+
 /// Everything counted for one route.
 struct Route {
     /// The prefix as configured, or `other` for paths under none.
     name: Box<str>,
+    shards: [Shard; SHARDS],
+}
+
+/// One worker's counts for a route, on cache lines of its own.
+#[repr(align(128))]
+struct Shard {
     requests: [[AtomicU64; CLASSES.len()]; METHODS.len()],
     duration: Histogram,
     ttfb: Histogram,
@@ -76,12 +86,22 @@ impl Route {
     fn new(name: &str) -> Self {
         Self {
             name: name.into(),
-            requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
-            duration: Histogram::new(),
-            ttfb: Histogram::new(),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
+            shards: std::array::from_fn(|_| Shard {
+                requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+                duration: Histogram::new(),
+                ttfb: Histogram::new(),
+                bytes_in: AtomicU64::new(0),
+                bytes_out: AtomicU64::new(0),
+            }),
         }
+    }
+
+    /// The sum of a counter over the shards.
+    fn total(&self, of: impl Fn(&Shard) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| of(shard).load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -163,13 +183,14 @@ pub fn request(request: &Request<'_>) {
         .position(|m| *m == request.method.as_str())
         .unwrap_or(METHODS.len() - 1);
     let class = usize::from(request.status / 100).clamp(1, CLASSES.len()) - 1;
-    route.requests[method][class].fetch_add(1, Ordering::Relaxed);
-    route.duration.observe(request.duration);
-    route.ttfb.observe(request.time_to_headers);
-    route
+    let shard = &route.shards[crate::workers::current() % SHARDS];
+    shard.requests[method][class].fetch_add(1, Ordering::Relaxed);
+    shard.duration.observe(request.duration);
+    shard.ttfb.observe(request.time_to_headers);
+    shard
         .bytes_in
         .fetch_add(request.bytes_in, Ordering::Relaxed);
-    route
+    shard
         .bytes_out
         .fetch_add(request.bytes_out, Ordering::Relaxed);
 }
@@ -353,19 +374,20 @@ impl Writer {
         self.sample(&sample, &[], value);
     }
 
-    fn histogram(&mut self, name: &str, route: &str, histogram: &Histogram) {
+    fn histogram(&mut self, name: &str, route: &Route, of: Field<Histogram>) {
         let mut cumulative = 0;
-        for (i, bucket) in histogram.buckets.iter().enumerate() {
-            cumulative += bucket.load(Ordering::Relaxed);
+        for i in 0..=BOUNDS_US.len() {
+            cumulative += route.total(|shard| &of(shard).buckets[i]);
             let le = BOUNDS_US
                 .get(i)
                 .map_or_else(|| "+Inf".to_owned(), |&us| seconds(us));
-            let labels = [("route", route), ("le", le.as_str())];
+            let labels = [("route", &*route.name), ("le", le.as_str())];
             self.sample(&format!("{name}_bucket"), &labels, cumulative);
         }
-        let sum = seconds(histogram.sum_us.load(Ordering::Relaxed));
-        self.sample(&format!("{name}_sum"), &[("route", route)], sum);
-        self.sample(&format!("{name}_count"), &[("route", route)], cumulative);
+        let sum = seconds(route.total(|shard| &of(shard).sum_us));
+        let labels = [("route", &*route.name)];
+        self.sample(&format!("{name}_sum"), &labels, sum);
+        self.sample(&format!("{name}_count"), &labels, cumulative);
     }
 }
 
@@ -421,7 +443,7 @@ pub fn render(format: Format, facts: &Facts) -> String {
 }
 
 /// One figure of a route's.
-type Field<T> = fn(&Route) -> &T;
+type Field<T> = fn(&Shard) -> &T;
 
 fn write_requests(w: &mut Writer, routes: &[Arc<Route>]) {
     w.family(
@@ -432,7 +454,7 @@ fn write_requests(w: &mut Writer, routes: &[Arc<Route>]) {
     for route in routes {
         for (m, method) in METHODS.iter().enumerate() {
             for (c, class) in CLASSES.iter().enumerate() {
-                let count = route.requests[m][c].load(Ordering::Relaxed);
+                let count = route.total(|shard| &shard.requests[m][c]);
                 if count > 0 {
                     let labels = [
                         ("route", &*route.name),
@@ -459,7 +481,7 @@ fn write_requests(w: &mut Writer, routes: &[Arc<Route>]) {
     for (name, help, of) in histograms {
         w.family(name, Kind::Histogram, help);
         for route in routes {
-            w.histogram(name, &route.name, of(route));
+            w.histogram(name, route, of);
         }
     }
     let bytes: [(&str, &str, Field<AtomicU64>); 2] = [
@@ -477,7 +499,7 @@ fn write_requests(w: &mut Writer, routes: &[Arc<Route>]) {
     for (name, help, of) in bytes {
         w.family(name, Kind::Counter, help);
         for route in routes {
-            let value = of(route).load(Ordering::Relaxed);
+            let value = route.total(of);
             w.sample(&format!("{name}_total"), &[("route", &route.name)], value);
         }
     }
