@@ -25,6 +25,7 @@ mod server;
 mod systemd;
 mod tunnel;
 mod upstream;
+mod usage;
 mod watch;
 mod workers;
 
