@@ -13,6 +13,7 @@ use http::{HeaderValue, Method, Uri};
 use tokio::time::Instant;
 
 use crate::body::BodyError;
+use crate::usage::Usage;
 
 /// Our id for a request, sent back in `x-proxy-request-id` and written in the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +74,8 @@ pub struct AccessRecord {
     pub bytes_out: u64,
     /// The name of the client's token, in tokens mode.
     pub token: Option<Arc<str>>,
+    /// The upstream's token figures, once its response has shown them; `None`: not known.
+    pub usage: Option<Usage>,
     /// Counts the response among the event streams open while it is relayed.
     pub stream: Option<crate::metrics::Open>,
     cut: Option<String>,
@@ -100,6 +103,7 @@ impl AccessRecord {
             bytes_in: Arc::default(),
             bytes_out: 0,
             token: None,
+            usage: None,
             stream: None,
             cut: None,
             enabled,
@@ -147,6 +151,10 @@ impl Drop for AccessRecord {
                     client = %self.client,
                     generation = self.generation,
                     token = self.token.as_deref().map(tracing::field::display),
+                    prompt_tokens = self.usage.map(|u| u.prompt),
+                    completion_tokens = self.usage.map(|u| u.completion),
+                    cached_tokens = self.usage.map(|u| u.cached),
+                    reasoning_tokens = self.usage.map(|u| u.reasoning),
                     cut = self.cut.as_deref(),
                     "{} {} {}",
                     self.method,

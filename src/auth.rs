@@ -13,7 +13,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue, Method, header};
+use http::header::{self, SEC_WEBSOCKET_PROTOCOL};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -326,9 +327,8 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 }
 
 const SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";
-const SEC_WEBSOCKET_PROTOCOL: &str = "sec-websocket-protocol";
-const ORGANIZATION: &str = "openai-organization";
-const PROJECT: &str = "openai-project";
+const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+const PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
 /// The request phase of tokens mode: lets the request in on a valid token or refuses it (401),
 /// refuses a model the token may not use (403), and puts the upstream key where the token was.
@@ -390,25 +390,19 @@ impl Tokens {
     /// The token the request carries, as `Authorization: Bearer` or as the WebSocket subprotocol
     /// (both may come; then both must name the same token).
     fn verify(&self, headers: &HeaderMap) -> Result<Arc<Token>, ProxyError> {
-        let mut presented = Vec::with_capacity(2);
         let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
-        if let Some(value) = authorization.next() {
-            if authorization.next().is_some() {
+        let bearer = match authorization.next() {
+            None => None,
+            Some(_) if authorization.next().is_some() => {
                 return Err(ProxyError::InvalidApiKey(
                     "more than one Authorization field",
                 ));
             }
-            let bearer = value.as_bytes();
-            let token = bearer
-                .get(..7)
-                .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
-                .map(|_| bearer[7..].trim_ascii())
-                .ok_or(ProxyError::InvalidApiKey(
-                    "send the token as `Authorization: Bearer TOKEN`",
-                ))?;
-            presented.push(token);
-        }
-        presented.extend(subprotocol_tokens(headers));
+            Some(value) => Some(bearer_token(value.as_bytes()).ok_or(
+                ProxyError::InvalidApiKey("send the token as `Authorization: Bearer TOKEN`"),
+            )?),
+        };
+        let presented = bearer.into_iter().chain(subprotocol_tokens(headers));
         let mut found: Option<&Arc<Token>> = None;
         for token in presented {
             let digest = ring::digest::digest(&ring::digest::SHA256, token);
@@ -467,6 +461,14 @@ impl Tokens {
             headers.insert(SEC_WEBSOCKET_PROTOCOL, value);
         }
     }
+}
+
+/// The token in an `Authorization: Bearer TOKEN` value; the scheme's case does not matter.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    value
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+        .map(|_| value[7..].trim_ascii())
 }
 
 /// The tokens a browser sends as `openai-insecure-api-key.TOKEN` subprotocols.

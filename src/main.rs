@@ -27,6 +27,7 @@ mod server;
 mod systemd;
 mod tunnel;
 mod upstream;
+mod usage;
 mod watch;
 mod workers;
 

@@ -37,8 +37,12 @@ const API_KEY: &str = "sk-test-SECRET-KEY-123";
 const PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// The private /tmp and /var/tmp keep systemd's boot-time cleanup away from the machine's own;
 /// the private journal directory keeps this boot's logs (and so the step 5 checks) to itself.
+/// The namespace's mounts are made shared, as systemd makes them at boot but not in a container:
+/// a unit's credentials are mounted in a child namespace and reach the service only by
+/// propagation. The namespace's copies are private to it, so the machine's mounts are untouched.
 const BOOT: &str = "mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /var/tmp && \
     { [ ! -d /var/log/journal ] || mount -t tmpfs tmpfs /var/log/journal; } && \
+    mount --make-rshared / && \
     exec env container=other /lib/systemd/systemd --system --unit=basic.target";
 
 #[test]
@@ -427,6 +431,9 @@ async fn life(guard: &mut Guard) {
     // The new process let go of the two stored sockets its config no longer lists.
     assert_eq!(ns.props().await.get("NFileDescriptorStore"), "1");
 
+    eprintln!("step 8: tokens mode, the OpenAI key given as a systemd credential");
+    tokens_with_a_credential(&ns, &client, &upstream, low).await;
+
     ok(&ns.run(&["dpkg", "-r", PACKAGE]).await, "dpkg -r");
     let active = ns.run(&["systemctl", "is-active", UNIT]).await;
     assert_eq!(stdout(&active), "inactive", "dpkg -r stops the service");
@@ -599,6 +606,81 @@ async fn handed_over(ns: &Ns, old_pid: &str, new_pid: &str, listeners: usize, fr
         "  process {old_pid} drained {} (in_flight) and handed {listeners} sockets to {new_pid}",
         field(drained, "IN_FLIGHT")
     );
+}
+
+/// `[auth] mode = "tokens"` with the key in a root-only file that the unit hands the
+/// service as a credential (`LoadCredential=`, as the man page shows): a client's token gets in
+/// and the upstream sees the key; the client's own key is refused; neither the key nor the
+/// token reaches the journal. Leaves the unit and /etc/openai-proxy as it found them.
+async fn tokens_with_a_credential(
+    ns: &Ns,
+    client: &HttpClient,
+    upstream: &FakeUpstream,
+    port: u16,
+) {
+    const KEY: &str = "sk-proj-CREDENTIAL-KEY-77";
+    let key_file = "/etc/openai-proxy/openai-key";
+    let tokens_file = "/etc/openai-proxy/tokens.toml";
+    std::fs::write(key_file, format!("{KEY}\n")).unwrap();
+    set_mode(key_file, 0o600);
+    let issued = ok(
+        &ns.run(&["openai-proxy", "token", "new", "alice"]).await,
+        "openai-proxy token new",
+    );
+    let (token, table) = issued.split_once('\n').unwrap();
+    std::fs::write(tokens_file, table).unwrap();
+    set_mode(tokens_file, 0o644);
+    let drop_in = "/run/systemd/system/openai-proxy.service.d/credential.conf";
+    let script =
+        format!("printf '%s\\n' '[Service]' 'LoadCredential=openai-key:{key_file}' > {drop_in}");
+    ok(
+        &ns.run(&["sh", "-c", &script]).await,
+        "writing the credential drop-in",
+    );
+    ok(
+        &ns.run(&["systemctl", "daemon-reload"]).await,
+        "daemon-reload",
+    );
+    let auth = "[auth]\nmode = \"tokens\"\nupstream_key_file = \"openai-key\"\ntokens_file = \"tokens.toml\"\n";
+    std::fs::write(CONFIG, config(port, None, auth, upstream.addr)).unwrap();
+    ok(
+        &ns.run(&["systemctl", "restart", UNIT]).await,
+        "restart in tokens mode",
+    );
+
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let with = |bearer: &str| {
+        let mut request = post_json(&url, chat());
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {bearer}").parse().unwrap());
+        request
+    };
+    let answer = send(client, with(token)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(
+        upstream.last().headers["authorization"],
+        format!("Bearer {KEY}")
+    );
+    let before = upstream.received().len();
+    let answer = send(client, with(API_KEY)).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{:?}", answer.body);
+    assert_eq!(upstream.received().len(), before, "nothing went upstream");
+    let journal = stdout(&ns.run(&["journalctl", "--no-pager", "-o", "json"]).await);
+    assert!(
+        journal.contains("\"TOKEN\":\"alice\""),
+        "the access log names the token"
+    );
+    assert!(!journal.contains(KEY), "the key reached the journal");
+    assert!(!journal.contains(token), "the token reached the journal");
+
+    ok(&ns.run(&["rm", drop_in]).await, "removing the drop-in");
+    ok(
+        &ns.run(&["systemctl", "daemon-reload"]).await,
+        "daemon-reload",
+    );
+    std::fs::remove_file(key_file).unwrap();
+    std::fs::remove_file(tokens_file).unwrap();
 }
 
 /// A Realtime WebSocket through the proxy, echoed by the fake upstream.
