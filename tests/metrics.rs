@@ -600,3 +600,59 @@ async fn a_handover_passes_the_admin_socket_to_the_successor() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_websocket_shows_in_its_gauge_while_open() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    bounded(30, async {
+        let (_pki, _upstream, proxy, admin) = proxy_with_admin().await;
+        let url = format!("ws://{}/v1/realtime?model=m", proxy.http.unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws.send(Message::text("hello")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+        let open =
+            |admin| async move { sample(&metrics(admin).await, "openai_proxy_websockets_open") };
+        assert_eq!(open(admin).await, 1.0);
+        ws.close(None).await.unwrap();
+        eventually_async(
+            10 * SECOND,
+            "the WebSocket out of the gauge",
+            || async move { (open(admin).await == 0.0).then_some(()) },
+        )
+        .await;
+        let text = metrics(admin).await;
+        let upgrade =
+            r#"openai_proxy_requests_total{route="/v1/",method="GET",status_class="1xx"}"#;
+        assert_eq!(sample(&text, upgrade), 1.0, "{text}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_down_upstream_counts_connect_failures_and_shows_in_status() {
+    bounded(30, async {
+        let proxy = Proxy::start(&format!(
+            "{}[admin]\nlisten = [\"127.0.0.1:0\"]\n",
+            down_upstream_config("")
+        ));
+        let admin = admin_addr(&proxy, 0).await;
+        let client = http_client();
+        for _ in 0..3 {
+            let answer = send(&client, chat(&proxy.url("/v1/chat/completions"))).await;
+            assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        }
+        let text = metrics(admin).await;
+        let failures = sample(&text, "openai_proxy_upstream_connect_failures_total");
+        // Each request dials, besides any connection opened ahead of requests.
+        assert!(failures >= 3.0, "{text}");
+        assert_eq!(sample(&text, "openai_proxy_upstream_connects_total"), 0.0);
+        assert_eq!(sample(&text, "openai_proxy_upstream_connections_open"), 0.0);
+        let bad_gateway =
+            r#"openai_proxy_requests_total{route="/v1/",method="POST",status_class="5xx"}"#;
+        assert_eq!(sample(&text, bad_gateway), 3.0, "{text}");
+        let status = get(admin, "/status", None).await.json();
+        assert_eq!(status["upstreams"][0]["state"], "down", "{status}");
+    })
+    .await;
+}
