@@ -302,14 +302,10 @@ impl ListenerSet {
     fn publish(&self, generation: &Generation) {
         let local = |kind: Kind| {
             let running = self.running.iter().filter(move |((_, k), _)| *k == kind);
-            running.map(|((addr, _), r)| (*addr, r.local))
+            running.map(|(_, r)| r.local).collect()
         };
-        self.live
-            .set_listening(local(Kind::Proxy).map(|(_, local)| local).collect());
-        let proxy = local(Kind::Proxy)
-            .map(|(addr, local)| (local, generation.is_tls(addr)))
-            .collect();
-        admin::publish(proxy, local(Kind::Admin).map(|(_, local)| local).collect());
+        self.live.set_listening(local(Kind::Proxy));
+        admin::publish(self.bound(generation), local(Kind::Admin));
     }
 
     async fn retire(&mut self, generation: &Generation, drain_timeout: Duration) {
@@ -362,6 +358,12 @@ impl ListenerSet {
     /// The `STATUS=` line, with the addresses really bound (port 0 resolved).
     pub fn status(&self) -> String {
         let generation = self.live.snapshot();
+        self.live.status(&self.bound(&generation))
+    }
+
+    /// The proxy's listeners as bound (port 0 resolved), in the config's order, with whether
+    /// each speaks TLS.
+    fn bound(&self, generation: &Generation) -> Vec<(SocketAddr, bool)> {
         let mut bound: Vec<(SocketAddr, bool)> = generation
             .listen_addrs()
             .filter_map(|(addr, tls)| {
@@ -370,7 +372,7 @@ impl ListenerSet {
             })
             .collect();
         bound.dedup();
-        self.live.status(&bound)
+        bound
     }
 
     /// After a handover: the successor answers on the admin sockets from now on, so this process
