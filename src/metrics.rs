@@ -178,10 +178,17 @@ pub fn request(request: &Request<'_>) {
         .iter()
         .find(|r| request.path.starts_with(&*r.name))
         .unwrap_or(&registry.other);
-    let method = METHODS
-        .iter()
-        .position(|m| *m == request.method.as_str())
-        .unwrap_or(METHODS.len() - 1);
+    // In the order of METHODS.
+    let method = match *request.method {
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::PATCH => 3,
+        Method::DELETE => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        _ => METHODS.len() - 1,
+    };
     let class = usize::from(request.status / 100).clamp(1, CLASSES.len()) - 1;
     let shard = &route.shards[crate::workers::current() % SHARDS];
     shard.requests[method][class].fetch_add(1, Ordering::Relaxed);
@@ -611,6 +618,26 @@ mod tests {
             histogram.buckets[BOUNDS_US.len()].load(Ordering::Relaxed),
             1
         );
+    }
+
+    #[test]
+    fn each_method_counts_under_its_own_name() {
+        for (i, name) in METHODS.iter().enumerate() {
+            let method = Method::from_bytes(name.as_bytes()).unwrap();
+            let path = format!("/metrics-test-{i}/");
+            set_routes(std::iter::once(path.as_str()));
+            request(&Request {
+                method: &method,
+                path: &path,
+                status: 200,
+                time_to_headers: Duration::ZERO,
+                duration: Duration::ZERO,
+                bytes_in: 0,
+                bytes_out: 0,
+            });
+            let route = REGISTRY.current.load()[0].clone();
+            assert_eq!(route.total(|shard| &shard.requests[i][1]), 1, "{name}");
+        }
     }
 
     #[test]
