@@ -1,0 +1,274 @@
+//! A JSON scanner fed a document in pieces of any size, that keeps only the few values usage
+//! accounting reads, each bounded: its memory is fixed whatever the size of the document. It
+//! checks no syntax; a broken document yields fewer values, never an error.
+
+/// The values kept, named by where they stand in the document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// Top-level `type` (SSE and Realtime events).
+    Type,
+    /// Top-level `model`.
+    Model,
+    /// Top-level `usage`.
+    Usage,
+    /// `response.usage` (Responses events, Realtime `response.done`).
+    ResponseUsage,
+    /// `response.model`.
+    ResponseModel,
+    /// `session.model` (Realtime `session.created`).
+    SessionModel,
+}
+
+const FIELDS: usize = 6;
+
+impl Field {
+    /// The field whose value follows key `inner` in the object that is the value of `outer`
+    /// (`inner` None: `outer` is a top-level key).
+    fn at(outer: &[u8], inner: Option<&[u8]>) -> Option<Self> {
+        match (outer, inner) {
+            (b"type", None) => Some(Self::Type),
+            (b"model", None) => Some(Self::Model),
+            (b"usage", None) => Some(Self::Usage),
+            (b"response", Some(b"usage")) => Some(Self::ResponseUsage),
+            (b"response", Some(b"model")) => Some(Self::ResponseModel),
+            (b"session", Some(b"model")) => Some(Self::SessionModel),
+            _ => None,
+        }
+    }
+}
+
+/// The longest key told apart; a longer one matches no field.
+const KEY_MAX: usize = 16;
+/// The most of one value kept (a usage object is some 300 bytes); a longer value is dropped.
+pub const VALUE_MAX: usize = 4096;
+
+#[derive(Default, Clone, Copy)]
+struct Key {
+    bytes: [u8; KEY_MAX],
+    len: usize,
+    overflow: bool,
+}
+
+impl Key {
+    fn extend(&mut self, data: &[u8]) {
+        match self.bytes.get_mut(self.len..self.len + data.len()) {
+            Some(room) if !self.overflow => {
+                room.copy_from_slice(data);
+                self.len += data.len();
+            }
+            _ => self.overflow = true,
+        }
+    }
+
+    fn get(&self) -> &[u8] {
+        if self.overflow {
+            b""
+        } else {
+            &self.bytes[..self.len]
+        }
+    }
+}
+
+struct Capture {
+    field: Field,
+    /// The depth of the object whose member it is: a `,` or `}` there ends the value.
+    depth: usize,
+    bytes: Vec<u8>,
+}
+
+/// The raw JSON text of the values one document held.
+#[derive(Debug, Default)]
+pub struct Document {
+    values: [Option<Vec<u8>>; FIELDS],
+}
+
+impl Document {
+    pub fn get(&self, field: Field) -> Option<&[u8]> {
+        self.values[field as usize].as_deref()
+    }
+}
+
+#[derive(Default)]
+pub struct Scanner {
+    depth: usize,
+    /// Whether the containers open at depth 1 and 2 are objects (index 0 unused).
+    object: [bool; 3],
+    /// The key being valued at depth 1 and 2.
+    keys: [Key; 3],
+    in_string: bool,
+    escaped: bool,
+    /// The next string, if at depth 1 or 2, is a key.
+    expect_key: bool,
+    reading_key: bool,
+    capture: Option<Capture>,
+    found: Document,
+}
+
+impl Scanner {
+    pub fn feed(&mut self, data: &[u8]) {
+        let mut i = 0;
+        while i < data.len() {
+            if !self.in_string {
+                self.structural(data[i]);
+                i += 1;
+                continue;
+            }
+            if self.escaped {
+                self.escaped = false;
+                self.take(&data[i..=i]);
+                i += 1;
+                continue;
+            }
+            // Inside a string, only a quote or a backslash matters: jump to the next one.
+            let Some(n) = memchr::memchr2(b'"', b'\\', &data[i..]) else {
+                self.take(&data[i..]);
+                return;
+            };
+            self.take(&data[i..i + n]);
+            let byte = data[i + n];
+            if byte == b'\\' {
+                self.escaped = true;
+            } else {
+                self.in_string = false;
+                self.reading_key = false;
+            }
+            self.take(&data[i + n..=i + n]);
+            i += n + 1;
+        }
+    }
+
+    /// The values the document held; the scanner is ready for the next document.
+    pub fn finish(&mut self) -> Document {
+        std::mem::take(self).found
+    }
+
+    /// String contents: to the key being read, or to the value being kept.
+    fn take(&mut self, data: &[u8]) {
+        if self.reading_key {
+            self.keys[self.depth.min(2)].extend(data);
+        }
+        self.keep(data);
+    }
+
+    fn keep(&mut self, data: &[u8]) {
+        if let Some(capture) = self.capture.as_mut() {
+            if capture.bytes.len() + data.len() > VALUE_MAX {
+                self.capture = None;
+            } else {
+                capture.bytes.extend_from_slice(data);
+            }
+        }
+    }
+
+    fn structural(&mut self, byte: u8) {
+        let ends_value = matches!(byte, b',' | b'}')
+            && self.capture.as_ref().is_some_and(|c| c.depth == self.depth);
+        if ends_value {
+            let capture = self.capture.take().expect("checked");
+            self.found.values[capture.field as usize] = Some(capture.bytes);
+        }
+        match byte {
+            b'"' => {
+                self.in_string = true;
+                self.reading_key = self.expect_key && (1..=2).contains(&self.depth);
+                if self.reading_key {
+                    self.keys[self.depth] = Key::default();
+                }
+                self.expect_key = false;
+            }
+            b'{' | b'[' => {
+                self.depth += 1;
+                if let Some(object) = self.object.get_mut(self.depth) {
+                    *object = byte == b'{';
+                }
+                self.expect_key = byte == b'{';
+            }
+            b'}' | b']' => {
+                self.depth = self.depth.saturating_sub(1);
+                self.expect_key = false;
+            }
+            b',' => self.expect_key = self.object.get(self.depth) == Some(&true),
+            b':' => {
+                self.expect_key = false;
+                let field = match self.depth {
+                    1 if self.object[1] => Field::at(self.keys[1].get(), None),
+                    2 if self.object[1] && self.object[2] => {
+                        Field::at(self.keys[1].get(), Some(self.keys[2].get()))
+                    }
+                    _ => None,
+                };
+                if let Some(field) = field {
+                    self.capture = Some(Capture {
+                        field,
+                        depth: self.depth,
+                        bytes: Vec::new(),
+                    });
+                    return;
+                }
+            }
+            _ => {}
+        }
+        if !ends_value {
+            self.keep(&[byte]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(text: &str) -> Document {
+        let mut scanner = Scanner::default();
+        scanner.feed(text.as_bytes());
+        scanner.finish()
+    }
+
+    fn text(doc: &Document, field: Field) -> Option<String> {
+        doc.get(field)
+            .map(|v| String::from_utf8(v.to_vec()).unwrap().trim().to_owned())
+    }
+
+    #[test]
+    fn top_level_and_nested_values() {
+        let doc = scan(
+            r#"{"id":"x","choices":[{"model":"no","usage":1}],"model" : "gpt-4o" ,
+               "usage":{"prompt_tokens":5,"d":{"a":"}\",{"}},"x":{"usage":2}}"#,
+        );
+        assert_eq!(text(&doc, Field::Model).as_deref(), Some(r#""gpt-4o""#));
+        assert_eq!(
+            text(&doc, Field::Usage).as_deref(),
+            Some(r#"{"prompt_tokens":5,"d":{"a":"}\",{"}}"#)
+        );
+        assert_eq!(doc.get(Field::Type), None);
+        let doc = scan(
+            r#"{"type":"response.completed","response":{"id":"r","output":[{"usage":3}],"usage":{"input_tokens":7},"model":"m"}}"#,
+        );
+        assert_eq!(
+            text(&doc, Field::Type).as_deref(),
+            Some(r#""response.completed""#)
+        );
+        assert_eq!(
+            text(&doc, Field::ResponseUsage).as_deref(),
+            Some(r#"{"input_tokens":7}"#)
+        );
+        assert_eq!(text(&doc, Field::ResponseModel).as_deref(), Some(r#""m""#));
+        assert_eq!(doc.get(Field::Usage), None);
+    }
+
+    #[test]
+    fn long_values_and_keys_are_dropped_and_arrays_name_nothing() {
+        let long = "9".repeat(VALUE_MAX + 1);
+        let doc = scan(&format!(r#"{{"usage":{long},"model":"a"}}"#));
+        assert_eq!(doc.get(Field::Usage), None);
+        assert_eq!(text(&doc, Field::Model).as_deref(), Some(r#""a""#));
+        let doc = scan(r#"{"usageusageusageusage":1,"model":"b"}"#);
+        assert_eq!(doc.get(Field::Usage), None);
+        assert!(
+            scan(r#"["model",{"model":"c"}]"#)
+                .get(Field::Model)
+                .is_none()
+        );
+        assert!(scan("[DONE]").get(Field::Model).is_none());
+    }
+}
