@@ -137,7 +137,7 @@ impl Meter {
         }
         let Self { reader, tally, .. } = self;
         match reader {
-            Reader::Json(scanner) => tally.absorb(scanner.finish()),
+            Reader::Json(scanner) => scanner.finish(|doc| tally.absorb(doc)),
             Reader::Sse(events) => events.finish(&mut |doc| tally.absorb(doc)),
             Reader::Compressed => return tally.reading(Some("compressed")),
         }
@@ -187,7 +187,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn absorb(&mut self, doc: Document) {
+    fn absorb(&mut self, doc: Document<'_>) {
         if let Some(model) = [Field::Model, Field::ResponseModel, Field::SessionModel]
             .into_iter()
             .find_map(|field| doc.get(field).and_then(model_name))

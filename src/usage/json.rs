@@ -41,6 +41,11 @@ impl Field {
 const KEY_MAX: usize = 16;
 /// The most of one value kept (a usage object is some 300 bytes); a longer value is dropped.
 pub const VALUE_MAX: usize = 4096;
+/// The most kept of one document in all (a key repeated many times counts each time).
+const KEPT_MAX: usize = 4 * VALUE_MAX;
+/// Strings shorter than this (most keys and values of an answer) are searched byte by byte,
+/// which beats memchr's setup; longer ones by memchr.
+const SHORT: usize = 32;
 
 #[derive(Default, Clone, Copy)]
 struct Key {
@@ -73,18 +78,19 @@ struct Capture {
     field: Field,
     /// The depth of the object whose member it is: a `,` or `}` there ends the value.
     depth: usize,
-    bytes: Vec<u8>,
+    /// Where its text starts in `Scanner::kept`.
+    start: usize,
 }
 
 /// The raw JSON text of the values one document held.
-#[derive(Debug, Default)]
-pub struct Document {
-    values: [Option<Vec<u8>>; FIELDS],
+pub struct Document<'a> {
+    kept: &'a [u8],
+    spans: &'a [Option<(usize, usize)>; FIELDS],
 }
 
-impl Document {
+impl Document<'_> {
     pub fn get(&self, field: Field) -> Option<&[u8]> {
-        self.values[field as usize].as_deref()
+        self.spans[field as usize].map(|(start, end)| &self.kept[start..end])
     }
 }
 
@@ -101,7 +107,10 @@ pub struct Scanner {
     expect_key: bool,
     reading_key: bool,
     capture: Option<Capture>,
-    found: Document,
+    /// The text of the values found, and of the one being read; its allocation is reused from
+    /// one document to the next.
+    kept: Vec<u8>,
+    spans: [Option<(usize, usize)>; FIELDS],
 }
 
 impl Scanner {
@@ -120,7 +129,7 @@ impl Scanner {
                 continue;
             }
             // Inside a string, only a quote or a backslash matters: jump to the next one.
-            let Some(n) = memchr::memchr2(b'"', b'\\', &data[i..]) else {
+            let Some(n) = string_stop(&data[i..]) else {
                 self.take(&data[i..]);
                 return;
             };
@@ -137,9 +146,20 @@ impl Scanner {
         }
     }
 
-    /// The values the document held; the scanner is ready for the next document.
-    pub fn finish(&mut self) -> Document {
-        std::mem::take(self).found
+    /// Hands the values the document held to `read`; the scanner is then ready for the next
+    /// document.
+    pub fn finish<R>(&mut self, read: impl FnOnce(Document<'_>) -> R) -> R {
+        let result = read(Document {
+            kept: &self.kept,
+            spans: &self.spans,
+        });
+        let mut kept = std::mem::take(&mut self.kept);
+        kept.clear();
+        *self = Self {
+            kept,
+            ..Self::default()
+        };
+        result
     }
 
     /// String contents: to the key being read, or to the value being kept.
@@ -151,12 +171,15 @@ impl Scanner {
     }
 
     fn keep(&mut self, data: &[u8]) {
-        if let Some(capture) = self.capture.as_mut() {
-            if capture.bytes.len() + data.len() > VALUE_MAX {
-                self.capture = None;
-            } else {
-                capture.bytes.extend_from_slice(data);
-            }
+        let Some(capture) = self.capture.as_ref() else {
+            return;
+        };
+        let len = self.kept.len() + data.len();
+        if len - capture.start > VALUE_MAX || len > KEPT_MAX {
+            self.kept.truncate(capture.start);
+            self.capture = None;
+        } else {
+            self.kept.extend_from_slice(data);
         }
     }
 
@@ -165,7 +188,7 @@ impl Scanner {
             && self.capture.as_ref().is_some_and(|c| c.depth == self.depth);
         if ends_value {
             let capture = self.capture.take().expect("checked");
-            self.found.values[capture.field as usize] = Some(capture.bytes);
+            self.spans[capture.field as usize] = Some((capture.start, self.kept.len()));
         }
         match byte {
             b'"' => {
@@ -201,7 +224,7 @@ impl Scanner {
                     self.capture = Some(Capture {
                         field,
                         depth: self.depth,
-                        bytes: Vec::new(),
+                        start: self.kept.len(),
                     });
                     return;
                 }
@@ -214,19 +237,45 @@ impl Scanner {
     }
 }
 
+/// Where the first quote or backslash of `data` is.
+fn string_stop(data: &[u8]) -> Option<usize> {
+    let head = &data[..data.len().min(SHORT)];
+    match head.iter().position(|&b| b == b'"' || b == b'\\') {
+        Some(n) => Some(n),
+        None if data.len() <= SHORT => None,
+        None => memchr::memchr2(b'"', b'\\', &data[SHORT..]).map(|n| n + SHORT),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn scan(text: &str) -> Document {
+    /// Each field's text, trimmed, as the scanner kept it.
+    fn scan(text: &str) -> Vec<Option<String>> {
         let mut scanner = Scanner::default();
         scanner.feed(text.as_bytes());
-        scanner.finish()
+        scanner.finish(|doc| {
+            ALL.iter()
+                .map(|&f| {
+                    doc.get(f)
+                        .map(|v| String::from_utf8_lossy(v).trim().to_owned())
+                })
+                .collect()
+        })
     }
 
-    fn text(doc: &Document, field: Field) -> Option<String> {
-        doc.get(field)
-            .map(|v| String::from_utf8(v.to_vec()).unwrap().trim().to_owned())
+    const ALL: [Field; FIELDS] = [
+        Field::Type,
+        Field::Model,
+        Field::Usage,
+        Field::ResponseUsage,
+        Field::ResponseModel,
+        Field::SessionModel,
+    ];
+
+    fn text(doc: &[Option<String>], field: Field) -> Option<&str> {
+        doc[field as usize].as_deref()
     }
 
     #[test]
@@ -235,40 +284,44 @@ mod tests {
             r#"{"id":"x","choices":[{"model":"no","usage":1}],"model" : "gpt-4o" ,
                "usage":{"prompt_tokens":5,"d":{"a":"}\",{"}},"x":{"usage":2}}"#,
         );
-        assert_eq!(text(&doc, Field::Model).as_deref(), Some(r#""gpt-4o""#));
+        assert_eq!(text(&doc, Field::Model), Some(r#""gpt-4o""#));
         assert_eq!(
-            text(&doc, Field::Usage).as_deref(),
+            text(&doc, Field::Usage),
             Some(r#"{"prompt_tokens":5,"d":{"a":"}\",{"}}"#)
         );
-        assert_eq!(doc.get(Field::Type), None);
+        assert_eq!(text(&doc, Field::Type), None);
         let doc = scan(
             r#"{"type":"response.completed","response":{"id":"r","output":[{"usage":3}],"usage":{"input_tokens":7},"model":"m"}}"#,
         );
+        assert_eq!(text(&doc, Field::Type), Some(r#""response.completed""#));
         assert_eq!(
-            text(&doc, Field::Type).as_deref(),
-            Some(r#""response.completed""#)
-        );
-        assert_eq!(
-            text(&doc, Field::ResponseUsage).as_deref(),
+            text(&doc, Field::ResponseUsage),
             Some(r#"{"input_tokens":7}"#)
         );
-        assert_eq!(text(&doc, Field::ResponseModel).as_deref(), Some(r#""m""#));
-        assert_eq!(doc.get(Field::Usage), None);
+        assert_eq!(text(&doc, Field::ResponseModel), Some(r#""m""#));
+        assert_eq!(text(&doc, Field::Usage), None);
     }
 
     #[test]
     fn long_values_and_keys_are_dropped_and_arrays_name_nothing() {
         let long = "9".repeat(VALUE_MAX + 1);
         let doc = scan(&format!(r#"{{"usage":{long},"model":"a"}}"#));
-        assert_eq!(doc.get(Field::Usage), None);
-        assert_eq!(text(&doc, Field::Model).as_deref(), Some(r#""a""#));
+        assert_eq!(text(&doc, Field::Usage), None);
+        assert_eq!(text(&doc, Field::Model), Some(r#""a""#));
         let doc = scan(r#"{"usageusageusageusage":1,"model":"b"}"#);
-        assert_eq!(doc.get(Field::Usage), None);
-        assert!(
-            scan(r#"["model",{"model":"c"}]"#)
-                .get(Field::Model)
-                .is_none()
+        assert_eq!(text(&doc, Field::Usage), None);
+        assert!(text(&scan(r#"["model",{"model":"c"}]"#), Field::Model).is_none());
+        assert!(scan("[DONE]").iter().all(Option::is_none));
+        // A key repeated without end keeps a bounded amount.
+        let repeated = format!("{{{}\"model\":\"last\"}}", r#""model":"x","#.repeat(10_000));
+        let mut scanner = Scanner::default();
+        scanner.feed(repeated.as_bytes());
+        assert!(scanner.kept.len() <= KEPT_MAX);
+        let model = scanner.finish(|doc| doc.get(Field::Model).map(<[u8]>::to_vec));
+        assert_eq!(
+            model.as_deref(),
+            Some(&b"\"x\""[..]),
+            "the last that fitted"
         );
-        assert!(scan("[DONE]").get(Field::Model).is_none());
     }
 }

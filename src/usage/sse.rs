@@ -32,7 +32,7 @@ pub struct Events {
 }
 
 impl Events {
-    pub fn feed(&mut self, mut data: &[u8], on_event: &mut impl FnMut(Document)) {
+    pub fn feed(&mut self, mut data: &[u8], on_event: &mut impl FnMut(Document<'_>)) {
         while let Some((&byte, rest)) = data.split_first() {
             if std::mem::take(&mut self.after_cr) && byte == b'\n' {
                 data = rest;
@@ -80,19 +80,19 @@ impl Events {
     }
 
     /// The stream ended: an event it did not end with a blank line counts all the same.
-    pub fn finish(&mut self, on_event: &mut impl FnMut(Document)) {
+    pub fn finish(&mut self, on_event: &mut impl FnMut(Document<'_>)) {
         if self.has_data || matches!(self.phase, Phase::Data) {
-            on_event(self.scanner.finish());
+            self.scanner.finish(&mut *on_event);
         }
     }
 
-    fn end_line(&mut self, eol: u8, on_event: &mut impl FnMut(Document)) {
+    fn end_line(&mut self, eol: u8, on_event: &mut impl FnMut(Document<'_>)) {
         self.after_cr = eol == b'\r';
         match self.phase {
             // A blank line: the event ends.
             Phase::Name if self.name_len == 0 && self.has_data => {
                 self.has_data = false;
-                on_event(self.scanner.finish());
+                self.scanner.finish(&mut *on_event);
             }
             Phase::Data | Phase::Space => {
                 // Data lines join with a line feed, which JSON takes as a space.
@@ -115,7 +115,7 @@ mod tests {
 
     fn events(text: &str) -> Vec<String> {
         let mut out = Vec::new();
-        let mut sink = |doc: Document| {
+        let mut sink = |doc: Document<'_>| {
             let model = doc.get(Field::Model).unwrap_or(b"-");
             out.push(String::from_utf8(model.to_vec()).unwrap());
         };

@@ -164,3 +164,50 @@ fn a_realtime_session_sums_its_responses_split_at_every_byte() {
     }
     assert_eq!(session.finish(), expected, "byte by byte");
 }
+
+/// How fast a meter reads, in a release build (the figures go to bench/README.md):
+/// `cargo test --release --bin openai-proxy meter_speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn meter_speed() {
+    let completion = include_str!("../../bench/completion.json");
+    let mut stream = String::new();
+    for i in 0..1000 {
+        stream.push_str(&format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} \"}}}}],\"usage\":null}}\n\n"));
+    }
+    let long = CHAT.replace(
+        "\"a \\\"usage\\\"",
+        &format!(
+            "\"{}",
+            r#"Lorem ipsum dolor sit amet, \"quoted\" text.\n"#.repeat(25_000)
+        ),
+    );
+    for (name, body, event_stream, rounds) in [
+        ("624-byte chat.completion", completion, false, 200_000),
+        ("1,000-event chat stream", stream.as_str(), true, 100),
+        ("1.2 MB chat.completion", long.as_str(), false, 100),
+    ] {
+        let chunks: Vec<Bytes> = body
+            .as_bytes()
+            .chunks(16 << 10)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        // The fastest of 20 batches: other work on the machine only ever slows one down.
+        let each = (0..20)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                for _ in 0..rounds / 20 {
+                    let mut meter = meter(event_stream);
+                    for chunk in &chunks {
+                        meter.pass(chunk);
+                    }
+                    assert!(std::hint::black_box(meter.finish()).model.is_some());
+                }
+                started.elapsed() / (rounds / 20)
+            })
+            .min()
+            .unwrap();
+        let rate = body.len() as f64 / each.as_secs_f64() / 1e6;
+        println!("{name}: {each:?} per answer, {rate:.0} MB/s");
+    }
+}

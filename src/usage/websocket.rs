@@ -27,7 +27,7 @@ pub struct Frames {
 }
 
 impl Frames {
-    pub fn feed(&mut self, mut data: &[u8], on_message: &mut impl FnMut(Document)) {
+    pub fn feed(&mut self, mut data: &[u8], on_message: &mut impl FnMut(Document<'_>)) {
         while !data.is_empty() {
             let Some(left) = self.payload else {
                 let n = (HEADER_MAX - self.header_len).min(data.len());
@@ -116,11 +116,11 @@ impl Frames {
         }
     }
 
-    fn end_frame(&mut self, on_message: &mut impl FnMut(Document)) {
+    fn end_frame(&mut self, on_message: &mut impl FnMut(Document<'_>)) {
         self.payload = None;
         if self.scanning && self.fin {
             self.in_text = false;
-            on_message(self.scanner.finish());
+            self.scanner.finish(&mut *on_message);
         }
         self.scanning = false;
     }
@@ -152,7 +152,7 @@ pub mod tests {
     fn types(bytes: &[u8]) -> Vec<String> {
         let mut out = Vec::new();
         let mut frames = Frames::default();
-        frames.feed(bytes, &mut |doc: Document| {
+        frames.feed(bytes, &mut |doc: Document<'_>| {
             let kind = doc.get(Field::Type).unwrap_or(b"-");
             out.push(String::from_utf8(kind.to_vec()).unwrap());
         });
