@@ -111,39 +111,44 @@ pub struct Scanner {
     /// one document to the next.
     kept: Vec<u8>,
     spans: [Option<(usize, usize)>; FIELDS],
+    /// Where in the data being fed the value being kept has its first byte not yet copied.
+    copy_from: usize,
 }
 
 impl Scanner {
     pub fn feed(&mut self, data: &[u8]) {
+        // A value being kept is copied a stretch at a time: from here to where it ends, or to
+        // the end of `data`.
+        self.copy_from = 0;
         let mut i = 0;
         while i < data.len() {
             if !self.in_string {
-                self.structural(data[i]);
+                self.structural(data, i);
                 i += 1;
                 continue;
             }
             if self.escaped {
                 self.escaped = false;
-                self.take(&data[i..=i]);
+                self.key_part(&data[i..=i]);
                 i += 1;
                 continue;
             }
             // Inside a string, only a quote or a backslash matters: jump to the next one.
             let Some(n) = string_stop(&data[i..]) else {
-                self.take(&data[i..]);
-                return;
+                self.key_part(&data[i..]);
+                break;
             };
-            self.take(&data[i..i + n]);
-            let byte = data[i + n];
-            if byte == b'\\' {
+            self.key_part(&data[i..i + n]);
+            if data[i + n] == b'\\' {
                 self.escaped = true;
+                self.key_part(b"\\");
             } else {
                 self.in_string = false;
                 self.reading_key = false;
             }
-            self.take(&data[i + n..=i + n]);
             i += n + 1;
         }
+        self.keep(&data[self.copy_from.min(data.len())..]);
     }
 
     /// Hands the values the document held to `read`; the scanner is then ready for the next
@@ -162,14 +167,14 @@ impl Scanner {
         result
     }
 
-    /// String contents: to the key being read, or to the value being kept.
-    fn take(&mut self, data: &[u8]) {
+    /// String contents, for the key being read.
+    fn key_part(&mut self, data: &[u8]) {
         if self.reading_key {
             self.keys[self.depth.min(2)].extend(data);
         }
-        self.keep(data);
     }
 
+    /// Copies a stretch of the value being kept, if there is one.
     fn keep(&mut self, data: &[u8]) {
         let Some(capture) = self.capture.as_ref() else {
             return;
@@ -183,12 +188,15 @@ impl Scanner {
         }
     }
 
-    fn structural(&mut self, byte: u8) {
+    fn structural(&mut self, data: &[u8], at: usize) {
+        let byte = data[at];
         let ends_value = matches!(byte, b',' | b'}')
             && self.capture.as_ref().is_some_and(|c| c.depth == self.depth);
         if ends_value {
-            let capture = self.capture.take().expect("checked");
-            self.spans[capture.field as usize] = Some((capture.start, self.kept.len()));
+            self.keep(&data[self.copy_from..at]);
+            if let Some(capture) = self.capture.take() {
+                self.spans[capture.field as usize] = Some((capture.start, self.kept.len()));
+            }
         }
         match byte {
             b'"' => {
@@ -226,25 +234,38 @@ impl Scanner {
                         depth: self.depth,
                         start: self.kept.len(),
                     });
-                    return;
+                    self.copy_from = at + 1;
                 }
             }
             _ => {}
         }
-        if !ends_value {
-            self.keep(&[byte]);
-        }
     }
 }
 
-/// Where the first quote or backslash of `data` is.
+/// Where the first quote or backslash of `data` is. Most strings of an answer are short keys
+/// and values: they are searched eight bytes at a time, which beats memchr's setup; past
+/// `SHORT` bytes, memchr takes over.
 fn string_stop(data: &[u8]) -> Option<usize> {
-    let head = &data[..data.len().min(SHORT)];
-    match head.iter().position(|&b| b == b'"' || b == b'\\') {
-        Some(n) => Some(n),
-        None if data.len() <= SHORT => None,
-        None => memchr::memchr2(b'"', b'\\', &data[SHORT..]).map(|n| n + SHORT),
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // The high bit of each zero byte of `x` (and maybe of bytes above the first one: the
+    // lowest bit set is always exact).
+    let zeros = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut at = 0;
+    while let Some(word) = data.get(at..at + 8) {
+        if at >= SHORT {
+            return memchr::memchr2(b'"', b'\\', &data[at..]).map(|n| n + at);
+        }
+        let word = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let found =
+            zeros(word ^ (ONES * u64::from(b'"'))) | zeros(word ^ (ONES * u64::from(b'\\')));
+        if found != 0 {
+            return Some(at + found.trailing_zeros() as usize / 8);
+        }
+        at += 8;
     }
+    let rest = data[at..].iter().position(|&b| b == b'"' || b == b'\\');
+    rest.map(|n| n + at)
 }
 
 #[cfg(test)]
@@ -276,6 +297,23 @@ mod tests {
 
     fn text(doc: &[Option<String>], field: Field) -> Option<&str> {
         doc[field as usize].as_deref()
+    }
+
+    #[test]
+    fn string_ends_are_found_wherever_they_stand() {
+        for len in 0..80 {
+            for stop in [b'"', b'\\'] {
+                for at in 0..len {
+                    let mut data = vec![b'a'; len];
+                    data[at] = stop;
+                    if at + 1 < len {
+                        data[len - 1] = b'"';
+                    }
+                    assert_eq!(string_stop(&data), Some(at), "{len} {at}");
+                }
+            }
+            assert_eq!(string_stop(&vec![0xffu8; len]), None);
+        }
     }
 
     #[test]
