@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
 use serde::Deserialize;
 
-use json::{Document, Field, Scanner};
+use json::{Document, Field, Scanner, Schema};
 
 /// The upstream's own token figures for one request. Kept apart because they are billed
 /// apart: `cached` is part of `prompt`, `reasoning` part of `completion`.
@@ -239,41 +239,23 @@ fn model_name(raw: &[u8]) -> Option<Box<str>> {
     plain.then(|| name.into_boxed_str())
 }
 
-/// A usage object in either spelling: chat and completions (`prompt_tokens`,
-/// `prompt_tokens_details`), the Responses API (`input_tokens`, `input_tokens_details`) and
-/// Realtime (`input_tokens`, `input_token_details`). Null, or neither count: not usage.
+/// A usage object's counts (its spellings: `json::Field::Prompt`). Null, or neither the prompt
+/// nor the completion count: not usage.
 fn figures(raw: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct Figures {
-        #[serde(alias = "input_tokens")]
-        prompt_tokens: Option<u64>,
-        #[serde(alias = "output_tokens")]
-        completion_tokens: Option<u64>,
-        #[serde(alias = "input_tokens_details", alias = "input_token_details")]
-        prompt_tokens_details: Option<Details>,
-        #[serde(alias = "output_tokens_details", alias = "output_token_details")]
-        completion_tokens_details: Option<Details>,
-    }
-    #[derive(Deserialize)]
-    struct Details {
-        cached_tokens: Option<u64>,
-        reasoning_tokens: Option<u64>,
-    }
-    let figures = serde_json::from_slice::<Option<Figures>>(raw).ok()??;
-    if figures.prompt_tokens.is_none() && figures.completion_tokens.is_none() {
-        return None;
-    }
-    Some(Usage {
-        prompt: figures.prompt_tokens.unwrap_or(0),
-        completion: figures.completion_tokens.unwrap_or(0),
-        cached: figures
-            .prompt_tokens_details
-            .and_then(|d| d.cached_tokens)
-            .unwrap_or(0),
-        reasoning: figures
-            .completion_tokens_details
-            .and_then(|d| d.reasoning_tokens)
-            .unwrap_or(0),
+    let mut scanner = Scanner::new(Schema::Usage);
+    scanner.feed(raw);
+    scanner.finish(|doc| {
+        let count = |field| -> Option<u64> {
+            let text = std::str::from_utf8(doc.get(field)?).ok()?;
+            text.trim().parse().ok()
+        };
+        let (prompt, completion) = (count(Field::Prompt), count(Field::Completion));
+        (prompt.is_some() || completion.is_some()).then(|| Usage {
+            prompt: prompt.unwrap_or(0),
+            completion: completion.unwrap_or(0),
+            cached: count(Field::Cached).unwrap_or(0),
+            reasoning: count(Field::Reasoning).unwrap_or(0),
+        })
     })
 }
 

@@ -17,34 +17,65 @@ pub enum Field {
     ResponseModel,
     /// `session.model` (Realtime `session.created`).
     SessionModel,
+    /// In a usage object (`Schema::Usage`), in any of its spellings: chat and completions
+    /// (`prompt_tokens`, `prompt_tokens_details`), the Responses API (`input_tokens`,
+    /// `input_tokens_details`) and Realtime (`input_tokens`, `input_token_details`).
+    Prompt,
+    Completion,
+    Cached,
+    Reasoning,
 }
 
-const FIELDS: usize = 6;
+const FIELDS: usize = 10;
+
+/// Which values a scanner keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Schema {
+    /// An answer's, or an event's: its type, model and usage object.
+    #[default]
+    Answer,
+    /// A usage object's counts.
+    Usage,
+}
 
 impl Field {
     /// The field whose value follows key `inner` in the object that is the value of `outer`
     /// (`inner` None: `outer` is a top-level key).
-    fn at(outer: &[u8], inner: Option<&[u8]>) -> Option<Self> {
-        match (outer, inner) {
-            (b"type", None) => Some(Self::Type),
-            (b"model", None) => Some(Self::Model),
-            (b"usage", None) => Some(Self::Usage),
-            (b"response", Some(b"usage")) => Some(Self::ResponseUsage),
-            (b"response", Some(b"model")) => Some(Self::ResponseModel),
-            (b"session", Some(b"model")) => Some(Self::SessionModel),
+    fn at(schema: Schema, outer: &[u8], inner: Option<&[u8]>) -> Option<Self> {
+        match (schema, outer, inner) {
+            (Schema::Answer, b"type", None) => Some(Self::Type),
+            (Schema::Answer, b"model", None) => Some(Self::Model),
+            (Schema::Answer, b"usage", None) => Some(Self::Usage),
+            (Schema::Answer, b"response", Some(b"usage")) => Some(Self::ResponseUsage),
+            (Schema::Answer, b"response", Some(b"model")) => Some(Self::ResponseModel),
+            (Schema::Answer, b"session", Some(b"model")) => Some(Self::SessionModel),
+            (Schema::Usage, b"prompt_tokens" | b"input_tokens", None) => Some(Self::Prompt),
+            (Schema::Usage, b"completion_tokens" | b"output_tokens", None) => {
+                Some(Self::Completion)
+            }
+            (
+                Schema::Usage,
+                b"prompt_tokens_details" | b"input_tokens_details" | b"input_token_details",
+                Some(b"cached_tokens"),
+            ) => Some(Self::Cached),
+            (
+                Schema::Usage,
+                b"completion_tokens_details" | b"output_tokens_details" | b"output_token_details",
+                Some(b"reasoning_tokens"),
+            ) => Some(Self::Reasoning),
             _ => None,
         }
     }
 }
 
 /// The longest key told apart; a longer one matches no field.
-const KEY_MAX: usize = 16;
+const KEY_MAX: usize = 32;
 /// The most of one value kept (a usage object is some 300 bytes); a longer value is dropped.
 pub const VALUE_MAX: usize = 4096;
 /// The most kept of one document in all (a key repeated many times counts each time).
 const KEPT_MAX: usize = 4 * VALUE_MAX;
-/// Strings shorter than this (most keys and values of an answer) are searched byte by byte,
-/// which beats memchr's setup; longer ones by memchr.
+/// Strings shorter than this (most keys and values of an answer) are searched a word at a
+/// time, which beats memchr's setup; longer ones by memchr.
 const SHORT: usize = 32;
 
 #[derive(Default, Clone, Copy)]
@@ -96,6 +127,7 @@ impl Document<'_> {
 
 #[derive(Default)]
 pub struct Scanner {
+    schema: Schema,
     depth: usize,
     /// Whether the containers open at depth 1 and 2 are objects (index 0 unused).
     object: [bool; 3],
@@ -116,6 +148,13 @@ pub struct Scanner {
 }
 
 impl Scanner {
+    pub fn new(schema: Schema) -> Self {
+        Self {
+            schema,
+            ..Self::default()
+        }
+    }
+
     pub fn feed(&mut self, data: &[u8]) {
         // A value being kept is copied a stretch at a time: from here to where it ends, or to
         // the end of `data`.
@@ -162,7 +201,7 @@ impl Scanner {
         kept.clear();
         *self = Self {
             kept,
-            ..Self::default()
+            ..Self::new(self.schema)
         };
         result
     }
@@ -222,9 +261,10 @@ impl Scanner {
             b':' => {
                 self.expect_key = false;
                 let field = match self.depth {
-                    1 if self.object[1] => Field::at(self.keys[1].get(), None),
+                    1 if self.object[1] => Field::at(self.schema, self.keys[1].get(), None),
                     2 if self.object[1] && self.object[2] => {
-                        Field::at(self.keys[1].get(), Some(self.keys[2].get()))
+                        let inner = Some(self.keys[2].get());
+                        Field::at(self.schema, self.keys[1].get(), inner)
                     }
                     _ => None,
                 };
@@ -293,6 +333,10 @@ mod tests {
         Field::ResponseUsage,
         Field::ResponseModel,
         Field::SessionModel,
+        Field::Prompt,
+        Field::Completion,
+        Field::Cached,
+        Field::Reasoning,
     ];
 
     fn text(doc: &[Option<String>], field: Field) -> Option<&str> {
@@ -346,7 +390,7 @@ mod tests {
         let doc = scan(&format!(r#"{{"usage":{long},"model":"a"}}"#));
         assert_eq!(text(&doc, Field::Usage), None);
         assert_eq!(text(&doc, Field::Model), Some(r#""a""#));
-        let doc = scan(r#"{"usageusageusageusage":1,"model":"b"}"#);
+        let doc = scan(r#"{"usageusageusageusageusageusageusage":1,"model":"b"}"#);
         assert_eq!(text(&doc, Field::Usage), None);
         assert!(text(&scan(r#"["model",{"model":"c"}]"#), Field::Model).is_none());
         assert!(scan("[DONE]").iter().all(Option::is_none));

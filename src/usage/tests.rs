@@ -214,3 +214,20 @@ fn meter_speed() {
         println!("{name}: {each:?} per answer, {rate:.0} MB/s");
     }
 }
+
+#[test]
+fn usage_objects_in_every_spelling() {
+    let chat = br#"{"prompt_tokens":9,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":2},"completion_tokens_details":{"reasoning_tokens":1}}"#;
+    assert_eq!(figures(chat), Some(usage(9, 4, 2, 1)));
+    let responses = br#"{"input_tokens":9,"input_tokens_details":{"cached_tokens":2},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":1}}"#;
+    assert_eq!(figures(responses), Some(usage(9, 4, 2, 1)));
+    let realtime = br#" {"total_tokens":13,"input_tokens":9,"output_tokens":4,"input_token_details":{"cached_tokens":2,"audio_tokens":5}}"#;
+    assert_eq!(figures(realtime), Some(usage(9, 4, 2, 0)));
+    assert_eq!(
+        figures(br#"{"prompt_tokens":8,"total_tokens":8}"#),
+        Some(usage(8, 0, 0, 0))
+    );
+    assert_eq!(figures(b"null"), None);
+    assert_eq!(figures(br#"{"total_tokens":8}"#), None);
+    assert_eq!(figures(br#"{"prompt_tokens":"8"}"#), None);
+}
