@@ -412,12 +412,12 @@ impl ResponseBody {
         }
     }
 
-    pub fn meter(&mut self, meter: Box<usage::Meter>) {
-        self.meter = Some(meter);
+    pub fn meter(&mut self, meter: Option<Box<usage::Meter>>) {
+        self.meter = meter;
     }
 
-    pub fn send_record_to(&mut self, tunnel: oneshot::Sender<AccessRecord>) {
-        self.record_to = Some(tunnel);
+    pub fn send_record_to(&mut self, tunnel: Option<oneshot::Sender<AccessRecord>>) {
+        self.record_to = tunnel;
     }
 
     /// Puts what the meter read into the record, before the record is written.

@@ -229,11 +229,7 @@ async fn forward(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     admit(generation, parts)?;
     let grant = auth::admit(generation, parts, &body).await?;
-    if generation.config.limits.stream_usage
-        && usage::stream_options::applies(&parts.method, parts.uri.path())
-    {
-        ask_for_stream_usage(generation, parts, &body).await?;
-    }
+    ask_for_stream_usage(generation, parts, &body).await?;
     let model_list = auth::wants_model_list(&grant, parts);
     let upstream = &generation.upstream;
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
@@ -279,21 +275,10 @@ async fn forward(
     };
 
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    let mut record_to = None;
-    if let (Some(client_upgrade), Some(upgraded)) = (client_upgrade, upgraded) {
-        let (sender, record) = tokio::sync::oneshot::channel();
-        record_to = Some(sender);
-        let meter = usage::Session::for_path(parts.uri.path());
-        // The tunnel holds the connection, which keeps counting against max_connections.
-        let tunnel = tunnel::splice(
-            client_upgrade,
-            upgraded,
-            conn.clone(),
-            idle,
-            (record, meter),
-        );
-        tokio::spawn(tunnel);
-    }
+    let tunnel = match (client_upgrade, upgraded) {
+        (Some(client), Some(upgraded)) => Some(open_tunnel(client, upgraded, conn, idle, parts)),
+        _ => None,
+    };
     let request_extensions = &parts.extensions;
     let (method, path) = (&parts.method, parts.uri.path());
     let (mut parts, body) = response.into_parts();
@@ -312,17 +297,31 @@ async fn forward(
             .headers
             .insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
+    let meter = usage::Meter::for_answer(method, path, parts.status, &parts.headers);
     let mut body = ResponseBody::upstream(body, idle);
-    if let Some(tunnel) = record_to {
-        body.send_record_to(tunnel);
-    }
-    if let Some(meter) = usage::Meter::for_answer(method, path, parts.status, &parts.headers) {
-        body.meter(meter);
-    }
+    body.send_record_to(tunnel);
+    body.meter(meter);
     if model_list {
         return auth::filter_model_list(&grant, parts, body).await;
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// Starts a WebSocket tunnel; the request's access record goes to it through the returned
+/// sender, and is written when the tunnel closes, with a Realtime session's usage.
+fn open_tunnel(
+    client: crate::http1::OnUpgrade,
+    upgraded: crate::upstream::http1::Upgraded,
+    conn: &Arc<Connection>,
+    idle: std::time::Duration,
+    request: &http::request::Parts,
+) -> tokio::sync::oneshot::Sender<AccessRecord> {
+    let (sender, record) = tokio::sync::oneshot::channel();
+    let meter = usage::Session::for_path(request.uri.path());
+    // The tunnel holds the connection, which keeps counting against max_connections.
+    let tunnel = tunnel::splice(client, upgraded, conn.clone(), idle, (record, meter));
+    tokio::spawn(tunnel);
+    sender
 }
 
 /// `[limits] stream_usage`: a streamed chat request is read ahead (as far as a token's model
@@ -333,6 +332,11 @@ async fn ask_for_stream_usage(
     parts: &mut http::request::Parts,
     body: &ClientBody,
 ) -> Result<(), ProxyError> {
+    if !(generation.config.limits.stream_usage
+        && usage::stream_options::applies(&parts.method, parts.uri.path()))
+    {
+        return Ok(());
+    }
     let limit = generation.config.server.max_request_body.0;
     let idle = generation.upstream.config().idle_timeout.0;
     let (read, whole) = body
