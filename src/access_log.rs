@@ -13,7 +13,7 @@ use http::{HeaderValue, Method, Uri};
 use tokio::time::Instant;
 
 use crate::body::BodyError;
-use crate::usage::Usage;
+use crate::usage::{Reading, Usage};
 
 /// Our id for a request, sent back in `x-proxy-request-id` and written in the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +78,10 @@ pub struct AccessRecord {
     pub usage: Option<Usage>,
     /// Counts the response among the event streams open while it is relayed.
     pub stream: Option<crate::metrics::Open>,
+    /// The model the upstream named in its answer.
+    pub model: Option<Box<str>>,
+    /// Why `usage` is None where the answer should have shown it (`unknown`, `compressed`).
+    usage_unknown: Option<&'static str>,
     cut: Option<String>,
     enabled: bool,
 }
@@ -105,9 +109,18 @@ impl AccessRecord {
             token: None,
             usage: None,
             stream: None,
+            model: None,
+            usage_unknown: None,
             cut: None,
             enabled,
         }
+    }
+
+    /// What the answer showed of its usage.
+    pub fn note_usage(&mut self, reading: Reading) {
+        self.usage = reading.usage;
+        self.model = reading.model;
+        self.usage_unknown = reading.unknown;
     }
 
     pub fn note_cut(&mut self, error: &BodyError) {
@@ -155,6 +168,8 @@ impl Drop for AccessRecord {
                     completion_tokens = self.usage.map(|u| u.completion),
                     cached_tokens = self.usage.map(|u| u.cached),
                     reasoning_tokens = self.usage.map(|u| u.reasoning),
+                    usage = self.usage_unknown.map(tracing::field::display),
+                    model = self.model.as_deref().map(tracing::field::display),
                     cut = self.cut.as_deref(),
                     "{} {} {}",
                     self.method,

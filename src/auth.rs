@@ -8,6 +8,8 @@
 
 mod inspect;
 
+pub use inspect::INSPECT_LIMIT;
+
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;

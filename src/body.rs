@@ -17,6 +17,7 @@ use crate::access_log::AccessRecord;
 use crate::error::ProxyError;
 use crate::http2::OpenStream;
 use crate::upstream::UpstreamBody;
+use crate::usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -204,6 +205,15 @@ impl ClientBody {
         outcome.map(|whole| (bytes.freeze(), whole))
     }
 
+    /// Replaces a body that `read_ahead` read whole with `bytes`.
+    pub fn replace_read(&self, bytes: Bytes) {
+        let frames = VecDeque::from([Frame::data(bytes)]);
+        *self.lock() = Some(Inbound::ReadAhead(Box::new(ReadAhead {
+            frames,
+            rest: None,
+        })));
+    }
+
     /// Reads what is left of the body in the background, for up to `within`, then drops it
     /// (and with it, if unfinished, the connection).
     pub fn discard_rest(&self, within: Duration) {
@@ -352,6 +362,10 @@ pub struct ResponseBody {
     record: Option<AccessRecord>,
     /// Over HTTP/2, the stream it is sent on, counted open for as long as the body lives.
     stream: Option<OpenStream>,
+    /// Reads the upstream's usage figures as the body passes, for the record.
+    meter: Option<Box<usage::Meter>>,
+    /// Where the record goes instead: a WebSocket tunnel, which writes it when it closes.
+    record_to: Option<oneshot::Sender<AccessRecord>>,
 }
 
 enum ResponseKind {
@@ -368,6 +382,8 @@ impl ResponseBody {
             kind: ResponseKind::Whole((!bytes.is_empty()).then_some(bytes)),
             record: None,
             stream: None,
+            meter: None,
+            record_to: None,
         }
     }
 
@@ -379,6 +395,8 @@ impl ResponseBody {
             },
             record: None,
             stream: None,
+            meter: None,
+            record_to: None,
         }
     }
 
@@ -387,7 +405,26 @@ impl ResponseBody {
     }
 
     pub fn set_record(&mut self, record: AccessRecord) {
-        self.record = Some(record);
+        match self.record_to.take() {
+            // A tunnel that never opened drops the receiver: the record is written now.
+            Some(tunnel) => drop(tunnel.send(record)),
+            None => self.record = Some(record),
+        }
+    }
+
+    pub fn meter(&mut self, meter: Option<Box<usage::Meter>>) {
+        self.meter = meter;
+    }
+
+    pub fn send_record_to(&mut self, tunnel: Option<oneshot::Sender<AccessRecord>>) {
+        self.record_to = tunnel;
+    }
+
+    /// Puts what the meter read into the record, before the record is written.
+    fn read_meter(&mut self) {
+        if let (Some(mut meter), Some(record)) = (self.meter.take(), self.record.as_mut()) {
+            record.note_usage(meter.finish());
+        }
     }
 
     fn count(&mut self, bytes: usize) {
@@ -398,8 +435,17 @@ impl ResponseBody {
 
     fn finish(&mut self) {
         self.kind = ResponseKind::Whole(None);
+        self.read_meter();
         // Dropping the record writes the access log line.
         self.record = None;
+    }
+}
+
+impl Drop for ResponseBody {
+    /// A body dropped before its end (the client went, or its last frame was known to be the
+    /// last) still has its usage written.
+    fn drop(&mut self) {
+        self.read_meter();
     }
 }
 
@@ -430,8 +476,12 @@ impl Body for ResponseBody {
         let polled = ready!(polled);
         match &polled {
             Some(Ok(frame)) => {
-                let len = frame.data_ref().map_or(0, Bytes::len);
-                this.count(len);
+                if let Some(data) = frame.data_ref() {
+                    this.count(data.len());
+                    if let Some(meter) = this.meter.as_mut() {
+                        meter.pass(data);
+                    }
+                }
             }
             Some(Err(e)) => {
                 if let Some(record) = this.record.as_mut() {

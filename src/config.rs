@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{admin, auth, listeners, logging, proxy, reload, server, upstream};
+use crate::{admin, auth, listeners, logging, proxy, reload, server, upstream, usage};
 
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 
@@ -37,6 +37,7 @@ pub struct Config {
     pub auth: auth::Config,
     #[serde(default)]
     pub admin: admin::Config,
+    pub limits: usage::Config,
 }
 
 /// The text of a config file, kept so that a span anywhere in it can be named by line and column.

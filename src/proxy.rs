@@ -15,6 +15,7 @@ use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
 use crate::headers;
 use crate::tunnel;
+use crate::usage;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -235,6 +236,7 @@ async fn forward(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     admit(generation, parts)?;
     let grant = auth::admit(generation, parts, &body).await?;
+    ask_for_stream_usage(generation, parts, &body).await?;
     let model_list = auth::wants_model_list(&grant, parts);
     let upstream = &generation.upstream;
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
@@ -280,11 +282,12 @@ async fn forward(
     };
 
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if let (Some(client_upgrade), Some(upgraded)) = (client_upgrade, upgraded) {
-        // The tunnel holds the connection, which keeps counting against max_connections.
-        tokio::spawn(tunnel::splice(client_upgrade, upgraded, conn.clone(), idle));
-    }
+    let tunnel = match (client_upgrade, upgraded) {
+        (Some(client), Some(upgraded)) => Some(open_tunnel(client, upgraded, conn, idle, parts)),
+        _ => None,
+    };
     let request_extensions = &parts.extensions;
+    let (method, path) = (&parts.method, parts.uri.path());
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switched && upgrade);
     if grant.is_some() {
@@ -301,11 +304,62 @@ async fn forward(
             .headers
             .insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
-    let body = ResponseBody::upstream(body, idle);
+    let meter = usage::Meter::for_answer(method, path, parts.status, &parts.headers);
+    let mut body = ResponseBody::upstream(body, idle);
+    body.send_record_to(tunnel);
+    body.meter(meter);
     if model_list {
         return auth::filter_model_list(&grant, parts, body).await;
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// Starts a WebSocket tunnel; the request's access record goes to it through the returned
+/// sender, and is written when the tunnel closes, with a Realtime session's usage.
+fn open_tunnel(
+    client: crate::http1::OnUpgrade,
+    upgraded: crate::upstream::http1::Upgraded,
+    conn: &Arc<Connection>,
+    idle: std::time::Duration,
+    request: &http::request::Parts,
+) -> tokio::sync::oneshot::Sender<AccessRecord> {
+    let (sender, record) = tokio::sync::oneshot::channel();
+    let meter = usage::Session::for_path(request.uri.path());
+    // The tunnel holds the connection, which keeps counting against max_connections.
+    let tunnel = tunnel::splice(client, upgraded, conn.clone(), idle, (record, meter));
+    tokio::spawn(tunnel);
+    sender
+}
+
+/// `[limits] stream_usage`: a streamed chat request is read ahead (as far as a token's model
+/// check reads) and, if it lacks `stream_options.include_usage`, sent with it. A body larger
+/// than that goes as it came.
+async fn ask_for_stream_usage(
+    generation: &Generation,
+    parts: &mut http::request::Parts,
+    body: &ClientBody,
+) -> Result<(), ProxyError> {
+    if !(generation.config.limits.stream_usage
+        && usage::stream_options::applies(&parts.method, parts.uri.path()))
+    {
+        return Ok(());
+    }
+    let limit = generation.config.server.max_request_body.0;
+    let idle = generation.upstream.config().idle_timeout.0;
+    let (read, whole) = body
+        .read_ahead(limit.min(auth::INSPECT_LIMIT), idle)
+        .await
+        .map_err(|e| e.to_proxy_error())?;
+    if let Some(asking) = whole
+        .then(|| usage::stream_options::with_include_usage(&read))
+        .flatten()
+    {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(asking.len()));
+        body.replace_read(asking);
+    }
+    Ok(())
 }
 
 fn append_forwarded_for(headers: &mut http::HeaderMap, client: SocketAddr) {

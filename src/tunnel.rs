@@ -10,19 +10,24 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::access_log::AccessRecord;
 use crate::http1::OnUpgrade;
 use crate::proxy::Connection;
 use crate::upstream::http1::Upgraded;
+use crate::usage;
 
 /// Runs a tunnel to its end. `conn`, held for as long, keeps the tunnel counted against
-/// `server.max_connections`.
+/// `server.max_connections`. The request's access record comes through `record` and is written
+/// when the tunnel closes, with the usage `meter` read from what the upstream sent.
 pub async fn splice(
     client: OnUpgrade,
     mut upstream: Upgraded,
     conn: Arc<Connection>,
     idle: Duration,
+    (record, meter): (oneshot::Receiver<AccessRecord>, Option<usage::Session>),
 ) {
     let client = match client.connection().await {
         Ok(client) => client,
@@ -36,6 +41,7 @@ pub async fn splice(
     // Every byte either way is read from or written to the client: watching that side alone
     // sees all the tunnel's traffic.
     let mut client = Watched::new(client, started);
+    client.meter = meter;
     let last = client.last.clone();
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {
@@ -44,6 +50,9 @@ pub async fn splice(
         },
         () = silent_for(&last, started, idle) => tracing::debug!(?idle, "idle tunnel closed"),
         () = conn.drain.cut() => tracing::info!(after = ?started.elapsed(), "tunnel cut at the end of the drain timeout"),
+    }
+    if let (Ok(mut record), Some(meter)) = (record.await, client.meter.as_mut()) {
+        record.note_usage(meter.finish());
     }
 }
 
@@ -65,6 +74,8 @@ struct Watched<T> {
     inner: T,
     origin: Instant,
     last: Arc<AtomicU64>,
+    /// Reads the usage figures in what is written (what the upstream sent).
+    meter: Option<usage::Session>,
 }
 
 impl<T> Watched<T> {
@@ -73,6 +84,7 @@ impl<T> Watched<T> {
             inner,
             origin,
             last: Arc::default(),
+            meter: None,
         }
     }
 
@@ -106,8 +118,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(1..)) = polled {
+        if let Poll::Ready(Ok(written @ 1..)) = polled {
             this.touch();
+            if let Some(meter) = this.meter.as_mut() {
+                meter.pass(&buf[..written]);
+            }
         }
         polled
     }

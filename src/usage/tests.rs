@@ -1,0 +1,233 @@
+use proptest::prelude::*;
+
+use super::*;
+
+const CHAT: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"a \"usage\": {\"prompt_tokens\": 99}"}}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":4,"audio_tokens":0}},"system_fingerprint":"fp"}"#;
+
+const RESPONSES: &str = r#"{"id":"resp_1","object":"response","model":"o3-mini","output":[{"type":"message","content":[{"type":"output_text","text":"hi","usage":{"input_tokens":1}}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":8},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":64},"total_tokens":123}}"#;
+
+const EMBEDDINGS: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+
+const CHAT_SSE: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":2,\"total_tokens\":14,\"prompt_tokens_details\":{\"cached_tokens\":0},\"completion_tokens_details\":{\"reasoning_tokens\":0}}}\n\n\
+data: [DONE]\n\n";
+
+const RESPONSES_SSE: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"model\":\"gpt-4.1\",\"usage\":null}}\n\n\
+event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"x\"}\n\n\
+event: response.completed\r\ndata: {\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{\"id\":\"r\",\"model\":\"gpt-4.1\",\"output\":[],\"usage\":{\"input_tokens\":21,\"input_tokens_details\":{\"cached_tokens\":5},\"output_tokens\":30,\"output_tokens_details\":{\"reasoning_tokens\":7},\"total_tokens\":51}}}\r\n\r\n";
+
+const NO_USAGE_SSE: &str = "data: {\"model\":\"gpt-4o-mini\",\"choices\":[]}\n\ndata: [DONE]\n\n";
+
+fn usage(prompt: u64, completion: u64, cached: u64, reasoning: u64) -> Usage {
+    Usage {
+        prompt,
+        completion,
+        cached,
+        reasoning,
+    }
+}
+
+fn known(usage: Usage, model: &str) -> Reading {
+    Reading {
+        usage: Some(usage),
+        model: Some(model.into()),
+        unknown: None,
+    }
+}
+
+fn meter(event_stream: bool) -> Box<Meter> {
+    let mut headers = HeaderMap::new();
+    let kind = if event_stream {
+        "text/event-stream; charset=utf-8"
+    } else {
+        "application/json"
+    };
+    headers.insert(header::CONTENT_TYPE, kind.parse().unwrap());
+    Meter::for_answer(
+        &Method::POST,
+        "/v1/chat/completions",
+        StatusCode::OK,
+        &headers,
+    )
+    .unwrap()
+}
+
+/// `body` read by a meter in the pieces that the cut points make.
+fn read(body: &str, event_stream: bool, cuts: &[usize]) -> Reading {
+    let mut meter = meter(event_stream);
+    let mut start = 0;
+    for &cut in cuts.iter().chain([&body.len()]) {
+        let cut = cut.clamp(start, body.len());
+        meter.pass(&Bytes::copy_from_slice(&body.as_bytes()[start..cut]));
+        start = cut;
+    }
+    meter.finish()
+}
+
+fn cases() -> Vec<(&'static str, bool, Reading)> {
+    vec![
+        (CHAT, false, known(usage(19, 10, 3, 4), "gpt-4o-2024-08-06")),
+        (RESPONSES, false, known(usage(36, 87, 8, 64), "o3-mini")),
+        (
+            EMBEDDINGS,
+            false,
+            known(usage(8, 0, 0, 0), "text-embedding-3-small"),
+        ),
+        (CHAT_SSE, true, known(usage(12, 2, 0, 0), "gpt-4o-mini")),
+        (RESPONSES_SSE, true, known(usage(21, 30, 5, 7), "gpt-4.1")),
+        (
+            NO_USAGE_SSE,
+            true,
+            Reading {
+                usage: None,
+                model: Some("gpt-4o-mini".into()),
+                unknown: Some("unknown"),
+            },
+        ),
+    ]
+}
+
+#[test]
+fn every_answer_split_at_every_byte() {
+    for (body, event_stream, expected) in cases() {
+        assert_eq!(read(body, event_stream, &[]), expected, "{body}");
+        let every: Vec<usize> = (1..body.len()).collect();
+        assert_eq!(read(body, event_stream, &every), expected, "byte by byte");
+        for cut in 1..body.len() {
+            assert_eq!(read(body, event_stream, &[cut]), expected, "cut at {cut}");
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn any_chunking_reads_the_same(case in 0..6usize, mut cuts in prop::collection::vec(0..800usize, 0..12)) {
+        let (body, event_stream, expected) = cases().swap_remove(case);
+        cuts.sort_unstable();
+        prop_assert_eq!(read(body, event_stream, &cuts), expected);
+    }
+}
+
+#[test]
+fn which_answers_are_metered() {
+    let json = HeaderMap::new();
+    let post = Method::POST;
+    for path in METERED_PATHS {
+        assert!(Meter::for_answer(&post, path, StatusCode::OK, &json).is_some());
+    }
+    assert!(Meter::for_answer(&Method::GET, "/v1/responses", StatusCode::OK, &json).is_none());
+    assert!(Meter::for_answer(&post, "/v1/files", StatusCode::OK, &json).is_none());
+    let refused = StatusCode::BAD_REQUEST;
+    assert!(Meter::for_answer(&post, "/v1/embeddings", refused, &json).is_none());
+    let mut gzip = HeaderMap::new();
+    gzip.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+    let mut meter = Meter::for_answer(&post, "/v1/embeddings", StatusCode::OK, &gzip).unwrap();
+    meter.pass(&Bytes::from_static(EMBEDDINGS.as_bytes()));
+    assert_eq!(meter.finish().unknown, Some("compressed"));
+    assert!(Session::for_path("/v1/realtime").is_some());
+    assert!(Session::for_path("/v1/realtimex").is_none());
+}
+
+#[test]
+fn a_realtime_session_sums_its_responses_split_at_every_byte() {
+    use websocket::tests::frame;
+    let done = |input: u64, output: u64| {
+        format!(
+            r#"{{"type":"response.done","event_id":"e","response":{{"id":"r","status":"completed","usage":{{"total_tokens":{},"input_tokens":{input},"output_tokens":{output},"input_token_details":{{"cached_tokens":2,"text_tokens":3,"audio_tokens":1}},"output_token_details":{{"text_tokens":1,"audio_tokens":0}}}}}}}}"#,
+            input + output
+        )
+    };
+    let mut bytes = frame(
+        1,
+        true,
+        br#"{"type":"session.created","session":{"id":"s","model":"gpt-4o-realtime-preview"}}"#,
+    );
+    bytes.extend(frame(
+        1,
+        true,
+        br#"{"type":"conversation.item.input_audio_transcription.completed","usage":{"input_tokens":50,"output_tokens":50}}"#,
+    ));
+    let first = done(6, 4);
+    bytes.extend(frame(1, false, &first.as_bytes()[..40]));
+    bytes.extend(frame(0, true, &first.as_bytes()[40..]));
+    bytes.extend(frame(1, true, done(10, 20).as_bytes()));
+    let expected = known(usage(16, 24, 4, 0), "gpt-4o-realtime-preview");
+    for cut in 0..bytes.len() {
+        let mut session = Session::for_path("/v1/realtime").unwrap();
+        session.pass(&bytes[..cut]);
+        session.pass(&bytes[cut..]);
+        assert_eq!(session.finish(), expected, "cut at {cut}");
+    }
+    let mut session = Session::for_path("/v1/realtime").unwrap();
+    for byte in &bytes {
+        session.pass(std::slice::from_ref(byte));
+    }
+    assert_eq!(session.finish(), expected, "byte by byte");
+}
+
+/// How fast a meter reads, in a release build (the command and figures: bench/README.md).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn meter_speed() {
+    let completion = include_str!("../../bench/completion.json");
+    let mut stream = String::new();
+    for i in 0..1000 {
+        stream.push_str(&format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} \"}}}}],\"usage\":null}}\n\n"));
+    }
+    let long = CHAT.replace(
+        "\"a \\\"usage\\\"",
+        &format!(
+            "\"{}",
+            r#"Lorem ipsum dolor sit amet, \"quoted\" text.\n"#.repeat(25_000)
+        ),
+    );
+    for (name, body, event_stream, rounds) in [
+        ("624-byte chat.completion", completion, false, 200_000),
+        ("1,000-event chat stream", stream.as_str(), true, 100),
+        ("1.2 MB chat.completion", long.as_str(), false, 100),
+    ] {
+        // USAGE_METER_CASE=624 runs that case alone (to count its instructions with callgrind).
+        if std::env::var("USAGE_METER_CASE").is_ok_and(|case| !name.contains(&case)) {
+            continue;
+        }
+        let chunks: Vec<Bytes> = body
+            .as_bytes()
+            .chunks(16 << 10)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        // The fastest of 20 batches: other work on the machine only ever slows one down.
+        let each = (0..20)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                for _ in 0..rounds / 20 {
+                    let mut meter = meter(event_stream);
+                    for chunk in &chunks {
+                        meter.pass(chunk);
+                    }
+                    assert!(std::hint::black_box(meter.finish()).model.is_some());
+                }
+                started.elapsed() / (rounds / 20)
+            })
+            .min()
+            .unwrap();
+        let rate = body.len() as f64 / each.as_secs_f64() / 1e6;
+        println!("{name}: {each:?} per answer, {rate:.0} MB/s");
+    }
+}
+
+#[test]
+fn usage_objects_in_every_spelling() {
+    let chat = br#"{"prompt_tokens":9,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":2},"completion_tokens_details":{"reasoning_tokens":1}}"#;
+    assert_eq!(figures(chat), Some(usage(9, 4, 2, 1)));
+    let responses = br#"{"input_tokens":9,"input_tokens_details":{"cached_tokens":2},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":1}}"#;
+    assert_eq!(figures(responses), Some(usage(9, 4, 2, 1)));
+    let realtime = br#" {"total_tokens":13,"input_tokens":9,"output_tokens":4,"input_token_details":{"cached_tokens":2,"audio_tokens":5}}"#;
+    assert_eq!(figures(realtime), Some(usage(9, 4, 2, 0)));
+    assert_eq!(
+        figures(br#"{"prompt_tokens":8,"total_tokens":8}"#),
+        Some(usage(8, 0, 0, 0))
+    );
+    assert_eq!(figures(b"null"), None);
+    assert_eq!(figures(br#"{"total_tokens":8}"#), None);
+    assert_eq!(figures(br#"{"prompt_tokens":"8"}"#), None);
+}
