@@ -76,6 +76,8 @@ pub struct AccessRecord {
     pub token: Option<Arc<str>>,
     /// The upstream's token figures, once its response has shown them; `None`: not known.
     pub usage: Option<Usage>,
+    /// The request's place under its token's limits: settled with `usage` when this drops.
+    pub permit: Option<crate::limits::Permit>,
     cut: Option<String>,
     enabled: bool,
 }
@@ -102,6 +104,7 @@ impl AccessRecord {
             bytes_out: 0,
             token: None,
             usage: None,
+            permit: None,
             cut: None,
             enabled,
         }
@@ -114,6 +117,9 @@ impl AccessRecord {
 
 impl Drop for AccessRecord {
     fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            permit.settle(self.usage);
+        }
         if !self.enabled {
             return;
         }

@@ -64,6 +64,8 @@ pub struct Token {
     models: Option<Vec<ModelRule>>,
     /// Seconds since the Unix epoch after which the token is refused.
     expires: Option<i64>,
+    /// Its own limits; those it leaves out are `[limits]`'s.
+    pub quota: crate::limits::Quota,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +217,10 @@ struct TokenEntry {
     sha256: Spanned<String>,
     models: Option<Vec<Spanned<String>>>,
     expires: Option<Spanned<toml::value::Datetime>>,
+    requests_per_minute: Option<crate::limits::Limit>,
+    tokens_per_minute: Option<crate::limits::Limit>,
+    tokens_per_day: Option<crate::limits::Limit>,
+    max_concurrent: Option<crate::limits::Limit>,
 }
 
 /// The tokens file, checked whole: one bad entry refuses the file, with its line and column.
@@ -254,6 +260,12 @@ fn parse_tokens(path: PathBuf, bytes: &[u8]) -> Result<HashMap<[u8; 32], Arc<Tok
             name: name.into(),
             models,
             expires,
+            quota: crate::limits::Quota {
+                requests_per_minute: entry.requests_per_minute,
+                tokens_per_minute: entry.tokens_per_minute,
+                tokens_per_day: entry.tokens_per_day,
+                max_concurrent: entry.max_concurrent,
+            },
         };
         if by_digest.insert(digest, Arc::new(token)).is_some() {
             return Err(file.error_at(entry.sha256.span(), "this sha256 is listed twice"));

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{auth, listeners, logging, proxy, reload, server, upstream};
+use crate::{auth, limits, listeners, logging, proxy, reload, server, upstream};
 
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 
@@ -35,6 +35,8 @@ pub struct Config {
     pub reload: reload::Config,
     #[serde(default)]
     pub auth: auth::Config,
+    #[serde(default)]
+    pub limits: limits::Config,
 }
 
 /// The text of a config file, kept so that a span anywhere in it can be named by line and column.

@@ -16,6 +16,7 @@ mod headers;
 mod http1;
 mod http2;
 mod inherited;
+mod limits;
 mod listeners;
 mod logging;
 mod outcome;
@@ -175,6 +176,8 @@ fn serve(
         .build()?;
     control.block_on(async {
         let live = Arc::new(Live::new(first));
+        let limits = live.snapshot().limits.saver();
+        tokio::spawn(limits.clone().run());
 
         // Listen: sockets systemd kept for us across a restart, freshly bound ones for the rest.
         let mut listeners = ListenerSet::start(live.clone(), &workers, inherited)?;
@@ -219,6 +222,7 @@ fn serve(
         systemd::stopping(&format!("draining for up to {drain_timeout:?}"));
         tracing::info!(?drain_timeout, "stopping: draining connections");
         let outcome = listeners.drain(drain_timeout).await;
+        limits.save();
         tracing::info!(
             in_flight = outcome.in_flight,
             cut = outcome.cut,

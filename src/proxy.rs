@@ -14,6 +14,7 @@ use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
 use crate::headers;
+use crate::limits;
 use crate::tunnel;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -158,7 +159,15 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     let (mut parts, body) = request.into_parts();
     let body = ClientBody::new(body);
     let mut body_unread = false;
-    let forwarded = forward(&generation, conn, &mut parts, body.clone(), bytes_in).await;
+    let forwarded = forward(
+        &generation,
+        conn,
+        &mut parts,
+        body.clone(),
+        bytes_in,
+        &mut record.permit,
+    )
+    .await;
     record.token = auth::token_name(&parts.extensions);
     let mut response = match forwarded {
         Ok(response) => response,
@@ -225,9 +234,13 @@ async fn forward(
     parts: &mut http::request::Parts,
     body: ClientBody,
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
+    permit: &mut Option<limits::Permit>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     admit(generation, parts)?;
     let grant = auth::admit(generation, parts, &body).await?;
+    if let Some(token) = &grant {
+        *permit = Some(generation.limits.admit(&token.name, &token.quota).await?);
+    }
     let model_list = auth::wants_model_list(&grant, parts);
     let upstream = &generation.upstream;
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
@@ -274,8 +287,13 @@ async fn forward(
 
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (Some(client_upgrade), Some(upgraded)) = (client_upgrade, upgraded) {
-        // The tunnel holds the connection, which keeps counting against max_connections.
-        tokio::spawn(tunnel::splice(client_upgrade, upgraded, conn.clone(), idle));
+        // The tunnel holds the connection, which keeps counting against max_connections, and
+        // the request's permit, which keeps counting against its token's max_concurrent.
+        let (conn, permit) = (conn.clone(), permit.take());
+        tokio::spawn(async move {
+            tunnel::splice(client_upgrade, upgraded, conn, idle).await;
+            drop(permit);
+        });
     }
     let request_extensions = &parts.extensions;
     let (mut parts, body) = response.into_parts();

@@ -1,0 +1,239 @@
+//! Per-token limits ([limits] and the [[token]] tables): a request over a limit is answered 429
+//! in OpenAI's shape with its rate-limit headers, and nothing of it reaches the upstream.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+/// The proxy in tokens mode before the fake upstream, with `limits` after the [auth] table and
+/// these `[[token]]` tables.
+fn start_limited(upstream: &FakeUpstream, pki: &Pki, limits: &str, tokens: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    write_key(dir.path(), 0o600);
+    std::fs::write(dir.path().join("tokens.toml"), tokens).unwrap();
+    let config_path = dir.path().join("config.toml");
+    let extra = format!("{TOKENS_AUTH}\n{limits}\n");
+    std::fs::write(&config_path, basic_config(upstream, pki, &extra)).unwrap();
+    Proxy::spawn(dir, config_path, ProxyOptions::default())
+}
+
+/// A token's `[[token]]` table with these limit lines added.
+fn with_limits(issued: &Issued, lines: &str) -> String {
+    format!("{}{lines}\n", issued.table)
+}
+
+fn chat(url: &str, token: &str) -> Request<Full<Bytes>> {
+    let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    Request::post(url)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// A 429 from the proxy itself, in OpenAI's shape, naming `limit`.
+fn assert_limited(answer: &Answer, limit: &str) {
+    assert_eq!(
+        answer.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let error = &answer.json()["error"];
+    assert_eq!(error["code"], "rate_limit_exceeded", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains(limit), "{message}");
+    let retry: u64 = answer.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+}
+
+/// Waits until at least `room` is left in the current UTC minute, so that a test's requests
+/// all fall in one minute's window.
+fn wait_for_room_in_minute(room: Duration) {
+    let left = |now: SystemTime| {
+        let millis = now.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        Duration::from_millis(60_000 - millis % 60_000)
+    };
+    while left(SystemTime::now()) < room {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn requests_per_minute_refuses_with_openai_headers_and_nothing_upstream() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let alice = issue("alice");
+        let bob = issue("bob");
+        let tokens = format!(
+            "{}{}",
+            alice.table,
+            with_limits(&bob, "requests_per_minute = 3")
+        );
+        let proxy = start_limited(
+            &upstream,
+            &pki,
+            "[limits]\nrequests_per_minute = 2\n",
+            &tokens,
+        );
+        let client = http_client();
+        let url = proxy.url("/v1/chat/completions");
+        wait_for_room_in_minute(Duration::from_secs(15));
+        for _ in 0..2 {
+            let answer = send(&client, chat(&url, &alice.token)).await;
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        let before = upstream.received().len();
+        let refused = send(&client, chat(&url, &alice.token)).await;
+        assert_limited(&refused, "requests per minute");
+        assert_eq!(upstream.received().len(), before, "nothing went upstream");
+        let h = &refused.headers;
+        assert_eq!(h["x-ratelimit-limit-requests"], "2");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+        let reset = h["x-ratelimit-reset-requests"].to_str().unwrap();
+        assert!(reset.ends_with('s') && reset.len() <= 4, "{reset}");
+        assert_eq!(refused.json()["error"]["type"], "requests");
+        assert!(h.contains_key("x-proxy-request-id"));
+
+        // Bob's own limit (3) stands over the default (2); he is counted apart from alice.
+        for _ in 0..3 {
+            let answer = send(&client, chat(&url, &bob.token)).await;
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        let refused = send(&client, chat(&url, &bob.token)).await;
+        assert_limited(&refused, "requests per minute");
+        assert_eq!(refused.headers["x-ratelimit-limit-requests"], "3");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_concurrent_counts_streams_and_websockets_until_they_end() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let carol = issue("carol");
+        let proxy = start_limited(
+            &upstream,
+            &pki,
+            "",
+            &with_limits(&carol, "max_concurrent = 1"),
+        );
+        let client = http_client();
+        let url = proxy.url("/v1/chat/completions");
+
+        // A stream in flight holds the one place.
+        let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true, "messages": []});
+        let stream = Request::post(&url)
+            .header("authorization", format!("Bearer {}", carol.token))
+            .header("x-test-events", "3")
+            .header("x-test-gap-ms", "300")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = client.request(stream).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let before = upstream.received().len();
+        let refused = send(&client, chat(&url, &carol.token)).await;
+        assert_limited(&refused, "max_concurrent");
+        assert_eq!(refused.headers["retry-after"], "1");
+        assert_eq!(upstream.received().len(), before, "nothing went upstream");
+        // Once the stream has ended, the place is free again.
+        response.into_body().collect().await.unwrap();
+        let answer = eventually_ok(&client, &url, &carol.token).await;
+        assert_eq!(answer.status, StatusCode::OK);
+
+        // A WebSocket holds it for as long as it is open.
+        let ws_url = format!(
+            "ws://{}/v1/realtime?model=gpt-4o-realtime",
+            proxy.http.unwrap()
+        );
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(ws_url)
+                .unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", carol.token).parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let refused = send(&client, chat(&url, &carol.token)).await;
+        assert_limited(&refused, "max_concurrent");
+        ws.close(None).await.unwrap();
+        let answer = eventually_ok(&client, &url, &carol.token).await;
+        assert_eq!(answer.status, StatusCode::OK);
+    })
+    .await;
+}
+
+/// Sends a chat request until it is let in (a place given back frees a moment after the client
+/// has seen the end).
+async fn eventually_ok(client: &HttpClient, url: &str, token: &str) -> Answer {
+    loop {
+        let answer = send(client, chat(url, token)).await;
+        if answer.status != StatusCode::TOO_MANY_REQUESTS {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `openai-proxy check` on a config (and tokens file) in `dir`: its stderr when it fails.
+fn check_fails(dir: &Path, config: &str, tokens: &str) -> String {
+    write_key(dir, 0o600);
+    std::fs::write(dir.join("tokens.toml"), tokens).unwrap();
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn broken_limits_are_refused_with_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = "listen = [\"127.0.0.1:0\"]\n";
+    let tokens_mode = format!("{listen}{TOKENS_AUTH}");
+    let limited = with_limits(&issue("alice"), "max_concurrent = 0");
+    // (config, tokens file, what the error says)
+    let cases = [
+        (
+            format!("{listen}[limits]\nrequests_per_minute = 5\n"),
+            String::new(),
+            "need [auth] mode = \"tokens\"",
+        ),
+        (
+            format!("{tokens_mode}[limits]\ntokens_per_day = -1\n"),
+            String::new(),
+            "config.toml:8:18: ",
+        ),
+        (
+            format!("{tokens_mode}[limits]\nbackend = \"memcached://x\"\n"),
+            String::new(),
+            "config.toml:8:11: ",
+        ),
+        (
+            tokens_mode.clone(),
+            limited,
+            "tokens.toml:7:18: a limit is a whole number above 0",
+        ),
+    ];
+    for (config, tokens, expected) in cases {
+        let error = check_fails(dir.path(), &config, &tokens);
+        assert!(error.contains(expected), "{error}");
+    }
+}
