@@ -27,6 +27,7 @@ mod systemd;
 mod tunnel;
 mod upstream;
 mod usage;
+mod usage_shim;
 mod watch;
 mod workers;
 

@@ -170,6 +170,12 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     .await;
     record.token = auth::token_name(&parts.extensions);
     let mut response = match forwarded {
+        // TEMPORARY (usage_shim): until the usage branch fills the record as the bytes pass.
+        Ok(response) if record.permit.is_some() => {
+            let (response, usage) = crate::usage_shim::read(response).await;
+            record.usage = usage;
+            response
+        }
         Ok(response) => response,
         Err(error) => {
             // Debug, not Display: the details (an upstream address) are for the log only.

@@ -14,13 +14,23 @@ use http_body_util::{BodyExt, Full};
 /// The proxy in tokens mode before the fake upstream, with `limits` after the [auth] table and
 /// these `[[token]]` tables.
 fn start_limited(upstream: &FakeUpstream, pki: &Pki, limits: &str, tokens: &str) -> Proxy {
+    start_limited_with(upstream, pki, limits, tokens, ProxyOptions::default())
+}
+
+fn start_limited_with(
+    upstream: &FakeUpstream,
+    pki: &Pki,
+    limits: &str,
+    tokens: &str,
+    options: ProxyOptions,
+) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     write_key(dir.path(), 0o600);
     std::fs::write(dir.path().join("tokens.toml"), tokens).unwrap();
     let config_path = dir.path().join("config.toml");
     let extra = format!("{TOKENS_AUTH}\n{limits}\n");
     std::fs::write(&config_path, basic_config(upstream, pki, &extra)).unwrap();
-    Proxy::spawn(dir, config_path, ProxyOptions::default())
+    Proxy::spawn(dir, config_path, options)
 }
 
 /// A token's `[[token]]` table with these limit lines added.
@@ -54,7 +64,7 @@ fn assert_limited(answer: &Answer, limit: &str) {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert!((1..=86_400).contains(&retry), "Retry-After {retry}");
 }
 
 /// Waits until at least `room` is left in the current UTC minute, so that a test's requests
@@ -105,6 +115,17 @@ async fn requests_per_minute_refuses_with_openai_headers_and_nothing_upstream() 
         assert!(reset.ends_with('s') && reset.len() <= 4, "{reset}");
         assert_eq!(refused.json()["error"]["type"], "requests");
         assert!(h.contains_key("x-proxy-request-id"));
+
+        // A reload keeps the counts: alice is still over her limit in generation 2.
+        let seen = proxy.notify.messages().len();
+        proxy.signal("HUP");
+        proxy
+            .notify
+            .wait_for(seen, Duration::from_secs(5), "generation 2", |m| {
+                m.contains("READY=1") && m.contains("generation 2")
+            });
+        let refused = send(&client, chat(&url, &alice.token)).await;
+        assert_limited(&refused, "requests per minute");
 
         // Bob's own limit (3) stands over the default (2); he is counted apart from alice.
         for _ in 0..3 {
@@ -185,6 +206,90 @@ async fn eventually_ok(client: &HttpClient, url: &str, token: &str) -> Answer {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sends chat requests until one is refused; returns the refusal. The fake upstream reports 11
+/// tokens (5 + 6) for each; a request's tokens are charged when its answer has ended, a moment
+/// after the client read it, so one more request may pass before the charge is seen.
+async fn until_refused(client: &HttpClient, url: &str, token: &str) -> Answer {
+    for _ in 0..20 {
+        let answer = send(client, chat(url, token)).await;
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            return answer;
+        }
+        assert_eq!(answer.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no request was refused");
+}
+
+#[tokio::test]
+async fn tokens_per_minute_is_charged_from_the_upstreams_usage() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let dave = issue("dave");
+        let proxy = start_limited(
+            &upstream,
+            &pki,
+            "[limits]\ntokens_per_minute = 11\n",
+            &dave.table,
+        );
+        let client = http_client();
+        let url = proxy.url("/v1/chat/completions");
+        wait_for_room_in_minute(Duration::from_secs(15));
+        let first = send(&client, chat(&url, &dave.token)).await;
+        assert_eq!(first.status, StatusCode::OK);
+        let refused = until_refused(&client, &url, &dave.token).await;
+        assert!(upstream.received().len() <= 2, "at most one more went up");
+        assert_limited(&refused, "tokens per minute");
+        assert_eq!(refused.json()["error"]["type"], "tokens");
+        assert_eq!(refused.headers["x-ratelimit-limit-tokens"], "11");
+        assert_eq!(refused.headers["x-ratelimit-remaining-tokens"], "0");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_days_quota_survives_a_restart() {
+    bounded(40, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let erin = issue("erin");
+        let state = tempfile::tempdir().unwrap();
+        let state_dir = state.path().to_str().unwrap().to_owned();
+        let start = || {
+            let options = ProxyOptions {
+                env: vec![("STATE_DIRECTORY".into(), state_dir.clone())],
+                ..Default::default()
+            };
+            let limits = "[limits]\ntokens_per_day = 11\n";
+            start_limited_with(&upstream, &pki, limits, &erin.table, options)
+        };
+        let client = http_client();
+        let mut proxy = start();
+        let url = proxy.url("/v1/chat/completions");
+        let refused = until_refused(&client, &url, &erin.token).await;
+        assert_limited(&refused, "tokens per day");
+        let went_up = upstream.received().len();
+        proxy.signal("TERM");
+        assert!(proxy.wait_exit(Duration::from_secs(10)).success());
+        assert!(state.path().join("limits.json").exists());
+
+        let proxy = start();
+        let url = proxy.url("/v1/chat/completions");
+        let refused = send(&client, chat(&url, &erin.token)).await;
+        assert_limited(&refused, "tokens per day");
+        assert_eq!(upstream.received().len(), went_up, "nothing more went up");
+        let reset = refused.headers["x-ratelimit-reset-tokens"]
+            .to_str()
+            .unwrap();
+        assert!(
+            reset.contains('h') || reset.contains('m'),
+            "until midnight: {reset}"
+        );
+    })
+    .await;
 }
 
 /// `openai-proxy check` on a config (and tokens file) in `dir`: its stderr when it fails.
