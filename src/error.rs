@@ -44,6 +44,8 @@ pub enum ProxyError {
     /// A token's limit ([limits]): 429, with Retry-After and OpenAI's rate-limit headers.
     #[error("{}", .0.message)]
     RateLimited(Box<RateLimited>),
+    #[error("the proxy cannot reach the backend that keeps its rate limits; retry shortly")]
+    LimitsUnavailable,
     /// What failed (an address, a lookup) is logged, never shown to the client.
     #[error("could not connect to the upstream")]
     UpstreamUnreachable(String),
@@ -69,7 +71,7 @@ impl ProxyError {
             | Self::HeadersTooLarge { .. }
             | Self::ClientBody(_)
             | Self::RateLimited(_) => Side::Client,
-            Self::Overloaded => Side::Proxy,
+            Self::Overloaded | Self::LimitsUnavailable => Side::Proxy,
             Self::UpstreamUnreachable(_)
             | Self::UpstreamTls(_)
             | Self::UpstreamTimeout(_)
@@ -88,7 +90,7 @@ impl ProxyError {
             Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnreachable(_) | Self::UpstreamTls(_) | Self::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
@@ -110,6 +112,7 @@ impl ProxyError {
             Self::ClientBody(_) => "client_body_error",
             Self::Overloaded => "proxy_overloaded",
             Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::LimitsUnavailable => "limits_unavailable",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTls(_) => "upstream_tls_error",
             Self::UpstreamTimeout(_) => "upstream_timeout",

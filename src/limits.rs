@@ -13,6 +13,7 @@
 //! written to the state directory, so that a restart keeps the day's quota.
 
 pub mod local;
+pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Deserializer};
 
-use crate::config::{ConfigError, ConfigFile};
+use crate::config::{ConfigError, ConfigFile, Timeout};
 use crate::error::{ProxyError, RateLimited};
 use crate::usage::Usage;
 
@@ -72,9 +73,8 @@ pub enum Backend {
     /// In this process, saved to the state directory.
     #[default]
     Local,
-    /// A Redis server, by its URL (`redis://` or `rediss://`). Never printed: it may hold a
-    /// password.
-    Redis(String),
+    /// A Redis server, by its URL (`redis://` or `rediss://`); its Debug hides the password.
+    Redis(redis::Url),
 }
 
 impl<'de> Deserialize<'de> for Backend {
@@ -83,7 +83,9 @@ impl<'de> Deserialize<'de> for Backend {
         if text == "local" {
             Ok(Self::Local)
         } else if text.starts_with("redis://") || text.starts_with("rediss://") {
-            Ok(Self::Redis(text))
+            redis::Url::parse(&text)
+                .map(Self::Redis)
+                .map_err(serde::de::Error::custom)
         } else {
             Err(serde::de::Error::custom(
                 "backend is \"local\", or a Redis URL: \"redis://HOST:PORT/DB\" (\"rediss://\" for TLS)",
@@ -99,12 +101,12 @@ pub enum OnBackendError {
     /// Let it through, uncounted.
     #[default]
     Allow,
-    /// Refuse it (503).
+    /// Refuse it (503, `limits_unavailable`).
     Deny,
 }
 
 /// `[limits]`: the default limits of every token, and where the counters live.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub requests_per_minute: Option<Limit>,
@@ -113,9 +115,26 @@ pub struct Config {
     pub max_concurrent: Option<Limit>,
     pub backend: Backend,
     pub on_backend_error: OnBackendError,
+    /// The longest a request waits for Redis before `on_backend_error` decides.
+    pub redis_timeout: Timeout,
     /// Where the local backend saves its counters; `$STATE_DIRECTORY` (systemd's
     /// `StateDirectory=`) wins, and without either it is the config file's directory.
     pub state_directory: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            tokens_per_day: None,
+            max_concurrent: None,
+            backend: Backend::Local,
+            on_backend_error: OnBackendError::Allow,
+            redis_timeout: Timeout(Duration::from_millis(50)),
+            state_directory: None,
+        }
+    }
 }
 
 impl Config {
@@ -149,7 +168,12 @@ pub fn state_path(config: &Config, file: &ConfigFile) -> PathBuf {
 /// The limits of one generation, over counters that outlive it.
 pub struct Limiter {
     defaults: Quota,
+    /// Counts requests in flight always, and the windows with the local backend.
     store: Arc<local::Store>,
+    /// The Redis backend's connection, kept across reloads while the URL stays.
+    redis: Option<Arc<redis::Client>>,
+    redis_timeout: Duration,
+    on_backend_error: OnBackendError,
 }
 
 impl Limiter {
@@ -168,19 +192,25 @@ impl Limiter {
                 message: "[limits] are kept per token: they need [auth] mode = \"tokens\"".into(),
             });
         }
-        if let Backend::Redis(_) = config.backend {
-            return Err(ConfigError::File {
-                path: file.path.clone(),
-                message: "[limits] backend: Redis is not supported yet; use \"local\"".into(),
-            });
-        }
         let store = match previous {
             Some(previous) => previous.store.clone(),
             None => Arc::new(local::Store::open(state_path(config, file))),
         };
+        let redis = match &config.backend {
+            Backend::Local => None,
+            Backend::Redis(url) => Some(
+                previous
+                    .and_then(|p| p.redis.clone())
+                    .filter(|client| client.url() == url)
+                    .unwrap_or_else(|| Arc::new(redis::Client::new(url.clone()))),
+            ),
+        };
         Ok(Self {
             defaults: config.defaults(),
             store,
+            redis,
+            redis_timeout: config.redis_timeout.0,
+            on_backend_error: config.on_backend_error,
         })
     }
 
@@ -189,12 +219,35 @@ impl Limiter {
     pub async fn admit(&self, name: &Arc<str>, quota: &Quota) -> Result<Permit, ProxyError> {
         let quota = quota.or(&self.defaults);
         let now = Now::current();
-        let slot = self.store.admit(name, &quota, &now)?;
-        Ok(Permit {
+        let slot = self.store.admit(name, &quota, &now, self.redis.is_none())?;
+        let permit = Permit {
             store: self.store.clone(),
+            redis: self.redis.clone(),
             name: name.clone(),
             slot,
-        })
+        };
+        let Some(redis) = &self.redis else {
+            return Ok(permit);
+        };
+        let checked = tokio::time::timeout(self.redis_timeout, redis.admit(name, &quota, &now))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.redis_timeout)));
+        match checked {
+            Ok((admitted, used)) => {
+                health::up();
+                match exceeded(&quota, &used) {
+                    Some(which) if !admitted => Err(refusal(which, &quota, &used, &now)),
+                    _ => Ok(permit),
+                }
+            }
+            Err(error) => {
+                health::down(&error, self.on_backend_error);
+                match self.on_backend_error {
+                    OnBackendError::Allow => Ok(permit),
+                    OnBackendError::Deny => Err(ProxyError::LimitsUnavailable),
+                }
+            }
+        }
     }
 
     /// The counters, for the control thread to save (every generation shares them).
@@ -231,6 +284,7 @@ impl Saver {
 /// charges its tokens when settled.
 pub struct Permit {
     store: Arc<local::Store>,
+    redis: Option<Arc<redis::Client>>,
     name: Arc<str>,
     slot: local::Slot,
 }
@@ -240,10 +294,55 @@ impl Permit {
     /// counts, as it already did when admitted).
     pub fn settle(self, usage: Option<Usage>) {
         if let Some(usage) = usage {
-            self.store
-                .charge(&self.name, usage.prompt + usage.completion, &Now::current());
+            let tokens = usage.prompt + usage.completion;
+            match &self.redis {
+                Some(redis) => redis.charge(&self.name, tokens, &Now::current()),
+                None => self.store.charge(&self.name, tokens, &Now::current()),
+            }
         }
         drop(self.slot);
+    }
+}
+
+/// Whether the backend can be reached: an outage is logged once when it starts and once when it
+/// ends, and shows in `STATUS=` meanwhile.
+pub mod health {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tokio::sync::watch;
+
+    use super::OnBackendError;
+
+    static DOWN: AtomicBool = AtomicBool::new(false);
+    static STATUS: LazyLock<watch::Sender<Option<String>>> =
+        LazyLock::new(|| watch::Sender::new(None));
+
+    /// What `STATUS=` should add while the backend is down; None while it is up.
+    pub fn status() -> watch::Receiver<Option<String>> {
+        STATUS.subscribe()
+    }
+
+    pub fn down(error: &str, policy: OnBackendError) {
+        if DOWN.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let what = match policy {
+            OnBackendError::Allow => "allowed, uncounted",
+            OnBackendError::Deny => "refused (503)",
+        };
+        tracing::warn!(%error, "limits backend (Redis) unreachable: requests are {what} until it is back");
+        let since = httpdate::fmt_http_date(std::time::SystemTime::now());
+        STATUS.send_replace(Some(format!(
+            "limits backend (Redis) UNREACHABLE since {since}: requests {what}"
+        )));
+    }
+
+    pub fn up() {
+        if DOWN.swap(false, Ordering::Relaxed) {
+            tracing::info!("limits backend (Redis) reachable again");
+            STATUS.send_replace(None);
+        }
     }
 }
 

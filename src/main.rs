@@ -179,6 +179,7 @@ fn serve(
         let live = Arc::new(Live::new(first));
         let limits = live.snapshot().limits.saver();
         tokio::spawn(limits.clone().run());
+        tokio::spawn(systemd::follow(limits::health::status()));
 
         // Listen: sockets systemd kept for us across a restart, freshly bound ones for the rest.
         let mut listeners = ListenerSet::start(live.clone(), &workers, inherited)?;

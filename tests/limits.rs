@@ -3,8 +3,10 @@
 
 mod common;
 
+use std::net::TcpStream as StdTcpStream;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::*;
@@ -341,4 +343,235 @@ fn broken_limits_are_refused_with_their_place() {
         let error = check_fails(dir.path(), &config, &tokens);
         assert!(error.contains(expected), "{error}");
     }
+}
+
+// The Redis backend ([limits] backend = "redis://…"): a real redis-server, started here on a free
+// port, shared by two proxies; killed and stopped mid-test, with on_backend_error "allow" and
+// "deny".
+
+/// A redis-server of its own, without persistence, killed when dropped.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = {
+            let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            free.local_addr().unwrap().port()
+        };
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while StdTcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends requests until one is answered `status`.
+async fn until_status(
+    client: &HttpClient,
+    proxy: &Proxy,
+    token: &str,
+    status: StatusCode,
+) -> Answer {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = ask(client, proxy, token).await;
+        if answer.status == status {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "no {status} within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for `text` in the proxy's log (written before its answer, read a moment later), then
+/// checks that it is there once.
+async fn logged_once(proxy: &Proxy, text: &str) {
+    let count = || proxy.logs().matches(text).count();
+    eventually(Duration::from_secs(5), text, || (count() > 0).then_some(())).await;
+    assert_eq!(count(), 1, "{text:?} once: {}", proxy.logs());
+}
+
+/// A chat request of `token`'s through `proxy`, and its answer.
+async fn ask(client: &HttpClient, proxy: &Proxy, token: &str) -> Answer {
+    send(client, chat(&proxy.url("/v1/chat/completions"), token)).await
+}
+
+/// A redis-server, the fake upstream, and a token of `name` limited by these `[limits]` lines
+/// (after the backend line pointing at the Redis).
+struct RedisSetup {
+    redis: Redis,
+    pki: Pki,
+    upstream: FakeUpstream,
+    issued: Issued,
+    limits: String,
+}
+
+impl RedisSetup {
+    async fn new(name: &str, limits: &str) -> Self {
+        let redis = Redis::start();
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let limits = format!("[limits]\nbackend = \"{}\"\n{limits}\n", redis.url());
+        Self {
+            redis,
+            pki,
+            upstream,
+            issued: issue(name),
+            limits,
+        }
+    }
+
+    fn proxy(&self) -> Proxy {
+        start_limited(&self.upstream, &self.pki, &self.limits, &self.issued.table)
+    }
+}
+
+#[tokio::test]
+async fn two_proxies_on_one_redis_share_one_limit() {
+    bounded(30, async {
+        let setup = RedisSetup::new("alice", "requests_per_minute = 3").await;
+        let (one, two) = (setup.proxy(), setup.proxy());
+        let token = &setup.issued.token;
+        let client = http_client();
+        wait_for_room_in_minute(Duration::from_secs(15));
+        for proxy in [&one, &two, &one] {
+            assert_eq!(ask(&client, proxy, token).await.status, StatusCode::OK);
+        }
+        for proxy in [&two, &one] {
+            let refused = ask(&client, proxy, token).await;
+            assert_limited(&refused, "requests per minute");
+            assert_eq!(refused.headers["x-ratelimit-limit-requests"], "3");
+            assert_eq!(refused.headers["x-ratelimit-remaining-requests"], "0");
+        }
+        assert_eq!(setup.upstream.received().len(), 3, "only three went up");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_killed_with_allow_lets_requests_through_and_is_logged_once() {
+    bounded(40, async {
+        let setup = RedisSetup::new(
+            "bob",
+            "on_backend_error = \"allow\"\nrequests_per_minute = 1",
+        )
+        .await;
+        let proxy = setup.proxy();
+        let token = &setup.issued.token;
+        let client = http_client();
+        wait_for_room_in_minute(Duration::from_secs(20));
+        assert_eq!(ask(&client, &proxy, token).await.status, StatusCode::OK);
+        let refused = ask(&client, &proxy, token).await;
+        assert_limited(&refused, "requests per minute");
+
+        let port = setup.redis.kill();
+        for _ in 0..5 {
+            let answer = ask(&client, &proxy, token).await;
+            assert_eq!(answer.status, StatusCode::OK, "allowed while Redis is down");
+        }
+        let unreachable = "limits backend (Redis) unreachable";
+        logged_once(&proxy, unreachable).await;
+        proxy
+            .notify
+            .wait_for(0, Duration::from_secs(5), "STATUS shows it", |m| {
+                m.contains("STATUS=") && m.contains("limits backend (Redis) UNREACHABLE")
+            });
+
+        // Back (empty): counting again, and the recovery is logged once.
+        let _redis = Redis::start_on(port);
+        let refused = until_status(&client, &proxy, token, StatusCode::TOO_MANY_REQUESTS).await;
+        assert_limited(&refused, "requests per minute");
+        logged_once(&proxy, "reachable again").await;
+        logged_once(&proxy, unreachable).await;
+        let last = proxy.notify.messages().last().cloned().unwrap();
+        assert!(!last.contains("UNREACHABLE"), "{last}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_stalled_or_killed_with_deny_refuses_within_the_timeout() {
+    bounded(40, async {
+        let setup = RedisSetup::new(
+            "carol",
+            "on_backend_error = \"deny\"\nredis_timeout = \"50ms\"\nrequests_per_minute = 100",
+        )
+        .await;
+        let proxy = setup.proxy();
+        let token = &setup.issued.token;
+        let client = http_client();
+        assert_eq!(ask(&client, &proxy, token).await.status, StatusCode::OK);
+
+        // Stopped, Redis keeps its connection open and answers nothing: each request waits the
+        // timeout at most.
+        setup.redis.signal("STOP");
+        let went_up = setup.upstream.received().len();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let answer = ask(&client, &proxy, token).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                started.elapsed()
+            );
+            assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(answer.json()["error"]["code"], "limits_unavailable");
+        }
+        assert_eq!(setup.upstream.received().len(), went_up, "nothing went up");
+        logged_once(&proxy, "limits backend (Redis) unreachable").await;
+
+        setup.redis.signal("CONT");
+        until_status(&client, &proxy, token, StatusCode::OK).await;
+        logged_once(&proxy, "reachable again").await;
+
+        // Killed: refused at once, not after a connect timeout.
+        setup.redis.kill();
+        let started = Instant::now();
+        let answer = ask(&client, &proxy, token).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    })
+    .await;
 }

@@ -119,21 +119,31 @@ impl Store {
         tokens.entry(name.clone()).or_default().clone()
     }
 
-    /// Counts the request if the token's limits let it in; else the 429 that refuses it.
-    pub fn admit(&self, name: &Arc<str>, quota: &Quota, now: &Now) -> Result<Slot, ProxyError> {
+    /// Counts the request if the token's limits let it in; else the 429 that refuses it. Without
+    /// `windows` (another backend keeps them), only its place in flight is checked.
+    pub fn admit(
+        &self,
+        name: &Arc<str>,
+        quota: &Quota,
+        now: &Now,
+        windows: bool,
+    ) -> Result<Slot, ProxyError> {
         let entry = self.entry(name);
         let in_flight = entry.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = Slot(entry.in_flight.clone());
         let mut counts = entry.counts.lock().expect("not poisoned");
         counts.roll(now);
         let over_concurrency = quota.max_concurrent.is_some_and(|max| in_flight > max.0);
-        let which = match exceeded(quota, &counts.used()) {
+        let which = match exceeded(quota, &counts.used()).filter(|_| windows) {
             Some(which) => Some(which),
             None if over_concurrency => Some(Exceeded::MaxConcurrent),
             None => None,
         };
         if let Some(which) = which {
             return Err(refusal(which, quota, &counts.used(), now));
+        }
+        if !windows {
+            return Ok(slot);
         }
         counts.requests_minute += 1;
         counts.requests_day += 1;
@@ -210,18 +220,18 @@ mod tests {
             ..Quota::default()
         };
         let t = 86_400 * 10;
-        let a = store.admit(&name, &quota, &at(t)).unwrap();
-        let b = store.admit(&name, &quota, &at(t + 1)).unwrap();
-        assert!(store.admit(&name, &quota, &at(t + 2)).is_err());
+        let a = store.admit(&name, &quota, &at(t), true).unwrap();
+        let b = store.admit(&name, &quota, &at(t + 1), true).unwrap();
+        assert!(store.admit(&name, &quota, &at(t + 2), true).is_err());
         drop((a, b));
         // The next minute lets requests in again; the day's tokens stay counted.
         store.charge(&name, 100, &at(t + 61));
         assert!(matches!(
-            store.admit(&name, &quota, &at(t + 62)),
+            store.admit(&name, &quota, &at(t + 62), true),
             Err(ProxyError::RateLimited(_))
         ));
         // The next UTC day starts from zero.
-        assert!(store.admit(&name, &quota, &at(t + 86_400)).is_ok());
+        assert!(store.admit(&name, &quota, &at(t + 86_400), true).is_ok());
     }
 
     #[test]
@@ -232,10 +242,10 @@ mod tests {
             max_concurrent: Some(Limit(1)),
             ..Quota::default()
         };
-        let first = store.admit(&name, &quota, &at(0)).unwrap();
-        assert!(store.admit(&name, &quota, &at(0)).is_err());
+        let first = store.admit(&name, &quota, &at(0), true).unwrap();
+        assert!(store.admit(&name, &quota, &at(0), true).is_err());
         drop(first);
-        assert!(store.admit(&name, &quota, &at(0)).is_ok());
+        assert!(store.admit(&name, &quota, &at(0), true).is_ok());
     }
 
     #[test]
