@@ -19,7 +19,7 @@ use toml::Spanned;
 
 use crate::body::ClientBody;
 use crate::body::ResponseBody;
-use crate::config::{ConfigError, ConfigFile};
+use crate::config::{ConfigError, ConfigFile, days_from_civil};
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::listeners::FileRead;
@@ -325,16 +325,6 @@ fn unix_seconds(at: &toml::value::Datetime) -> Result<i64, String> {
         i64::from(date.day),
     );
     Ok(days * 86_400 + seconds_of_day - offset_minutes * 60)
-}
-
-/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
 }
 
 const SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";

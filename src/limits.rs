@@ -14,6 +14,7 @@
 
 pub mod local;
 pub mod redis;
+pub mod report;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -224,7 +225,9 @@ impl Limiter {
             store: self.store.clone(),
             redis: self.redis.clone(),
             name: name.clone(),
-            slot,
+            model: None,
+            usage: None,
+            _slot: slot,
         };
         let Some(redis) = &self.redis else {
             return Ok(permit);
@@ -281,27 +284,86 @@ impl Saver {
 }
 
 /// A request let in: holds its place among the token's requests in flight until dropped, and
-/// charges its tokens when settled.
+/// records the request and its usage (tokens charged to its windows) when dropped.
 pub struct Permit {
     store: Arc<local::Store>,
     redis: Option<Arc<redis::Client>>,
     name: Arc<str>,
-    slot: local::Slot,
+    model: Option<String>,
+    usage: Option<Usage>,
+    _slot: local::Slot,
 }
 
 impl Permit {
-    /// Charges the tokens the upstream reported (`None`: not known, so the request alone
-    /// counts, as it already did when admitted).
-    pub fn settle(self, usage: Option<Usage>) {
-        if let Some(usage) = usage {
-            let tokens = usage.prompt + usage.completion;
-            match &self.redis {
-                Some(redis) => redis.charge(&self.name, tokens, &Now::current()),
-                None => self.store.charge(&self.name, tokens, &Now::current()),
-            }
-        }
-        drop(self.slot);
+    /// The model the request used, for its usage record (unnamed: "-").
+    pub fn name_model(&mut self, model: &str) {
+        self.model = Some(model.to_owned());
     }
+
+    /// Ends the request with the tokens the upstream reported (`None`: not known, so it counts
+    /// as a request with unknown tokens).
+    pub fn settle(mut self, usage: Option<Usage>) {
+        self.usage = usage;
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let tally = Tally::of(self.usage);
+        let model = self.model.as_deref().unwrap_or("-");
+        let now = Now::current();
+        match &self.redis {
+            Some(redis) => redis.charge(&self.name, model, &tally, &now),
+            None => self.store.charge(&self.name, model, &tally, &now),
+        }
+    }
+}
+
+/// One request's usage, or the sum of many: what a usage record counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    pub requests: u64,
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub reasoning: u64,
+}
+
+impl Tally {
+    /// One request, with its tokens if known.
+    pub fn of(usage: Option<Usage>) -> Self {
+        let usage = usage.unwrap_or_default();
+        Self {
+            requests: 1,
+            prompt: usage.prompt,
+            completion: usage.completion,
+            cached: usage.cached,
+            reasoning: usage.reasoning,
+        }
+    }
+
+    /// What the token limits count: prompt + completion.
+    pub fn tokens(&self) -> u64 {
+        self.prompt + self.completion
+    }
+
+    pub fn add(&mut self, other: &Tally) {
+        self.requests += other.requests;
+        self.prompt += other.prompt;
+        self.completion += other.completion;
+        self.cached += other.cached;
+        self.reasoning += other.reasoning;
+    }
+}
+
+/// A usage record: one token's use of one model on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Row {
+    pub day: u64,
+    pub token: String,
+    pub model: String,
+    #[serde(flatten)]
+    pub tally: Tally,
 }
 
 /// Whether the backend can be reached: an outage is logged once when it starts and once when it

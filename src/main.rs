@@ -91,6 +91,20 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Usage {
+            config,
+            since,
+            token,
+        } => match limits::report::table(&config, since.as_deref(), token.as_deref()) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("openai-proxy: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config } => run(config),
     }
 }

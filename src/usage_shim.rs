@@ -9,21 +9,21 @@ use http_body_util::BodyExt;
 use crate::body::ResponseBody;
 use crate::usage::Usage;
 
-/// The answer with its body read whole, and the usage it reports, if it is JSON with one.
-pub async fn read(response: Response<ResponseBody>) -> (Response<ResponseBody>, Option<Usage>) {
+/// The answer with its body read whole, and the usage and model it reports, if it is JSON.
+pub async fn read(
+    response: Response<ResponseBody>,
+) -> (Response<ResponseBody>, Option<Usage>, Option<String>) {
     let json = response
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if !json {
-        return (response, None);
+        return (response, None, None);
     }
     let (parts, body) = response.into_parts();
     let Ok(bytes) = body.collect().await.map(|b| b.to_bytes()) else {
-        return (
-            Response::from_parts(parts, ResponseBody::whole(Default::default())),
-            None,
-        );
+        let empty = ResponseBody::whole(Default::default());
+        return (Response::from_parts(parts, empty), None, None);
     };
     let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     let figure = |name: &str| value["usage"][name].as_u64();
@@ -33,8 +33,10 @@ pub async fn read(response: Response<ResponseBody>) -> (Response<ResponseBody>, 
         cached: 0,
         reasoning: 0,
     });
+    let model = value["model"].as_str().map(str::to_owned);
     (
         Response::from_parts(parts, ResponseBody::whole(bytes)),
         usage,
+        model,
     )
 }

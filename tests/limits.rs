@@ -575,3 +575,92 @@ async fn redis_stalled_or_killed_with_deny_refuses_within_the_timeout() {
     })
     .await;
 }
+
+/// `openai-proxy usage --config CONFIG ARGS…`: its table.
+fn usage_table(config: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(BIN)
+        .arg("usage")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("STATE_DIRECTORY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The cells of the table's line for `token` and `model`, if there is one.
+fn usage_line(table: &str, token: &str, model: &str) -> Option<Vec<String>> {
+    table
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .find(|cells| cells.len() == 7 && cells[0] == token && cells[1] == model)
+}
+
+#[tokio::test]
+async fn usage_is_recorded_per_token_and_model_and_printed() {
+    bounded(40, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let (alice, bob) = (issue("alice"), issue("bob"));
+        let tokens = format!("{}{}", alice.table, bob.table);
+        let mut proxy = start_limited(&upstream, &pki, "", &tokens);
+        let client = http_client();
+        for token in [&alice.token, &alice.token, &bob.token] {
+            assert_eq!(ask(&client, &proxy, token).await.status, StatusCode::OK);
+        }
+        let embeddings = Request::post(proxy.url("/v1/embeddings"))
+            .header("authorization", format!("Bearer {}", alice.token))
+            .body(Full::new(Bytes::from_static(
+                b"{\"model\":\"text-embedding-3-small\",\"input\":\"x\"}",
+            )))
+            .unwrap();
+        assert_eq!(send(&client, embeddings).await.status, StatusCode::OK);
+        // Stopping writes the state file the command reads.
+        proxy.signal("TERM");
+        assert!(proxy.wait_exit(Duration::from_secs(10)).success());
+
+        let table = usage_table(&proxy.config_path, &[]);
+        assert!(table.starts_with("TOKEN"), "{table}");
+        // requests, prompt, completion, cached, reasoning
+        let chat = usage_line(&table, "alice", "gpt-4o-mini").expect(&table);
+        assert_eq!(chat[2..], ["2", "10", "12", "0", "0"], "{table}");
+        let embed = usage_line(&table, "alice", "text-embedding-3-small").expect(&table);
+        assert_eq!(embed[2..], ["1", "3", "0", "0", "0"], "{table}");
+        assert!(
+            usage_line(&table, "bob", "gpt-4o-mini").is_some(),
+            "{table}"
+        );
+
+        let alone = usage_table(&proxy.config_path, &["--token", "bob"]);
+        assert!(
+            usage_line(&alone, "alice", "gpt-4o-mini").is_none(),
+            "{alone}"
+        );
+        let future = usage_table(&proxy.config_path, &["--since", "2999-01-01"]);
+        assert_eq!(future.lines().count(), 1, "the header alone: {future}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn usage_in_redis_is_printed_from_redis() {
+    bounded(40, async {
+        let setup = RedisSetup::new("dora", "").await;
+        let proxy = setup.proxy();
+        let client = http_client();
+        for _ in 0..3 {
+            let answer = ask(&client, &proxy, &setup.issued.token).await;
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        // Recorded without waiting for Redis: read until all three are there.
+        let line = eventually(Duration::from_secs(10), "three requests in Redis", || {
+            let table = usage_table(&proxy.config_path, &["--token", "dora"]);
+            usage_line(&table, "dora", "gpt-4o-mini").filter(|cells| cells[2] == "3")
+        })
+        .await;
+        assert_eq!(line[2..], ["3", "15", "18", "0", "0"]);
+    })
+    .await;
+}

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Exceeded, Now, Quota, Used, exceeded, refusal};
+use super::{Exceeded, Now, Quota, Row, Tally, Used, exceeded, refusal};
 use crate::error::ProxyError;
 
 /// One token's counts in the current minute and UTC day.
@@ -55,6 +55,8 @@ impl Counts {
 struct Entry {
     counts: Mutex<Counts>,
     in_flight: Arc<AtomicU64>,
+    /// What the token used, by UTC day and model.
+    usage: Mutex<HashMap<(u64, String), Tally>>,
 }
 
 pub struct Store {
@@ -76,6 +78,8 @@ impl Drop for Slot {
 #[derive(Default, Serialize, Deserialize)]
 struct StateFile {
     tokens: HashMap<String, Counts>,
+    #[serde(default)]
+    usage: Vec<Row>,
 }
 
 impl Store {
@@ -93,17 +97,22 @@ impl Store {
                 StateFile::default()
             }
         };
-        let tokens = saved
+        let mut tokens: HashMap<Arc<str>, Arc<Entry>> = saved
             .tokens
             .into_iter()
             .map(|(name, counts)| {
                 let entry = Entry {
                     counts: Mutex::new(counts),
-                    in_flight: Arc::default(),
+                    ..Entry::default()
                 };
                 (Arc::from(name), Arc::new(entry))
             })
             .collect();
+        for row in saved.usage {
+            let entry = tokens.entry(Arc::from(row.token.as_str())).or_default();
+            let mut usage = entry.usage.lock().expect("not poisoned");
+            usage.insert((row.day, row.model), row.tally);
+        }
         Self {
             tokens: RwLock::new(tokens),
             dirty: AtomicBool::new(false),
@@ -152,15 +161,43 @@ impl Store {
         Ok(slot)
     }
 
-    /// Adds a finished request's tokens to its token's minute and day.
-    pub fn charge(&self, name: &Arc<str>, tokens: u64, now: &Now) {
+    /// Records a finished request: its tokens in its token's minute and day, and its usage
+    /// under its day and model.
+    pub fn charge(&self, name: &Arc<str>, model: &str, tally: &Tally, now: &Now) {
         let entry = self.entry(name);
         let mut counts = entry.counts.lock().expect("not poisoned");
         counts.roll(now);
-        counts.tokens_minute += tokens;
-        counts.tokens_day += tokens;
+        counts.tokens_minute += tally.tokens();
+        counts.tokens_day += tally.tokens();
         drop(counts);
+        let mut usage = entry.usage.lock().expect("not poisoned");
+        usage
+            .entry((now.day, model.to_owned()))
+            .or_default()
+            .add(tally);
+        drop(usage);
         self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// The usage records from `since` (a day number) on, of one token or all.
+    pub fn rows(&self, since: u64, token: Option<&str>) -> Vec<Row> {
+        let tokens = self.tokens.read().expect("not poisoned");
+        let mut rows = Vec::new();
+        for (name, entry) in tokens.iter() {
+            if token.is_some_and(|t| t != &**name) {
+                continue;
+            }
+            let usage = entry.usage.lock().expect("not poisoned");
+            rows.extend(usage.iter().filter(|((day, _), _)| *day >= since).map(
+                |((day, model), tally)| Row {
+                    day: *day,
+                    token: name.to_string(),
+                    model: model.clone(),
+                    tally: *tally,
+                },
+            ));
+        }
+        rows
     }
 
     /// Writes the counts if they changed: to a temporary file, then renamed over the state file.
@@ -179,6 +216,7 @@ impl Store {
                     (name.to_string(), counts)
                 })
                 .collect(),
+            usage: self.rows(0, None),
         };
         let temporary = self.path.with_extension("json.new");
         let written = serde_json::to_vec(&state)
@@ -198,6 +236,13 @@ mod tests {
     use super::super::Limit;
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    fn tokens(prompt: u64) -> crate::usage::Usage {
+        crate::usage::Usage {
+            prompt,
+            ..Default::default()
+        }
+    }
 
     fn at(secs: u64) -> Now {
         Now::at(UNIX_EPOCH + Duration::from_secs(secs))
@@ -225,7 +270,7 @@ mod tests {
         assert!(store.admit(&name, &quota, &at(t + 2), true).is_err());
         drop((a, b));
         // The next minute lets requests in again; the day's tokens stay counted.
-        store.charge(&name, 100, &at(t + 61));
+        store.charge(&name, "m", &Tally::of(Some(tokens(100))), &at(t + 61));
         assert!(matches!(
             store.admit(&name, &quota, &at(t + 62), true),
             Err(ProxyError::RateLimited(_))
@@ -254,10 +299,15 @@ mod tests {
         let path = dir.path().join("limits.json");
         let store = Store::open(path.clone());
         let name: Arc<str> = "carol".into();
-        store.charge(&name, 42, &at(1000));
+        store.charge(&name, "gpt-4o", &Tally::of(Some(tokens(42))), &at(1000));
+        store.charge(&name, "gpt-4o", &Tally::of(None), &at(1001));
         store.save();
         let again = Store::open(path);
         let counts = *again.entry(&name).counts.lock().unwrap();
         assert_eq!(counts.tokens_day, 42);
+        let rows = again.rows(0, Some("carol"));
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].tally.requests, rows[0].tally.prompt), (2, 42));
+        assert!(again.rows(1, None).is_empty(), "a later day has none");
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Now, Quota, Used};
+use super::{Now, Quota, Row, Tally, Used};
 
 /// A `redis://` or `rediss://` URL: `[[user:]password@]host[:port][/db]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -130,6 +130,26 @@ return {1, r, t, d}
 const MINUTE_TTL: &str = "120";
 const DAY_TTL: &str = "172800";
 
+/// A day's usage records: one hash, its fields `TOKEN<TAB>MODEL<TAB>KIND` (token names hold no
+/// control character; a model's tabs are made spaces).
+fn usage_key(day: u64) -> Vec<u8> {
+    format!("openai-proxy:usage:{day}").into_bytes()
+}
+
+const FIELD_SEPARATOR: char = '\t';
+/// Usage records are kept about 400 days.
+const USAGE_TTL: &str = "34560000";
+
+fn kinds(tally: &Tally) -> [(&'static str, u64); 5] {
+    [
+        ("requests", tally.requests),
+        ("prompt", tally.prompt),
+        ("completion", tally.completion),
+        ("cached", tally.cached),
+        ("reasoning", tally.reasoning),
+    ]
+}
+
 fn key(name: &str, window: &str, number: u64) -> Vec<u8> {
     format!("openai-proxy:limits:{name}:{window}:{number}").into_bytes()
 }
@@ -199,28 +219,114 @@ impl Client {
         Ok((number(items.first())? == 1, used))
     }
 
-    /// Adds a finished request's tokens to its minute and day, without waiting for Redis.
-    pub fn charge(&self, name: &str, tokens: u64, now: &Now) {
-        let tokens = tokens.to_string().into_bytes();
+    /// Records a finished request: its tokens in its minute and day, and its usage in the
+    /// day's usage hash. Sent without waiting for Redis.
+    pub fn charge(&self, name: &str, model: &str, tally: &Tally, now: &Now) {
         let mut bytes = Vec::new();
-        for (window, number, ttl) in [("tpm", now.minute, MINUTE_TTL), ("tpd", now.day, DAY_TTL)] {
-            let key = key(name, window, number);
-            encode(
-                &mut bytes,
-                &[b"INCRBY".to_vec(), key.clone(), tokens.clone()],
-            );
-            encode(
-                &mut bytes,
-                &[b"EXPIRE".to_vec(), key, ttl.as_bytes().to_vec()],
-            );
+        let mut commands = 0;
+        let mut add = |args: &[&[u8]]| {
+            let args: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+            encode(&mut bytes, &args);
+            commands += 1;
+        };
+        let tokens = tally.tokens().to_string();
+        if tally.tokens() > 0 {
+            for (window, number, ttl) in
+                [("tpm", now.minute, MINUTE_TTL), ("tpd", now.day, DAY_TTL)]
+            {
+                let key = key(name, window, number);
+                add(&[b"INCRBY", &key, tokens.as_bytes()]);
+                add(&[b"EXPIRE", &key, ttl.as_bytes()]);
+            }
         }
+        let usage = usage_key(now.day);
+        let model = model.replace(FIELD_SEPARATOR, " ");
+        for (kind, value) in kinds(tally) {
+            let field = format!("{name}{FIELD_SEPARATOR}{model}{FIELD_SEPARATOR}{kind}");
+            add(&[
+                b"HINCRBY",
+                &usage,
+                field.as_bytes(),
+                value.to_string().as_bytes(),
+            ]);
+        }
+        add(&[b"EXPIRE", &usage, USAGE_TTL.as_bytes()]);
         if let Err(error) = self.send(Call {
             bytes,
-            commands: 4,
+            commands,
             reply: None,
         }) {
-            tracing::debug!(%error, "tokens not charged to Redis");
+            tracing::debug!(%error, "usage not recorded in Redis");
         }
+    }
+
+    /// Sends one command and waits for its reply (for the `usage` command, not requests).
+    async fn call(&self, args: &[Vec<u8>]) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        let mut bytes = Vec::new();
+        encode(&mut bytes, args);
+        self.send(Call {
+            bytes,
+            commands: 1,
+            reply: Some(tx),
+        })?;
+        rx.await
+            .map_err(|_| "the connection to Redis closed".to_owned())?
+    }
+
+    /// The usage records of the days `days`, of one token or all.
+    pub async fn rows(
+        &self,
+        days: std::ops::RangeInclusive<u64>,
+        token: Option<&str>,
+    ) -> Result<Vec<Row>, String> {
+        let mut rows: Vec<Row> = Vec::new();
+        for day in days {
+            let reply = self.call(&[b"HGETALL".to_vec(), usage_key(day)]).await?;
+            let Value::Array(items) = reply else {
+                return Err(format!("unexpected reply from Redis: {reply:?}"));
+            };
+            for pair in items.chunks(2) {
+                if let [Value::Text(field), Value::Text(value)] = pair {
+                    add_field(&mut rows, day, field, value, token);
+                }
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// Adds one field of a day's usage hash to the rows, unless it is another token's.
+fn add_field(rows: &mut Vec<Row>, day: u64, field: &[u8], value: &[u8], token: Option<&str>) {
+    let field = String::from_utf8_lossy(field);
+    let mut parts = field.split(FIELD_SEPARATOR);
+    let (Some(name), Some(model), Some(kind)) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    if token.is_some_and(|t| t != name) {
+        return;
+    }
+    let value: u64 = String::from_utf8_lossy(value).parse().unwrap_or(0);
+    let at = rows
+        .iter()
+        .position(|r| r.day == day && r.token == name && r.model == model);
+    let index = at.unwrap_or_else(|| {
+        rows.push(Row {
+            day,
+            token: name.to_owned(),
+            model: model.to_owned(),
+            tally: Tally::default(),
+        });
+        rows.len() - 1
+    });
+    let tally = &mut rows[index].tally;
+    match kind {
+        "requests" => tally.requests = value,
+        "prompt" => tally.prompt = value,
+        "completion" => tally.completion = value,
+        "cached" => tally.cached = value,
+        "reasoning" => tally.reasoning = value,
+        _ => {}
     }
 }
 
