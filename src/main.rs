@@ -226,6 +226,8 @@ fn serve(
                     }
                 }
                 Event::Reload | Event::Handover => {
+                    // The successor reads the limits' counters as they stand now.
+                    limits.save();
                     if handover::hand_over(&exe, &listeners, &live).await {
                         break;
                     }

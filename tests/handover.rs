@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,18 +15,6 @@ use http_body_util::{BodyExt, Full};
 use tokio_tungstenite::tungstenite::Message;
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// Ends a process the test did not start itself (the successor) when the test ends.
-struct Successor(u32);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(self.0.to_string())
-            .status();
-    }
-}
 
 /// The proxy started from a copy of its binary, which the test can then replace.
 fn proxy_from_copy(config: &str) -> Proxy {

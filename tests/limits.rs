@@ -35,6 +35,15 @@ fn start_limited_with(
     Proxy::spawn(dir, config_path, options)
 }
 
+/// Options that give the proxy `dir` as its state directory, as systemd's StateDirectory= does.
+fn in_state(dir: &Path) -> ProxyOptions {
+    let dir = dir.to_str().unwrap().to_owned();
+    ProxyOptions {
+        env: vec![("STATE_DIRECTORY".into(), dir)],
+        ..Default::default()
+    }
+}
+
 /// A token's `[[token]]` table with these limit lines added.
 fn with_limits(issued: &Issued, lines: &str) -> String {
     format!("{}{lines}\n", issued.table)
@@ -259,14 +268,9 @@ async fn the_days_quota_survives_a_restart() {
         let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
         let erin = issue("erin");
         let state = tempfile::tempdir().unwrap();
-        let state_dir = state.path().to_str().unwrap().to_owned();
         let start = || {
-            let options = ProxyOptions {
-                env: vec![("STATE_DIRECTORY".into(), state_dir.clone())],
-                ..Default::default()
-            };
             let limits = "[limits]\ntokens_per_day = 11\n";
-            start_limited_with(&upstream, &pki, limits, &erin.table, options)
+            start_limited_with(&upstream, &pki, limits, &erin.table, in_state(state.path()))
         };
         let client = http_client();
         let mut proxy = start();
@@ -661,6 +665,50 @@ async fn usage_in_redis_is_printed_from_redis() {
         })
         .await;
         assert_eq!(line[2..], ["3", "15", "18", "0", "0"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_handover_passes_the_days_counts_to_the_successor() {
+    bounded(60, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let frank = issue("frank");
+        let state = tempfile::tempdir().unwrap();
+        let limits = "[limits]\ntokens_per_day = 11\n";
+        let mut proxy = start_limited_with(
+            &upstream,
+            &pki,
+            limits,
+            &frank.table,
+            in_state(state.path()),
+        );
+        let url = proxy.url("/v1/chat/completions");
+        let refused = until_refused(&http_client(), &url, &frank.token).await;
+        assert_limited(&refused, "tokens per day");
+        let went_up = upstream.received().len();
+
+        let seen = proxy.notify.messages().len();
+        proxy.signal("USR2");
+        let named = proxy
+            .notify
+            .wait_for(seen, Duration::from_secs(40), "MAINPID=", |m| {
+                m.contains("MAINPID=")
+            });
+        let message = proxy.notify.messages()[named].clone();
+        let pid = message
+            .lines()
+            .find_map(|l| l.strip_prefix("MAINPID="))
+            .and_then(|pid| pid.parse().ok())
+            .expect("the successor's PID");
+        let _successor = Successor(pid);
+        proxy.wait_ready(named + 1);
+
+        // A new connection reaches the successor, which knows the day's tokens are spent.
+        let refused = send(&http_client(), chat(&url, &frank.token)).await;
+        assert_limited(&refused, "tokens per day");
+        assert_eq!(upstream.received().len(), went_up, "nothing more went up");
     })
     .await;
 }

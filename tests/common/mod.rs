@@ -1026,3 +1026,15 @@ pub fn start_tokens(
     };
     Proxy::spawn(dir, config_path, options)
 }
+
+/// Ends a process the test did not start itself (a handover's successor) when the test ends.
+pub struct Successor(pub u32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
