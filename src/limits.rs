@@ -227,7 +227,7 @@ impl Limiter {
             name: name.clone(),
             model: None,
             usage: None,
-            _slot: slot,
+            slot,
         };
         let Some(redis) = &self.redis else {
             return Ok(permit);
@@ -291,7 +291,7 @@ pub struct Permit {
     name: Arc<str>,
     model: Option<String>,
     usage: Option<Usage>,
-    _slot: local::Slot,
+    slot: local::Slot,
 }
 
 impl Permit {
@@ -314,7 +314,7 @@ impl Drop for Permit {
         let now = Now::current();
         match &self.redis {
             Some(redis) => redis.charge(&self.name, model, &tally, &now),
-            None => self.store.charge(&self.name, model, &tally, &now),
+            None => self.store.charge(&self.slot, model, &tally, &now),
         }
     }
 }

@@ -54,9 +54,9 @@ impl Counts {
 #[derive(Default)]
 struct Entry {
     counts: Mutex<Counts>,
-    in_flight: Arc<AtomicU64>,
-    /// What the token used, by UTC day and model.
-    usage: Mutex<HashMap<(u64, String), Tally>>,
+    in_flight: AtomicU64,
+    /// What the token used, by UTC day, then model.
+    usage: Mutex<HashMap<u64, HashMap<String, Tally>>>,
 }
 
 pub struct Store {
@@ -66,12 +66,13 @@ pub struct Store {
     path: PathBuf,
 }
 
-/// A request's place among its token's requests in flight, given back when dropped.
-pub struct Slot(Arc<AtomicU64>);
+/// A request's place among its token's requests in flight, given back when dropped; it also
+/// finds the token's entry again when the request is charged.
+pub struct Slot(Arc<Entry>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -111,7 +112,10 @@ impl Store {
         for row in saved.usage {
             let entry = tokens.entry(Arc::from(row.token.as_str())).or_default();
             let mut usage = entry.usage.lock().expect("not poisoned");
-            usage.insert((row.day, row.model), row.tally);
+            usage
+                .entry(row.day)
+                .or_default()
+                .insert(row.model, row.tally);
         }
         Self {
             tokens: RwLock::new(tokens),
@@ -139,7 +143,7 @@ impl Store {
     ) -> Result<Slot, ProxyError> {
         let entry = self.entry(name);
         let in_flight = entry.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        let slot = Slot(entry.in_flight.clone());
+        let slot = Slot(entry.clone());
         let mut counts = entry.counts.lock().expect("not poisoned");
         counts.roll(now);
         let over_concurrency = quota.max_concurrent.is_some_and(|max| in_flight > max.0);
@@ -163,18 +167,21 @@ impl Store {
 
     /// Records a finished request: its tokens in its token's minute and day, and its usage
     /// under its day and model.
-    pub fn charge(&self, name: &Arc<str>, model: &str, tally: &Tally, now: &Now) {
-        let entry = self.entry(name);
+    pub fn charge(&self, slot: &Slot, model: &str, tally: &Tally, now: &Now) {
+        let entry = &slot.0;
         let mut counts = entry.counts.lock().expect("not poisoned");
         counts.roll(now);
         counts.tokens_minute += tally.tokens();
         counts.tokens_day += tally.tokens();
         drop(counts);
         let mut usage = entry.usage.lock().expect("not poisoned");
-        usage
-            .entry((now.day, model.to_owned()))
-            .or_default()
-            .add(tally);
+        let day = usage.entry(now.day).or_default();
+        match day.get_mut(model) {
+            Some(sum) => sum.add(tally),
+            None => {
+                day.insert(model.to_owned(), *tally);
+            }
+        }
         drop(usage);
         self.dirty.store(true, Ordering::Relaxed);
     }
@@ -188,14 +195,15 @@ impl Store {
                 continue;
             }
             let usage = entry.usage.lock().expect("not poisoned");
-            rows.extend(usage.iter().filter(|((day, _), _)| *day >= since).map(
-                |((day, model), tally)| Row {
+            let days = usage.iter().filter(|(day, _)| **day >= since);
+            for (day, models) in days {
+                rows.extend(models.iter().map(|(model, tally)| Row {
                     day: *day,
                     token: name.to_string(),
                     model: model.clone(),
                     tally: *tally,
-                },
-            ));
+                }));
+            }
         }
         rows
     }
@@ -270,7 +278,10 @@ mod tests {
         assert!(store.admit(&name, &quota, &at(t + 2), true).is_err());
         drop((a, b));
         // The next minute lets requests in again; the day's tokens stay counted.
-        store.charge(&name, "m", &Tally::of(Some(tokens(100))), &at(t + 61));
+        let slot = store
+            .admit(&name, &Quota::default(), &at(t + 61), true)
+            .unwrap();
+        store.charge(&slot, "m", &Tally::of(Some(tokens(100))), &at(t + 61));
         assert!(matches!(
             store.admit(&name, &quota, &at(t + 62), true),
             Err(ProxyError::RateLimited(_))
@@ -299,8 +310,11 @@ mod tests {
         let path = dir.path().join("limits.json");
         let store = Store::open(path.clone());
         let name: Arc<str> = "carol".into();
-        store.charge(&name, "gpt-4o", &Tally::of(Some(tokens(42))), &at(1000));
-        store.charge(&name, "gpt-4o", &Tally::of(None), &at(1001));
+        let slot = store
+            .admit(&name, &Quota::default(), &at(1000), true)
+            .unwrap();
+        store.charge(&slot, "gpt-4o", &Tally::of(Some(tokens(42))), &at(1000));
+        store.charge(&slot, "gpt-4o", &Tally::of(None), &at(1001));
         store.save();
         let again = Store::open(path);
         let counts = *again.entry(&name).counts.lock().unwrap();
