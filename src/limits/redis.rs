@@ -126,6 +126,20 @@ if redis.call('INCR', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], 120) end
 return {1, r, t, d}
 ";
 
+/// The admission script's SHA-1 in hex, as EVALSHA names it.
+fn admit_sha() -> &'static [u8] {
+    static SHA: OnceLock<Vec<u8>> = OnceLock::new();
+    SHA.get_or_init(|| {
+        let digest =
+            ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, ADMIT.as_bytes());
+        digest
+            .as_ref()
+            .iter()
+            .flat_map(|b| format!("{b:02x}").into_bytes())
+            .collect()
+    })
+}
+
 /// Minute keys outlive their minute a little (clocks differ); day keys their day.
 const MINUTE_TTL: &str = "120";
 const DAY_TTL: &str = "172800";
@@ -182,9 +196,11 @@ impl Client {
         now: &Now,
     ) -> Result<(bool, Used), String> {
         let limit = |l: Option<super::Limit>| l.map_or(0, |l| l.0).to_string().into_bytes();
-        let args: Vec<Vec<u8>> = vec![
-            b"EVAL".to_vec(),
-            ADMIT.as_bytes().to_vec(),
+        // The script by its SHA-1, as Redis caches it; sent whole only when Redis lacks it (its
+        // first use since Redis started, or after SCRIPT FLUSH), which costs a second round trip.
+        let mut args: Vec<Vec<u8>> = vec![
+            b"EVALSHA".to_vec(),
+            admit_sha().to_vec(),
             b"3".to_vec(),
             key(name, "rpm", now.minute),
             key(name, "tpm", now.minute),
@@ -193,17 +209,14 @@ impl Client {
             limit(quota.tokens_per_minute),
             limit(quota.tokens_per_day),
         ];
-        let (tx, rx) = oneshot::channel();
-        let mut bytes = Vec::new();
-        encode(&mut bytes, &args);
-        self.send(Call {
-            bytes,
-            commands: 1,
-            reply: Some(tx),
-        })?;
-        let reply = rx
-            .await
-            .map_err(|_| "the connection to Redis closed".to_owned())??;
+        let reply = match self.call(&args).await {
+            Err(error) if error.starts_with("NOSCRIPT") => {
+                args[0] = b"EVAL".to_vec();
+                args[1] = ADMIT.as_bytes().to_vec();
+                self.call(&args).await?
+            }
+            reply => reply?,
+        };
         let number = |v: Option<&Value>| match v {
             Some(Value::Int(n)) => Ok(u64::try_from(*n).unwrap_or(0)),
             _ => Err(format!("unexpected reply from Redis: {reply:?}")),
@@ -260,7 +273,7 @@ impl Client {
         }
     }
 
-    /// Sends one command and waits for its reply (for the `usage` command, not requests).
+    /// Sends one command and waits for its reply.
     async fn call(&self, args: &[Vec<u8>]) -> Reply {
         let (tx, rx) = oneshot::channel();
         let mut bytes = Vec::new();
