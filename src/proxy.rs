@@ -172,7 +172,8 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     let mut response = match forwarded {
         // TEMPORARY (usage_shim): until the usage branch fills the record as the bytes pass.
         Ok(response) if record.permit.is_some() => {
-            let (response, usage, model) = crate::usage_shim::read(response).await;
+            let path = record.uri.path().to_owned();
+            let (response, usage, model) = crate::usage_shim::read(&path, response).await;
             record.usage = usage;
             if let (Some(permit), Some(model)) = (record.permit.as_mut(), model) {
                 permit.name_model(&model);

@@ -11,12 +11,21 @@ use crate::usage::Usage;
 
 /// The answer with its body read whole, and the usage and model it reports, if it is JSON.
 pub async fn read(
+    path: &str,
     response: Response<ResponseBody>,
 ) -> (Response<ResponseBody>, Option<Usage>, Option<String>) {
-    let json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    // Only the answers that report usage, and are small: never a file's contents.
+    let reports = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+    ];
+    let json = reports.contains(&path)
+        && response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if !json {
         return (response, None, None);
     }
