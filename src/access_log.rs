@@ -82,6 +82,8 @@ pub struct AccessRecord {
     pub model: Option<Box<str>>,
     /// Why `usage` is None where the answer should have shown it (`unknown`, `compressed`).
     usage_unknown: Option<&'static str>,
+    /// The request's place under its token's limits: settled with `usage` when this drops.
+    pub permit: Option<crate::limits::Permit>,
     cut: Option<String>,
     enabled: bool,
 }
@@ -111,6 +113,7 @@ impl AccessRecord {
             stream: None,
             model: None,
             usage_unknown: None,
+            permit: None,
             cut: None,
             enabled,
         }
@@ -130,6 +133,12 @@ impl AccessRecord {
 
 impl Drop for AccessRecord {
     fn drop(&mut self) {
+        if let Some(mut permit) = self.permit.take() {
+            if let Some(model) = &self.model {
+                permit.name_model(model);
+            }
+            permit.settle(self.usage);
+        }
         let total = self.started.elapsed();
         let path = self.uri.path();
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);

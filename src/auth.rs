@@ -22,7 +22,7 @@ use toml::Spanned;
 
 use crate::body::ClientBody;
 use crate::body::ResponseBody;
-use crate::config::{ConfigError, ConfigFile};
+use crate::config::{ConfigError, ConfigFile, days_from_civil};
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::listeners::FileRead;
@@ -67,6 +67,8 @@ pub struct Token {
     models: Option<Vec<ModelRule>>,
     /// Seconds since the Unix epoch after which the token is refused.
     expires: Option<i64>,
+    /// Its own limits; those it leaves out are `[limits]`'s.
+    pub quota: crate::limits::Quota,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +220,10 @@ struct TokenEntry {
     sha256: Spanned<String>,
     models: Option<Vec<Spanned<String>>>,
     expires: Option<Spanned<toml::value::Datetime>>,
+    requests_per_minute: Option<crate::limits::Limit>,
+    tokens_per_minute: Option<crate::limits::Limit>,
+    tokens_per_day: Option<crate::limits::Limit>,
+    max_concurrent: Option<crate::limits::Limit>,
 }
 
 /// The tokens file, checked whole: one bad entry refuses the file, with its line and column.
@@ -257,6 +263,12 @@ fn parse_tokens(path: PathBuf, bytes: &[u8]) -> Result<HashMap<[u8; 32], Arc<Tok
             name: name.into(),
             models,
             expires,
+            quota: crate::limits::Quota {
+                requests_per_minute: entry.requests_per_minute,
+                tokens_per_minute: entry.tokens_per_minute,
+                tokens_per_day: entry.tokens_per_day,
+                max_concurrent: entry.max_concurrent,
+            },
         };
         if by_digest.insert(digest, Arc::new(token)).is_some() {
             return Err(file.error_at(entry.sha256.span(), "this sha256 is listed twice"));
@@ -316,16 +328,6 @@ fn unix_seconds(at: &toml::value::Datetime) -> Result<i64, String> {
         i64::from(date.day),
     );
     Ok(days * 86_400 + seconds_of_day - offset_minutes * 60)
-}
-
-/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
 }
 
 const SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";

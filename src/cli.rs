@@ -17,6 +17,10 @@ Usage:
                                         (or, after an upgrade, the new process) serves, 1 if not
   openai-proxy token new NAME           print a new client token, then the [[token]] table that
                                         lets it in (for the tokens_file of [auth] mode = \"tokens\")
+  openai-proxy usage [--since YYYY-MM-DD] [--token NAME] [--config PATH]
+                                        print the usage per token and model (requests, prompt,
+                                        completion, cached and reasoning tokens) from the limits
+                                        backend, since that UTC day (default: all days kept)
   openai-proxy --version | --help
 
 Options:
@@ -35,10 +39,23 @@ Signals:
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Run { config: PathBuf },
-    Check { config: PathBuf },
-    Reload { pid: u32 },
-    TokenNew { name: String },
+    Run {
+        config: PathBuf,
+    },
+    Check {
+        config: PathBuf,
+    },
+    Reload {
+        pid: u32,
+    },
+    TokenNew {
+        name: String,
+    },
+    Usage {
+        config: PathBuf,
+        since: Option<String>,
+        token: Option<String>,
+    },
     Help,
     Version,
 }
@@ -52,6 +69,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             }),
             _ => Err("usage: openai-proxy token new NAME".into()),
         };
+    }
+    if args.first().is_some_and(|a| a == "usage") {
+        return parse_usage(&args[1..]);
     }
     let mut check = false;
     let mut reload = None;
@@ -93,6 +113,30 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         Command::Check { config }
     } else {
         Command::Run { config }
+    })
+}
+
+/// `usage [--since YYYY-MM-DD] [--token NAME] [--config PATH]`.
+fn parse_usage(args: &[OsString]) -> Result<Command, String> {
+    let (mut since, mut token, mut config) = (None, None, None);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .map(|v| v.to_string_lossy().into_owned())
+                .ok_or(format!("{} needs a value", arg.to_string_lossy()))
+        };
+        match arg.to_string_lossy().as_ref() {
+            "--since" => since = Some(value()?),
+            "--token" => token = Some(value()?),
+            "-c" | "--config" => config = Some(PathBuf::from(value()?)),
+            other => return Err(format!("usage: unexpected argument {other:?}")),
+        }
+    }
+    Ok(Command::Usage {
+        config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH)),
+        since,
+        token,
     })
 }
 
@@ -141,5 +185,14 @@ mod tests {
         );
         assert!(parse(args(&["token", "new"])).is_err());
         assert!(parse(args(&["token", "revoke", "alice"])).is_err());
+        assert_eq!(
+            parse(args(&["usage", "--since", "2026-12-01", "--token", "bob"])).unwrap(),
+            Command::Usage {
+                config: DEFAULT_PATH.into(),
+                since: Some("2026-12-01".into()),
+                token: Some("bob".into()),
+            }
+        );
+        assert!(parse(args(&["usage", "--since"])).is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{admin, auth, listeners, logging, proxy, reload, server, upstream, usage};
+use crate::{admin, auth, limits, listeners, logging, proxy, reload, server, upstream};
 
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 
@@ -37,7 +37,8 @@ pub struct Config {
     pub auth: auth::Config,
     #[serde(default)]
     pub admin: admin::Config,
-    pub limits: usage::Config,
+    #[serde(default)]
+    pub limits: limits::Config,
 }
 
 /// The text of a config file, kept so that a span anywhere in it can be named by line and column.
@@ -190,6 +191,16 @@ fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
         && a.port() != 0
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 /// A duration written as `"250ms"`, `"30s"`, `"5m"`, `"2h"` or `"1d"`.

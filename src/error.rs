@@ -4,7 +4,7 @@
 //! whether to fix their request, retry later, or look at the proxy's upstream.
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 /// Who is at fault: decides the status class and the OpenAI `type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,11 @@ pub enum ProxyError {
     ClientBody(String),
     #[error("the proxy is at its connection limit; retry shortly")]
     Overloaded,
+    /// A token's limit ([limits]): 429, with Retry-After and OpenAI's rate-limit headers.
+    #[error("{}", .0.message)]
+    RateLimited(Box<RateLimited>),
+    #[error("the proxy cannot reach the backend that keeps its rate limits; retry shortly")]
+    LimitsUnavailable,
     /// What failed (an address, a lookup) is logged, never shown to the client.
     #[error("could not connect to the upstream")]
     UpstreamUnreachable(String),
@@ -64,8 +69,9 @@ impl ProxyError {
             | Self::InvalidApiKey(_)
             | Self::ModelNotAllowed(_)
             | Self::HeadersTooLarge { .. }
-            | Self::ClientBody(_) => Side::Client,
-            Self::Overloaded => Side::Proxy,
+            | Self::ClientBody(_)
+            | Self::RateLimited(_) => Side::Client,
+            Self::Overloaded | Self::LimitsUnavailable => Side::Proxy,
             Self::UpstreamUnreachable(_)
             | Self::UpstreamTls(_)
             | Self::UpstreamTimeout(_)
@@ -84,7 +90,8 @@ impl ProxyError {
             Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnreachable(_) | Self::UpstreamTls(_) | Self::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -104,6 +111,8 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => "request_headers_too_large",
             Self::ClientBody(_) => "client_body_error",
             Self::Overloaded => "proxy_overloaded",
+            Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::LimitsUnavailable => "limits_unavailable",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTls(_) => "upstream_tls_error",
             Self::UpstreamTimeout(_) => "upstream_timeout",
@@ -112,6 +121,9 @@ impl ProxyError {
     }
 
     fn openai_type(&self) -> &'static str {
+        if let Self::RateLimited(limited) = self {
+            return limited.kind;
+        }
         match self.side() {
             Side::Client => "invalid_request_error",
             Side::Upstream => "upstream_error",
@@ -139,8 +151,22 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Self::RateLimited(limited) = &self {
+            response.headers_mut().extend(limited.headers.clone());
+        }
         response
     }
+}
+
+/// A request over one of its token's limits, as the 429 tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimited {
+    /// Which limit, its value and when to try again.
+    pub message: String,
+    /// OpenAI's error `type` for rate limits: "requests" or "tokens".
+    pub kind: &'static str,
+    /// `Retry-After` and the `x-ratelimit-*` fields.
+    pub headers: HeaderMap,
 }
 
 #[cfg(test)]

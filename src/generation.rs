@@ -28,6 +28,8 @@ pub struct Generation {
     pub http2: http2::Builder<TokioExecutor>,
     /// Tokens mode's key and tokens; None in passthrough mode.
     pub auth: Option<crate::auth::Tokens>,
+    /// Per-token limits, over counters that every generation shares.
+    pub limits: crate::limits::Limiter,
     /// The config file and every file it names, with a fingerprint of their contents as loaded:
     /// the file watcher reloads when the fingerprint on disk differs.
     pub files: Vec<PathBuf>,
@@ -81,6 +83,12 @@ impl Generation {
         )?;
         let (auth, read) = crate::auth::load(&config.auth, &file)?;
         contents.extend(read);
+        let limits = crate::limits::Limiter::build(
+            &config.limits,
+            auth.is_some(),
+            &file,
+            previous.map(|p| &p.limits),
+        )?;
         let http2 = http2_builder(&config);
         let fingerprint = fingerprint(
             contents
@@ -98,6 +106,7 @@ impl Generation {
             tls,
             http2,
             auth,
+            limits,
         })
     }
 

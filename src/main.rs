@@ -17,6 +17,7 @@ mod headers;
 mod http1;
 mod http2;
 mod inherited;
+mod limits;
 mod listeners;
 mod logging;
 mod metrics;
@@ -89,6 +90,20 @@ fn main() -> ExitCode {
             Err(error) => {
                 eprintln!("openai-proxy: {error}");
                 ExitCode::from(2)
+            }
+        },
+        Command::Usage {
+            config,
+            since,
+            token,
+        } => match limits::report::table(&config, since.as_deref(), token.as_deref()) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("openai-proxy: {error}");
+                ExitCode::FAILURE
             }
         },
         Command::Run { config } => run(config),
@@ -177,6 +192,9 @@ fn serve(
         .build()?;
     control.block_on(async {
         let live = Arc::new(Live::new(first));
+        let limits = live.snapshot().limits.saver();
+        tokio::spawn(limits.clone().run());
+        tokio::spawn(systemd::follow(limits::health::status()));
 
         // Listen: sockets systemd kept for us across a restart, freshly bound ones for the rest.
         let mut listeners = ListenerSet::start(live.clone(), &workers, inherited)?;
@@ -209,6 +227,8 @@ fn serve(
                     }
                 }
                 Event::Reload | Event::Handover => {
+                    // The successor reads the limits' counters as they stand now.
+                    limits.save();
                     if handover::hand_over(&exe, &listeners, &live).await {
                         listeners.leave_admin().await;
                         break;
@@ -222,6 +242,7 @@ fn serve(
         systemd::stopping(&format!("draining for up to {drain_timeout:?}"));
         tracing::info!(?drain_timeout, "stopping: draining connections");
         let outcome = listeners.drain(drain_timeout).await;
+        limits.save();
         tracing::info!(
             in_flight = outcome.in_flight,
             cut = outcome.cut,

@@ -14,6 +14,7 @@ use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
 use crate::headers;
+use crate::limits;
 use crate::tunnel;
 use crate::usage;
 
@@ -165,7 +166,15 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     let (mut parts, body) = request.into_parts();
     let body = ClientBody::new(body);
     let mut body_unread = false;
-    let forwarded = forward(&generation, conn, &mut parts, body.clone(), bytes_in).await;
+    let forwarded = forward(
+        &generation,
+        conn,
+        &mut parts,
+        body.clone(),
+        bytes_in,
+        &mut record.permit,
+    )
+    .await;
     record.token = auth::token_name(&parts.extensions);
     let mut response = match forwarded {
         Ok(response) => response,
@@ -233,9 +242,13 @@ async fn forward(
     parts: &mut http::request::Parts,
     body: ClientBody,
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
+    permit: &mut Option<limits::Permit>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     admit(generation, parts)?;
     let grant = auth::admit(generation, parts, &body).await?;
+    if let Some(token) = &grant {
+        *permit = Some(generation.limits.admit(&token.name, &token.quota).await?);
+    }
     ask_for_stream_usage(generation, parts, &body).await?;
     let model_list = auth::wants_model_list(&grant, parts);
     let upstream = &generation.upstream;

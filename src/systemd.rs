@@ -9,8 +9,8 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -38,20 +38,59 @@ fn send(states: &[NotifyState]) {
     }
 }
 
+/// The last `STATUS=` the proxy composed, and what a condition outside it (the limits backend
+/// down) adds to it for as long as it lasts.
+static STATUS: Mutex<(String, Option<String>)> = Mutex::new((String::new(), None));
+
+/// `status`, remembered, with the added condition if there is one.
+fn composed(status: &str) -> String {
+    let mut last = STATUS.lock().expect("not poisoned");
+    last.0 = status.to_owned();
+    compose(&last)
+}
+
+fn compose((status, extra): &(String, Option<String>)) -> String {
+    match extra {
+        Some(extra) => format!("{status}; {extra}"),
+        None => status.clone(),
+    }
+}
+
+/// Adds the condition `extra` holds to every `STATUS=`, and sends the last one again each time
+/// it changes.
+pub async fn follow(mut extra: tokio::sync::watch::Receiver<Option<String>>) {
+    while extra.changed().await.is_ok() {
+        let text = extra.borrow_and_update().clone();
+        let line = {
+            let mut last = STATUS.lock().expect("not poisoned");
+            last.1 = text;
+            compose(&last)
+        };
+        send(&[NotifyState::Status(&line)]);
+    }
+}
+
 pub fn ready(status: &str) {
-    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    send(&[NotifyState::Ready, NotifyState::Status(&composed(status))]);
 }
 
 /// `RELOADING=1` with the `MONOTONIC_USEC=` systemd 253+ requires, in one message.
 pub fn reloading(status: &str) {
     match NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status(status)]),
+        Ok(now) => send(&[
+            NotifyState::Reloading,
+            now,
+            NotifyState::Status(&composed(status)),
+        ]),
         Err(error) => tracing::warn!(%error, "cannot read CLOCK_MONOTONIC"),
     }
 }
 
 pub fn stopping(status: &str) {
-    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status(&composed(status)),
+    ]);
 }
 
 /// Names `pid` the service's main process; the last thing this process tells systemd.
@@ -65,7 +104,7 @@ pub fn hand_over(pid: u32, status: &str) {
 }
 
 pub fn status(status: &str) {
-    send(&[NotifyState::Status(status)]);
+    send(&[NotifyState::Status(&composed(status))]);
 }
 
 /// The fd store name of a listener: FDNAME allows no ':', so `127.0.0.1:8080` is

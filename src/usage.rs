@@ -15,7 +15,6 @@ mod websocket;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
-use serde::Deserialize;
 
 use json::{Document, Field, Scanner, Schema};
 
@@ -38,16 +37,6 @@ impl Usage {
             reasoning: self.reasoning.saturating_add(other.reasoning),
         }
     }
-}
-
-/// This part's keys of the `[limits]` section.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Adds `stream_options.include_usage` to streamed chat completion requests that lack it,
-    /// so that their streams end with the usage chunk. Off: it changes the client's request
-    /// and its stream.
-    pub stream_usage: bool,
 }
 
 /// What an answer showed of its usage, for its access record.

@@ -459,6 +459,81 @@ async fn sdk_sees_authentication_error(sdk: Sdk) {
     );
 }
 
+/// A token held to one request in flight, with a stream holding it: the SDK raises its
+/// RateLimitError with the proxy's Retry-After (1 s), and its own retries wait that long between
+/// attempts (their default first backoff is under 0.5 s) until the stream ends and a retry is let
+/// in.
+async fn sdk_honours_retry_after(sdk: Sdk) {
+    sdk.require_installed();
+    let pki = Pki::new();
+    let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+    let issued = issue("sdk");
+    let table = format!("{}max_concurrent = 1\n", issued.table);
+    let proxy = start_tokens(&upstream, &pki, &table, &[]);
+    let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true, "messages": []});
+    let mut hold = post_json(&proxy.url("/v1/chat/completions"), body);
+    let headers = hold.headers_mut();
+    headers.insert(
+        "authorization",
+        format!("Bearer {}", issued.token).parse().unwrap(),
+    );
+    headers.insert("x-test-events", "1000".parse().unwrap());
+    headers.insert("x-test-gap-ms", "50".parse().unwrap());
+    let held = http_client().request(hold).await.unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+
+    let (base, token) = (proxy.url("/v1"), issued.token.clone());
+    let script =
+        tokio::spawn(async move { sdk.run_with_key(&[&base, "--rate-limited"], &token).await });
+    // The call without retries, then two attempts of the retrying one.
+    let refusals = || refusal_times(&proxy.logs());
+    eventually(SCRIPT_TIMEOUT, "three refusals", || {
+        (refusals().len() >= 3).then_some(())
+    })
+    .await;
+    drop(held);
+    let out = script.await.unwrap();
+    assert!(
+        out.contains("RateLimitError 429 rate_limit_exceeded, Retry-After 1"),
+        "{out}"
+    );
+    assert!(out.contains("retried: chat:"), "{out}");
+    let times = refusals();
+    let waited = times[2] - times[1];
+    assert!(
+        waited >= 0.9,
+        "the SDK retried after {waited:.2}s, not Retry-After's 1s: {times:?}"
+    );
+}
+
+/// When each 429 of a chat completion was logged, in seconds of the day (the log line's UTC
+/// timestamp).
+fn refusal_times(logs: &str) -> Vec<f64> {
+    logs.lines()
+        .filter(|l| l.contains("POST /v1/chat/completions 429"))
+        .filter_map(|l| {
+            let time = l.split_whitespace().next()?.split_once('T')?.1;
+            let mut hms = time.trim_end_matches('Z').split(':');
+            let (h, m, s) = (hms.next()?, hms.next()?, hms.next()?);
+            Some(
+                h.parse::<f64>().ok()? * 3600.0
+                    + m.parse::<f64>().ok()? * 60.0
+                    + s.parse::<f64>().ok()?,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_honours_the_proxys_retry_after() {
+    sdk_honours_retry_after(Sdk::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_sdk_honours_the_proxys_retry_after() {
+    sdk_honours_retry_after(Sdk::Node).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_through_the_proxy() {
     bounded(150, sdk_round_trip(Sdk::Python, Auth::Passthrough)).await;

@@ -238,12 +238,39 @@ async function errorCall(name, call, status, expected) {
   return `${name}: ${error.constructor.name} ${error.status} ${error.code}: ${JSON.stringify(expected.message)} (id ${ours})`;
 }
 
+// A chat completion without retries must fail with RateLimitError and Retry-After; then one with
+// the SDK's retries, honouring Retry-After, must succeed once the proxy lets it in.
+async function rateLimited(baseURL) {
+  let error;
+  try {
+    const result = await chat(client(baseURL));
+    throw new Failure(`chat: expected RateLimitError, the call returned ${JSON.stringify(result)}`);
+  } catch (e) {
+    if (e instanceof Failure) throw e;
+    error = e;
+  }
+  check(error instanceof OpenAI.RateLimitError, `chat: ${error?.constructor?.name} is not RateLimitError: ${error?.message}`);
+  check(error.code === 'rate_limit_exceeded', `429: error.code is ${error.code}`);
+  const retryAfter = error.headers?.get('retry-after');
+  check(retryAfter === '1', `429: Retry-After is ${retryAfter}`);
+  const patient = new OpenAI({ apiKey: API_KEY, baseURL, maxRetries: 8, timeout: 30_000 });
+  const started = performance.now();
+  const line = await chat(patient);
+  return [
+    `RateLimitError 429 ${error.code}, Retry-After ${retryAfter}`,
+    `retried: ${line} after ${((performance.now() - started) / 1000).toFixed(1)}s`,
+  ];
+}
+
 async function main(argv) {
   const usage =
     'usage: node node_sdk.mjs BASE_URL [UPLOAD_FILE]\n' +
-    '       node node_sdk.mjs BASE_URL --expect-error STATUS ERROR_JSON';
+    '       node node_sdk.mjs BASE_URL --expect-error STATUS ERROR_JSON\n' +
+    '       node node_sdk.mjs BASE_URL --rate-limited';
   let lines;
-  if (argv.length === 4 && argv[1] === '--expect-error') {
+  if (argv.length === 2 && argv[1] === '--rate-limited') {
+    lines = await rateLimited(argv[0]);
+  } else if (argv.length === 4 && argv[1] === '--expect-error') {
     lines = await expectError(argv[0], Number(argv[2]), JSON.parse(argv[3]));
   } else if ((argv.length === 1 || argv.length === 2) && !argv[0].startsWith('-')) {
     lines = await happy(argv[0], argv[1]);

@@ -5,6 +5,9 @@
         A chat completion, a streamed chat completion, an embeddings call and a file upload.
     python3 python_sdk.py BASE_URL --expect-error STATUS ERROR_JSON
         Every call must fail with the SDK's status error carrying the proxy's own error object.
+    python3 python_sdk.py BASE_URL --rate-limited
+        A chat completion without retries must fail with RateLimitError and Retry-After; then
+        one with the SDK's retries must succeed once the proxy lets it in.
 
 Exits 0 and prints a short summary, or exits 1 with the reason. tests/sdk.rs runs it against the
 fake upstream and then checks what that upstream received.
@@ -221,12 +224,35 @@ def error_call(name: str, call, status: int, expected: dict) -> str:
     return f"{name}: {type(error).__name__} {error.status_code} {error.code}: {expected['message']!r} (id {ours})"
 
 
+def rate_limited(base_url: str) -> list[str]:
+    try:
+        result = chat(client(base_url))
+    except openai.RateLimitError as e:
+        error = e
+    else:
+        raise Failure(f"chat: expected RateLimitError, the call returned {result!r}")
+    check(error.code == "rate_limit_exceeded", f"429: error.code is {error.code!r}")
+    retry_after = error.response.headers.get("retry-after")
+    check(retry_after == "1", f"429: Retry-After is {retry_after!r}")
+    # The SDK's own retries, honouring Retry-After, until the proxy lets the call in.
+    patient = openai.OpenAI(api_key=API_KEY, base_url=base_url, max_retries=8, timeout=30.0)
+    started = time.monotonic()
+    line = chat(patient)
+    return [
+        f"RateLimitError 429 {error.code}, Retry-After {retry_after}",
+        f"retried: {line} after {time.monotonic() - started:.1f}s",
+    ]
+
+
 def main(argv: list[str]) -> int:
     usage = (
         "usage: python_sdk.py BASE_URL [UPLOAD_FILE]\n"
-        "       python_sdk.py BASE_URL --expect-error STATUS ERROR_JSON"
+        "       python_sdk.py BASE_URL --expect-error STATUS ERROR_JSON\n"
+        "       python_sdk.py BASE_URL --rate-limited"
     )
-    if len(argv) == 4 and argv[1] == "--expect-error":
+    if len(argv) == 2 and argv[1] == "--rate-limited":
+        lines = rate_limited(argv[0])
+    elif len(argv) == 4 and argv[1] == "--expect-error":
         expected = json.loads(argv[3])
         lines = expect_error(argv[0], int(argv[2]), expected)
     elif len(argv) in (1, 2) and not argv[0].startswith("-"):
