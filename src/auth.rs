@@ -9,7 +9,6 @@
 mod inspect;
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -122,7 +121,7 @@ pub fn load(
             message: "[auth] mode = \"tokens\" needs both upstream_key_file and tokens_file".into(),
         });
     };
-    let (key_path, key_bytes) = read_key_file(file, key_file)?;
+    let (key_path, key_bytes) = file.read_secret(key_file, "the key file")?;
     let key = parse_key(&key_bytes).map_err(|problem| {
         file.error_at(
             key_file.span(),
@@ -150,36 +149,6 @@ pub fn load(
         Some(tokens),
         vec![(key_path, key_bytes), (tokens_path, tokens_bytes)],
     ))
-}
-
-/// Reads the key file, refusing one that others than its owner may read; a systemd credential
-/// is taken as systemd made it.
-fn read_key_file(
-    file: &ConfigFile,
-    key: &Spanned<PathBuf>,
-) -> Result<(PathBuf, Vec<u8>), ConfigError> {
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    let path = match &credentials {
-        Some(dir) if key.get_ref().is_relative() => dir.join(key.get_ref()),
-        _ => file.resolve(key.get_ref()),
-    };
-    let fail = |message: String| file.error_at(key.span(), message);
-    let is_credential = credentials
-        .as_deref()
-        .is_some_and(|dir| path.starts_with(dir));
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-    if !is_credential && meta.mode() & 0o077 != 0 {
-        return Err(fail(format!(
-            "the key file {} may be read by others than its owner (mode {:o}): \
-             chmod 600 it, or pass it as a systemd credential (LoadCredential=)",
-            path.display(),
-            meta.mode() & 0o777
-        )));
-    }
-    let bytes =
-        std::fs::read(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-    Ok((path, bytes))
 }
 
 /// The key is the file's one line; what is wrong is said without quoting any of it.

@@ -37,6 +37,9 @@ pub struct Config {
     pub auth: auth::Config,
 }
 
+/// A file named in the config, as it was read.
+pub type FileRead = (PathBuf, Vec<u8>);
+
 /// The text of a config file, kept so that a span anywhere in it can be named by line and column.
 pub struct ConfigFile {
     pub path: PathBuf,
@@ -152,6 +155,40 @@ impl ConfigFile {
                 Err(self.error_at(key.span(), format!("cannot read {}: {e}", path.display())))
             }
         }
+    }
+
+    /// Reads a secret (a key, a password) named at `key`, refusing a file that others than its
+    /// owner may read; a relative path is looked up in `$CREDENTIALS_DIRECTORY` when systemd
+    /// passes credentials, and a credential is taken as systemd made it. `what` names the file
+    /// in errors ("the key file").
+    pub fn read_secret(
+        &self,
+        key: &Spanned<PathBuf>,
+        what: &str,
+    ) -> Result<(PathBuf, Vec<u8>), ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let path = match &credentials {
+            Some(dir) if key.get_ref().is_relative() => dir.join(key.get_ref()),
+            _ => self.resolve(key.get_ref()),
+        };
+        let fail = |message: String| self.error_at(key.span(), message);
+        let is_credential = credentials
+            .as_deref()
+            .is_some_and(|dir| path.starts_with(dir));
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+        if !is_credential && meta.mode() & 0o077 != 0 {
+            return Err(fail(format!(
+                "{what} {} may be read by others than its owner (mode {:o}): \
+                 chmod 600 it, or pass it as a systemd credential (LoadCredential=)",
+                path.display(),
+                meta.mode() & 0o777
+            )));
+        }
+        let bytes = std::fs::read(&path)
+            .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+        Ok((path, bytes))
     }
 }
 

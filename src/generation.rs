@@ -64,18 +64,12 @@ impl Generation {
             }
             None => None,
         };
-        let ca_pem = match &config.upstream.ca_file {
-            Some(key) => {
-                let (path, bytes) = file.read_named(key)?;
-                contents.push((path, bytes.clone()));
-                Some(bytes)
-            }
-            None => None,
-        };
+        let (upstream_files, read) = crate::upstream::Files::read(&config.upstream, &file)?;
+        contents.extend(read);
         let upstream = Upstream::build(
             &config.upstream,
             &file,
-            ca_pem,
+            upstream_files,
             workers,
             previous.map(|p| &p.upstream),
         )?;
@@ -153,8 +147,15 @@ impl Generation {
             .as_ref()
             .map(|h| format!(" (Host {})", h.as_str()))
             .unwrap_or_default();
+        // The egress proxy without its user: only when one is set, so that the line is as it
+        // was for a config without.
+        let via = upstream
+            .proxy
+            .as_ref()
+            .map(|p| format!(" via {}", p.get_ref()))
+            .unwrap_or_default();
         format!(
-            "listening on {}; upstream {}{host}",
+            "listening on {}; upstream {}{host}{via}",
             addrs.join(", "),
             upstream.url
         )
