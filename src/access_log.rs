@@ -73,6 +73,8 @@ pub struct AccessRecord {
     pub bytes_out: u64,
     /// The name of the client's token, in tokens mode.
     pub token: Option<Arc<str>>,
+    /// The name of the upstream the request went to.
+    pub upstream: Option<Arc<str>>,
     cut: Option<String>,
     enabled: bool,
 }
@@ -98,6 +100,7 @@ impl AccessRecord {
             bytes_in: Arc::default(),
             bytes_out: 0,
             token: None,
+            upstream: None,
             cut: None,
             enabled,
         }
@@ -135,6 +138,7 @@ impl Drop for AccessRecord {
                     client = %self.client,
                     generation = self.generation,
                     token = self.token.as_deref().map(tracing::field::display),
+                    upstream = self.upstream.as_deref().map(tracing::field::display),
                     cut = self.cut.as_deref(),
                     "{} {} {}",
                     self.method,

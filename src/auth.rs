@@ -22,6 +22,7 @@ use crate::config::{ConfigError, ConfigFile};
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::listeners::FileRead;
+use crate::models::ModelRule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -65,20 +66,11 @@ pub struct Token {
     expires: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ModelRule {
-    Exact(String),
-    Prefix(String),
-}
-
 impl Token {
     pub fn allows(&self, model: &str) -> bool {
-        self.models.as_ref().is_none_or(|rules| {
-            rules.iter().any(|rule| match rule {
-                ModelRule::Exact(name) => model == name,
-                ModelRule::Prefix(prefix) => model.starts_with(prefix.as_str()),
-            })
-        })
+        self.models
+            .as_ref()
+            .is_none_or(|rules| rules.iter().any(|rule| rule.matches(model)))
     }
 
     fn restricts_models(&self) -> bool {
@@ -210,7 +202,7 @@ fn parse_tokens(path: PathBuf, bytes: &[u8]) -> Result<HashMap<[u8; 32], Arc<Tok
             Some(models) => Some(
                 models
                     .iter()
-                    .map(|m| parse_rule(m.get_ref()).map_err(|e| file.error_at(m.span(), e)))
+                    .map(|m| ModelRule::parse(m.get_ref()).map_err(|e| file.error_at(m.span(), e)))
                     .collect::<Result<Vec<_>, _>>()?,
             ),
             None => None,
@@ -242,20 +234,6 @@ fn parse_digest(text: &str) -> Option<[u8; 32]> {
         *byte = u8::from_str_radix(pair, 16).ok()?;
     }
     Some(digest)
-}
-
-fn parse_rule(text: &str) -> Result<ModelRule, String> {
-    let rule = match text.strip_suffix('*') {
-        Some(prefix) => ModelRule::Prefix(prefix.to_owned()),
-        None => ModelRule::Exact(text.to_owned()),
-    };
-    match &rule {
-        ModelRule::Exact(s) | ModelRule::Prefix(s) if s.contains('*') => Err(format!(
-            "{text:?}: `*` may only end a model name, to match a prefix"
-        )),
-        ModelRule::Exact(s) if s.is_empty() => Err("an empty model name".into()),
-        _ => Ok(rule),
-    }
 }
 
 /// A TOML date-time as seconds since the Unix epoch: a date alone is its midnight UTC; a
@@ -322,6 +300,19 @@ pub async fn admit(
     }
     tokens.rewrite(&mut parts.headers);
     Ok(Some(token))
+}
+
+/// The model a request names, for routes that choose an upstream by model: the first found
+/// where tokens mode looks. None for an upgrade, a file upload or a body too large to read.
+pub async fn request_model(
+    generation: &Generation,
+    parts: &http::request::Parts,
+    body: &ClientBody,
+) -> Result<Option<String>, ProxyError> {
+    let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
+    let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
+    let (models, _) = inspect::request_models(generation, parts, body).await?;
+    Ok(models.into_iter().next())
 }
 
 /// The subprotocol entry a client sent its token in, as it sent it.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{auth, listeners, logging, proxy, reload, server, upstream};
+use crate::{auth, listeners, logging, proxy, reload, routes, server, upstream};
 
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 
@@ -25,6 +25,12 @@ pub struct Config {
     pub tls: Option<listeners::TlsConfig>,
     #[serde(default)]
     pub upstream: upstream::Config,
+    /// More upstreams, by name.
+    #[serde(default)]
+    pub upstreams: routes::UpstreamsConfig,
+    /// Which requests go to which upstreams.
+    #[serde(default)]
+    pub route: Vec<routes::RouteConfig>,
     #[serde(default)]
     pub server: server::Config,
     #[serde(default)]

@@ -23,7 +23,10 @@ pub struct Generation {
     pub number: u64,
     pub loaded_at: SystemTime,
     pub config: Config,
+    /// The default upstream (`[upstream]`).
     pub upstream: Arc<Upstream>,
+    /// Every upstream by name, the default among them, and the routes to them.
+    pub routes: crate::routes::Routes,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub http2: http2::Builder<TokioExecutor>,
     /// Tokens mode's key and tokens; None in passthrough mode.
@@ -73,6 +76,14 @@ impl Generation {
             workers,
             previous.map(|p| &p.upstream),
         )?;
+        let (routes, read) = crate::routes::Routes::build(
+            &config,
+            &file,
+            upstream.clone(),
+            workers,
+            previous.map(|p| &p.routes),
+        )?;
+        contents.extend(read);
         let (auth, read) = crate::auth::load(&config.auth, &file)?;
         contents.extend(read);
         let http2 = http2_builder(&config);
@@ -89,6 +100,7 @@ impl Generation {
             workers,
             config,
             upstream,
+            routes,
             tls,
             http2,
             auth,

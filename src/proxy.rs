@@ -160,6 +160,10 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     let mut body_unread = false;
     let forwarded = forward(&generation, conn, &mut parts, body.clone(), bytes_in).await;
     record.token = auth::token_name(&parts.extensions);
+    record.upstream = parts
+        .extensions
+        .get::<crate::routes::UpstreamName>()
+        .map(|n| n.0.clone());
     let mut response = match forwarded {
         Ok(response) => response,
         Err(error) => {
@@ -229,7 +233,13 @@ async fn forward(
     admit(generation, parts)?;
     let grant = auth::admit(generation, parts, &body).await?;
     let model_list = auth::wants_model_list(&grant, parts);
-    let upstream = &generation.upstream;
+    let routes = &generation.routes;
+    let model = match routes.reads_model() {
+        true => auth::request_model(generation, parts, &body).await?,
+        false => None,
+    };
+    let routed = routes.pick(parts.uri.path(), model.as_deref());
+    let upstream = &routed.upstream;
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
     // other request with Upgrade fields goes as a plain request, without them.
     let client_upgrade = parts.extensions.remove::<crate::http1::OnUpgrade>();
@@ -258,6 +268,9 @@ async fn forward(
     }
     // Upstream::send sets it: Host over HTTP/1.1, :authority over HTTP/2.
     headers.remove(header::HOST);
+    if grant.is_some() {
+        routed.place_key(headers);
+    }
 
     let (response, upgraded) = match body_failed {
         None => upstream.send(outgoing, upgrade).await?,
@@ -277,8 +290,10 @@ async fn forward(
         // The tunnel holds the connection, which keeps counting against max_connections.
         tokio::spawn(tunnel::splice(client_upgrade, upgraded, conn.clone(), idle));
     }
+    let (mut response_parts, body) = response.into_parts();
+    routed.mark(&mut parts.extensions, &mut response_parts.headers);
     let request_extensions = &parts.extensions;
-    let (mut parts, body) = response.into_parts();
+    let mut parts = response_parts;
     headers::strip_hop_by_hop(&mut parts.headers, switched && upgrade);
     if grant.is_some() {
         auth::hide_key_in_answer(request_extensions, &mut parts.headers);

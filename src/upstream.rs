@@ -60,6 +60,9 @@ pub struct Config {
     pub proxy: Option<Spanned<ProxyUrl>>,
     /// The egress proxy's password, for the user its url names.
     pub proxy_password_file: Option<Spanned<PathBuf>>,
+    /// The header the proxy's own key goes in, bare (Azure's `api-key`); unset: Authorization,
+    /// as `Bearer KEY`.
+    pub key_header: Option<Spanned<String>>,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             dns_refresh: Timeout::secs(30),
             proxy: None,
             proxy_password_file: None,
+            key_header: None,
         }
     }
 }

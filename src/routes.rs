@@ -1,0 +1,229 @@
+//! Several upstreams by name, and the routes that choose one for each request.
+//!
+//! `[upstream]` is the upstream named `default`; each `[upstreams.NAME]` adds one, with every
+//! key `[upstream]` has. The `[[route]]` tables are tried in order: the first whose `paths`
+//! (prefixes) and `models` (names, a `*` ending a prefix) both match sends the request to the
+//! first of its `upstreams`; when none matches, the default takes it. The request's model is
+//! looked for (as tokens mode reads it) only when some route names models, and passed in here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{ConfigError, ConfigFile, FileRead};
+use crate::models::ModelRule;
+use crate::upstream::{self, Upstream};
+
+/// The name `[upstream]` goes by.
+pub const DEFAULT: &str = "default";
+
+/// Sent to the client with every upstream response: the name of the upstream that answered.
+pub const HEADER: HeaderName = HeaderName::from_static("x-openai-proxy-upstream");
+
+/// The `[upstreams.NAME]` tables.
+pub type UpstreamsConfig = BTreeMap<Spanned<String>, upstream::Config>;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefixes, any of which matches.
+    #[serde(default)]
+    pub paths: Vec<Spanned<String>>,
+    /// Model names (`*` at the end: a prefix), any of which matches.
+    #[serde(default)]
+    pub models: Vec<Spanned<String>>,
+    /// Upstream names, in the order they are to be tried.
+    pub upstreams: Spanned<Vec<Spanned<String>>>,
+}
+
+/// A built upstream and what goes with its name.
+pub struct Named {
+    pub name: Arc<str>,
+    pub upstream: Arc<Upstream>,
+    /// `HEADER`'s value.
+    header: HeaderValue,
+    /// Where the proxy's own key goes, instead of `Authorization: Bearer`.
+    key_header: Option<HeaderName>,
+}
+
+/// Which upstream a request went to, kept in its extensions for its access log line.
+#[derive(Clone)]
+pub struct UpstreamName(pub Arc<str>);
+
+pub struct Routes {
+    /// The default upstream first, then the others in name order.
+    upstreams: Vec<Named>,
+    routes: Vec<Route>,
+    reads_model: bool,
+}
+
+struct Route {
+    paths: Vec<String>,
+    models: Vec<ModelRule>,
+    /// Indexes into `Routes::upstreams`, in the order they are to be tried.
+    upstreams: Vec<usize>,
+}
+
+impl Routes {
+    /// Builds the named upstreams (an unchanged one is kept from `previous`, with its
+    /// connections) and the routes; returns the files the upstreams' configs named, as read.
+    pub fn build(
+        config: &crate::config::Config,
+        file: &ConfigFile,
+        default: Arc<Upstream>,
+        workers: usize,
+        previous: Option<&Routes>,
+    ) -> Result<(Self, Vec<FileRead>), ConfigError> {
+        let mut upstreams = vec![Named::new(DEFAULT, default, &config.upstream, file)?];
+        let mut read = Vec::new();
+        for (name, upstream_config) in &config.upstreams {
+            if name.get_ref() == DEFAULT || HeaderValue::from_str(name.get_ref()).is_err() {
+                return Err(file.error_at(
+                    name.span(),
+                    format!(
+                        "{:?} cannot name an upstream: [upstream] is the one named \"default\", \
+                         and a name is letters, digits, '-' and '_'",
+                        name.get_ref()
+                    ),
+                ));
+            }
+            let (files, named_read) = upstream::Files::read(upstream_config, file)?;
+            read.extend(named_read);
+            let kept = previous
+                .and_then(|p| p.find(name.get_ref()))
+                .map(|n| &n.upstream);
+            let built = Upstream::build(upstream_config, file, files, workers, kept)?;
+            upstreams.push(Named::new(name.get_ref(), built, upstream_config, file)?);
+        }
+        let routes = config
+            .route
+            .iter()
+            .map(|route| Route::build(route, &upstreams, file))
+            .collect::<Result<Vec<_>, _>>()?;
+        let reads_model = routes.iter().any(|r| !r.models.is_empty());
+        let routes = Self {
+            upstreams,
+            routes,
+            reads_model,
+        };
+        Ok((routes, read))
+    }
+
+    fn find(&self, name: &str) -> Option<&Named> {
+        self.upstreams.iter().find(|n| &*n.name == name)
+    }
+
+    /// Whether choosing an upstream needs the request's model.
+    pub fn reads_model(&self) -> bool {
+        self.reads_model
+    }
+
+    /// The upstream for a request to `path` naming `model` (None: none found, or not looked
+    /// for): the first route that matches, else the default.
+    pub fn pick(&self, path: &str, model: Option<&str>) -> &Named {
+        let chosen = self
+            .routes
+            .iter()
+            .find(|route| route.matches(path, model))
+            .map_or(0, |route| route.upstreams[0]);
+        &self.upstreams[chosen]
+    }
+}
+
+impl Named {
+    fn new(
+        name: &str,
+        upstream: Arc<Upstream>,
+        config: &upstream::Config,
+        file: &ConfigFile,
+    ) -> Result<Self, ConfigError> {
+        let key_header = config
+            .key_header
+            .as_ref()
+            .map(|h| {
+                HeaderName::from_bytes(h.get_ref().as_bytes())
+                    .map_err(|_| file.error_at(h.span(), "not a header name"))
+            })
+            .transpose()?
+            .filter(|h| *h != header::AUTHORIZATION);
+        Ok(Self {
+            name: Arc::from(name),
+            upstream,
+            header: HeaderValue::from_str(name).expect("names are checked to be header values"),
+            key_header,
+        })
+    }
+
+    /// Marks an upstream response (and its request, for the access log) with this name.
+    pub fn mark(&self, request: &mut http::Extensions, response: &mut HeaderMap) {
+        request.insert(UpstreamName(self.name.clone()));
+        response.insert(HEADER, self.header.clone());
+    }
+
+    /// Moves the proxy's own key from `Authorization: Bearer` to this upstream's `key_header`,
+    /// bare, as Azure's `api-key` takes it.
+    pub fn place_key(&self, headers: &mut HeaderMap) {
+        let Some(name) = &self.key_header else {
+            return;
+        };
+        let Some(bearer) = headers.remove(header::AUTHORIZATION) else {
+            return;
+        };
+        let key = bearer.as_bytes().get(7..).unwrap_or_default();
+        if let Ok(mut value) = HeaderValue::from_bytes(key) {
+            value.set_sensitive(true);
+            headers.insert(name.clone(), value);
+        }
+    }
+}
+
+impl Route {
+    fn build(
+        config: &RouteConfig,
+        upstreams: &[Named],
+        file: &ConfigFile,
+    ) -> Result<Self, ConfigError> {
+        if config.upstreams.get_ref().is_empty() {
+            return Err(file.error_at(config.upstreams.span(), "a route needs an upstream"));
+        }
+        let indexes = config
+            .upstreams
+            .get_ref()
+            .iter()
+            .map(|name| {
+                upstreams
+                    .iter()
+                    .position(|n| *n.name == **name.get_ref())
+                    .ok_or_else(|| {
+                        file.error_at(
+                            name.span(),
+                            format!("no upstream is named {:?}", name.get_ref()),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let models = config
+            .models
+            .iter()
+            .map(|m| ModelRule::parse(m.get_ref()).map_err(|e| file.error_at(m.span(), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(path) = config.paths.iter().find(|p| !p.get_ref().starts_with('/')) {
+            return Err(file.error_at(path.span(), "a path prefix starts with '/'"));
+        }
+        Ok(Self {
+            paths: config.paths.iter().map(|p| p.get_ref().clone()).collect(),
+            models,
+            upstreams: indexes,
+        })
+    }
+
+    fn matches(&self, path: &str, model: Option<&str>) -> bool {
+        let path_matches = self.paths.is_empty() || self.paths.iter().any(|p| path.starts_with(p));
+        let model_matches = self.models.is_empty()
+            || model.is_some_and(|model| self.models.iter().any(|rule| rule.matches(model)));
+        path_matches && model_matches
+    }
+}
