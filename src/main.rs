@@ -9,6 +9,7 @@ mod config;
 mod descriptors;
 mod drain;
 mod error;
+mod failover;
 mod framing;
 mod generation;
 mod handover;

@@ -49,7 +49,25 @@ pub struct Named {
     key_header: Option<HeaderName>,
 }
 
-/// Which upstream a request went to, kept in its extensions for its access log line.
+/// The upstreams a request may go to, in order: never empty.
+#[derive(Clone, Copy)]
+pub struct Choice<'a> {
+    upstreams: &'a [Named],
+    indexes: &'a [usize],
+}
+
+impl<'a> Choice<'a> {
+    pub fn count(self) -> usize {
+        self.indexes.len()
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = &'a Named> {
+        self.indexes.iter().map(move |&i| &self.upstreams[i])
+    }
+}
+
+/// Which upstreams a request was sent to (comma-separated, in order; the last answered), kept
+/// in its extensions for its access log line.
 #[derive(Clone)]
 pub struct UpstreamName(pub Arc<str>);
 
@@ -121,15 +139,18 @@ impl Routes {
         self.reads_model
     }
 
-    /// The upstream for a request to `path` naming `model` (None: none found, or not looked
-    /// for): the first route that matches, else the default.
-    pub fn pick(&self, path: &str, model: Option<&str>) -> &Named {
-        let chosen = self
+    /// The upstreams for a request to `path` naming `model` (None: none found, or not looked
+    /// for), in the order they are to be tried: the first matching route's, else the default.
+    pub fn pick(&self, path: &str, model: Option<&str>) -> Choice<'_> {
+        let indexes = self
             .routes
             .iter()
             .find(|route| route.matches(path, model))
-            .map_or(0, |route| route.upstreams[0]);
-        &self.upstreams[chosen]
+            .map_or(&[0][..], |route| &route.upstreams[..]);
+        Choice {
+            upstreams: &self.upstreams,
+            indexes,
+        }
     }
 }
 
@@ -157,9 +178,10 @@ impl Named {
         })
     }
 
-    /// Marks an upstream response (and its request, for the access log) with this name.
-    pub fn mark(&self, request: &mut http::Extensions, response: &mut HeaderMap) {
-        request.insert(UpstreamName(self.name.clone()));
+    /// Marks an upstream response with this name, and its request with the names of every
+    /// upstream it was sent to (for the access log).
+    pub fn mark(&self, tried: Arc<str>, request: &mut http::Extensions, response: &mut HeaderMap) {
+        request.insert(UpstreamName(tried));
         response.insert(HEADER, self.header.clone());
     }
 

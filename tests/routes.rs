@@ -10,11 +10,9 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-/// The `[upstreams.NAME]` table that points at `upstream`.
+/// The `[upstreams.NAME]` table that points at `upstream`, with `extra` keys.
 fn named_toml(name: &str, upstream: &FakeUpstream, pki: &Pki, extra: &str) -> String {
-    upstream
-        .upstream_toml(pki)
-        .replace("[upstream]\n", &format!("[upstreams.{name}]\n{extra}"))
+    upstream.named_toml(pki, name, "") + extra
 }
 
 const ROUTES: &str = "[[route]]\nmodels = [\"gpt-4o*\"]\nupstreams = [\"second\"]\n\

@@ -244,6 +244,15 @@ impl FakeUpstream {
         self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// `[upstreams.NAME]` pointing here, under the base path `base`.
+    pub fn named_toml(&self, pki: &Pki, name: &str, base: &str) -> String {
+        format!(
+            "[upstreams.{name}]\nurl = \"https://127.0.0.1:{}{base}\"\nhost = \"api.openai.com\"\nca_file = \"{}\"\n",
+            self.addr.port(),
+            pki.ca_pem.display()
+        )
+    }
+
     pub fn upstream_toml(&self, pki: &Pki) -> String {
         format!(
             "[upstream]\nurl = \"https://127.0.0.1:{}\"\nhost = \"api.openai.com\"\nca_file = \"{}\"\n",

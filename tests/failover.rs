@@ -1,0 +1,205 @@
+//! Failover between the upstreams a route names: before any byte of the response has reached
+//! the client, a failed connection, a reset or a 429/502/503/504 moves the request to the next
+//! upstream; once a response has begun, nothing is sent again.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+/// A fake upstream on a runtime of its own, so that killing it closes its listener and every
+/// connection it has at once, as a crashed server would.
+struct Killable {
+    runtime: Option<tokio::runtime::Runtime>,
+    upstream: FakeUpstream,
+}
+
+impl Killable {
+    async fn start(pki: &Arc<Pki>) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let pki = pki.clone();
+        let upstream = runtime
+            .spawn(async move { FakeUpstream::start(&pki, Alpn::Both).await })
+            .await
+            .unwrap();
+        Self {
+            runtime: Some(runtime),
+            upstream,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Killable {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The proxy with `default` first and `second` next for every path under `paths`.
+fn start(
+    default: &FakeUpstream,
+    second: &FakeUpstream,
+    pki: &Pki,
+    base: &str,
+    paths: &str,
+) -> Proxy {
+    Proxy::start(&format!(
+        "{}{}[[route]]\npaths = [\"{paths}\"]\nupstreams = [\"default\", \"second\"]\n",
+        basic_config(default, pki, ""),
+        second.named_toml(pki, "second", base)
+    ))
+}
+
+fn chat() -> serde_json::Value {
+    serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_moves_the_request_with_its_body_to_the_next_upstream() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let default = FakeUpstream::start(&pki, Alpn::Both).await;
+        let second = FakeUpstream::start(&pki, Alpn::Both).await;
+        // The fake upstream answers /v1/error with a 429; under /alt, the second answers 200.
+        let proxy = start(&default, &second, &pki, "/alt", "/v1/error");
+        let body = serde_json::json!({"model": "gpt-4o-mini", "input": "x".repeat(100_000)});
+        let answer = send(
+            &http_client(),
+            post_json(&proxy.url("/v1/error"), body.clone()),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        assert_eq!(answer.headers["x-openai-proxy-upstream"], "second");
+        assert_eq!(default.received().len(), 1);
+        let replayed = second.last();
+        assert!(replayed.uri.ends_with("/alt/v1/error"), "{}", replayed.uri);
+        assert_eq!(replayed.body, Bytes::from(body.to_string()));
+        eventually(
+            Duration::from_secs(5),
+            "the access line with both tries",
+            || {
+                proxy
+                    .logs()
+                    .contains("upstream=default,second")
+                    .then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_killed_under_load_fails_no_request() {
+    bounded(60, async {
+        let pki = Arc::new(Pki::new());
+        let mut default = Killable::start(&pki).await;
+        let second = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = start(&default.upstream, &second, &pki, "", "/v1/");
+        let url = proxy.url("/v1/chat/completions");
+        let (done, failed, ok) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let (url, done, failed, ok) =
+                    (url.clone(), done.clone(), failed.clone(), ok.clone());
+                tokio::spawn(async move {
+                    let client = http_client();
+                    while !done.load(Ordering::Relaxed) {
+                        let answered = client.request(post_json(&url, chat())).await;
+                        let whole = match answered {
+                            Ok(response) if response.status() == StatusCode::OK => {
+                                response.into_body().collect().await.is_ok()
+                            }
+                            _ => false,
+                        };
+                        let counter = if whole { &ok } else { &failed };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        eventually(
+            Duration::from_secs(20),
+            "load on the first upstream",
+            || (ok.load(Ordering::Relaxed) >= 200).then_some(()),
+        )
+        .await;
+        default.kill();
+        let at_kill = ok.load(Ordering::Relaxed);
+        eventually(
+            Duration::from_secs(20),
+            "load moved to the second upstream",
+            || (second.received().len() >= 200).then_some(()),
+        )
+        .await;
+        done.store(true, Ordering::Relaxed);
+        for client in clients {
+            client.await.unwrap();
+        }
+        assert!(ok.load(Ordering::Relaxed) >= at_kill + 200);
+        assert_eq!(failed.load(Ordering::Relaxed), 0, "failed client requests");
+        assert!(default.upstream.received().len() >= 200);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_after_its_first_event_is_not_sent_again() {
+    bounded(30, async {
+        let pki = Arc::new(Pki::new());
+        let mut default = Killable::start(&pki).await;
+        let second = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = start(&default.upstream, &second, &pki, "", "/v1/");
+        let request = Request::post(proxy.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-test-SECRET-KEY-123")
+            .header("x-test-events", "10")
+            .header("x-test-gap-ms", "200")
+            .body(Full::new(Bytes::from(
+                serde_json::json!({"model": "gpt-4o-mini", "stream": true, "messages": []})
+                    .to_string(),
+            )))
+            .unwrap();
+        let response = http_client().request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-openai-proxy-upstream"], "default");
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("tok0"));
+        default.kill();
+        let mut rest = String::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                rest.push_str(&String::from_utf8_lossy(data));
+            }
+        }
+        assert!(!rest.contains("[DONE]"), "the stream was cut: {rest}");
+        assert!(!rest.contains("tok0"), "no event came twice: {rest}");
+        assert!(
+            second.received().is_empty(),
+            "nothing went to the second upstream"
+        );
+        assert_eq!(default.upstream.received().len(), 1);
+    })
+    .await;
+}
