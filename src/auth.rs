@@ -113,13 +113,7 @@ pub fn load(
             message: "[auth] mode = \"tokens\" needs both upstream_key_file and tokens_file".into(),
         });
     };
-    let (key_path, key_bytes) = file.read_secret(key_file, "the key file")?;
-    let key = parse_key(&key_bytes).map_err(|problem| {
-        file.error_at(
-            key_file.span(),
-            format!("the key file {}: {problem}", key_path.display()),
-        )
-    })?;
+    let (key, key_read) = file.read_secret_as(key_file, "the key file", parse_key)?;
     let (tokens_path, tokens_bytes) = file.read_named(tokens_file)?;
     let by_digest = parse_tokens(tokens_path.clone(), &tokens_bytes)?;
     let header = |value: &Option<Spanned<String>>| {
@@ -137,22 +131,12 @@ pub fn load(
         organization: header(&config.organization)?,
         project: header(&config.project)?,
     };
-    Ok((
-        Some(tokens),
-        vec![(key_path, key_bytes), (tokens_path, tokens_bytes)],
-    ))
+    Ok((Some(tokens), vec![key_read, (tokens_path, tokens_bytes)]))
 }
 
 /// The key is the file's one line; what is wrong is said without quoting any of it.
 fn parse_key(bytes: &[u8]) -> Result<Key, &'static str> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "it is not text")?;
-    let key = text.trim();
-    if key.is_empty() {
-        return Err("it is empty");
-    }
-    if key.contains(char::is_whitespace) {
-        return Err("it holds more than the key: one line, the key alone");
-    }
+    let key = crate::keys::key_line(bytes)?;
     let mut bearer =
         HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| "it is not a key")?;
     bearer.set_sensitive(true);

@@ -108,6 +108,18 @@ impl ConfigFile {
 
     /// Checks that need more than one value at a time.
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let mut key_files = std::iter::once(&config.upstream)
+            .chain(config.upstreams.values())
+            .filter_map(|u| u.key_files.first());
+        if config.auth.mode == auth::Mode::Passthrough
+            && let Some(first) = key_files.next()
+        {
+            return Err(self.error_at(
+                first.span(),
+                "key_files are the proxy's own keys, for [auth] mode = \"tokens\"; \
+                 in passthrough mode the clients' keys go upstream",
+            ));
+        }
         let tls_listen = config.tls.iter().flat_map(|t| t.listen.iter());
         let all: Vec<&Spanned<SocketAddr>> = config.listen.iter().chain(tls_listen).collect();
         if all.is_empty() {
@@ -161,6 +173,21 @@ impl ConfigFile {
                 Err(self.error_at(key.span(), format!("cannot read {}: {e}", path.display())))
             }
         }
+    }
+
+    /// A secret file (see `read_secret`) as `parse` takes it, and the file as read; what is wrong
+    /// is said by `parse`, never by quoting the file.
+    pub fn read_secret_as<T>(
+        &self,
+        key: &Spanned<PathBuf>,
+        what: &str,
+        parse: impl FnOnce(&[u8]) -> Result<T, &'static str>,
+    ) -> Result<(T, FileRead), ConfigError> {
+        let (path, bytes) = self.read_secret(key, what)?;
+        let value = parse(&bytes).map_err(|problem| {
+            self.error_at(key.span(), format!("{what} {}: {problem}", path.display()))
+        })?;
+        Ok((value, (path, bytes)))
     }
 
     /// Reads a secret (a key, a password) named at `key`, refusing a file that others than its

@@ -18,7 +18,8 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 
 use crate::body::{ClientBody, RequestBody};
 use crate::error::ProxyError;
-use crate::routes::{Choice, Named};
+use crate::keys::Key;
+use crate::routes::{Choice, Named, RESTING_CHANGED};
 use crate::upstream::{UpstreamBody, http1::Upgraded};
 
 /// The largest request body kept to be sent to another upstream.
@@ -48,38 +49,129 @@ pub struct Answered<'a> {
     pub upgraded: Option<Upgraded>,
 }
 
+/// At most this many tries for one request, over all its upstreams and keys.
+pub const MAX_TRIES: usize = 8;
+
 pub async fn send<'a>(
     choice: Choice<'a>,
     mut out: Outgoing<'_>,
     body: &ClientBody,
 ) -> Result<Answered<'a>, ProxyError> {
-    let replayable = choice.count() > 1 && (out.upgrade || read_whole(choice, &out, body).await?);
+    let rotating = |named: &Named| out.own_key && !named.keys.is_empty();
+    let may_retry = choice.count() > 1 || choice.iter().any(|n| rotating(n) && n.keys.len() > 1);
+    let replayable = may_retry && (out.upgrade || read_whole(choice, &out, body).await?);
     let started = Instant::now();
     let mut tried = String::new();
+    let mut tries = 0;
     let mut upstreams = choice.iter().peekable();
     while let Some(named) = upstreams.next() {
-        let last = !replayable || upstreams.peek().is_none() || started.elapsed() > WINDOW;
-        if !tried.is_empty() {
-            tried.push(',');
-        }
-        tried.push_str(&named.name);
-        let (headers, body) = match last {
-            true => (std::mem::take(&mut out.headers), body.clone()),
-            false => (out.headers.clone(), body.copy_read()),
-        };
-        let result = send_one(named, &out, headers, body).await;
-        if !last && let Some(reason) = failed_before_answering(&result) {
-            tracing::warn!(upstream = %named.name, reason, "the upstream could not answer; trying the next");
+        if named.breaker.is_resting() && upstreams.peek().is_some() {
             continue;
         }
-        return result.map(|(response, upgraded)| Answered {
-            named,
-            tried: Arc::from(tried),
-            response,
-            upgraded,
-        });
+        let mut keys_tried = Vec::new();
+        loop {
+            let key = match rotating(named) {
+                // Every key resting: the next upstream, or this one with its keys resting.
+                true => match named.keys.take(&keys_tried) {
+                    Some(key) => Some(key),
+                    None if upstreams.peek().is_some() => break,
+                    None => named.keys.first(),
+                },
+                false => None,
+            };
+            if let Some((index, _)) = key {
+                keys_tried.push(index);
+            }
+            tries += 1;
+            let another_key = rotating(named) && named.keys.has_another(&keys_tried);
+            let last = !replayable
+                || (upstreams.peek().is_none() && !another_key)
+                || tries >= MAX_TRIES
+                || started.elapsed() > WINDOW;
+            if !tried.is_empty() {
+                tried.push(',');
+            }
+            tried.push_str(&named.name);
+            let (headers, body) = match last {
+                true => (std::mem::take(&mut out.headers), body.clone()),
+                false => (out.headers.clone(), body.copy_read()),
+            };
+            let key = key.map(|(_, key)| key);
+            let result = send_one(named, &out, headers, body, key).await;
+            let answered = failed_before_answering(&result).is_none()
+                || matches!(&result, Ok((r, _)) if r.status() == StatusCode::TOO_MANY_REQUESTS);
+            if named.breaker.record(answered) {
+                tracing::warn!(upstream = %named.name, "the upstream failed repeatedly: it rests");
+                RESTING_CHANGED.notify_one();
+            }
+            let next = match last {
+                true => Next::Answer,
+                false => judge(named, key, &result),
+            };
+            let next = match next {
+                Next::Key if another_key => Next::Key,
+                Next::Key | Next::Upstream if upstreams.peek().is_some() => Next::Upstream,
+                _ => Next::Answer,
+            };
+            match next {
+                Next::Answer => {
+                    return result.map(|(response, upgraded)| Answered {
+                        named,
+                        tried: Arc::from(tried),
+                        response,
+                        upgraded,
+                    });
+                }
+                Next::Key => continue,
+                Next::Upstream => break,
+            }
+        }
     }
-    unreachable!("a choice is never empty, and its last try returns")
+    Err(ProxyError::UpstreamUnreachable(
+        "every upstream of the route failed".into(),
+    ))
+}
+
+/// What follows a try that was not the last possible one.
+enum Next {
+    /// Its result goes to the client.
+    Answer,
+    /// The next key of the same upstream (else the next upstream).
+    Key,
+    Upstream,
+}
+
+/// Whether a try's result is the client's answer; a key that got a 429 rests, one that got a
+/// 401 is set aside.
+fn judge(
+    named: &Named,
+    key: Option<&Key>,
+    result: &Result<(Response<UpstreamBody>, Option<Upgraded>), ProxyError>,
+) -> Next {
+    if let (Some(key), Ok((response, _))) = (key, result) {
+        match response.status() {
+            StatusCode::TOO_MANY_REQUESTS => {
+                let rest = key.rest(response.headers());
+                tracing::warn!(upstream = %named.name, key = %key.fingerprint, ?rest, "the upstream key rests after a 429");
+                RESTING_CHANGED.notify_one();
+                return Next::Key;
+            }
+            StatusCode::UNAUTHORIZED => {
+                key.set_aside();
+                tracing::warn!(upstream = %named.name, key = %key.fingerprint, "the upstream refused the key (401): set aside until the next reload");
+                RESTING_CHANGED.notify_one();
+                return Next::Key;
+            }
+            _ => {}
+        }
+    }
+    match failed_before_answering(result) {
+        Some(reason) => {
+            tracing::warn!(upstream = %named.name, reason, "the upstream could not answer; trying the next");
+            Next::Upstream
+        }
+        None => Next::Answer,
+    }
 }
 
 /// Reads the body ahead to send it again; false when it is larger than `REPLAY_LIMIT`.
@@ -127,6 +219,7 @@ async fn send_one(
     out: &Outgoing<'_>,
     headers: HeaderMap,
     body: ClientBody,
+    key: Option<&Key>,
 ) -> Result<(Response<UpstreamBody>, Option<Upgraded>), ProxyError> {
     let upstream = &named.upstream;
     let idle = upstream.config().idle_timeout.0;
@@ -141,7 +234,7 @@ async fn send_one(
     *request.uri_mut() = upstream.uri(out.uri);
     *request.headers_mut() = headers;
     if out.own_key {
-        named.place_key(request.headers_mut());
+        named.place_key(request.headers_mut(), key);
     }
     let Some(mut body_failed) = body_failed else {
         return upstream.send(request, out.upgrade).await;

@@ -200,6 +200,8 @@ pub struct Live {
     last_reload_error: Mutex<Option<String>>,
     /// The addresses really listened on (port 0 resolved), for the watchdog's self-check.
     listening: Mutex<Vec<SocketAddr>>,
+    /// The last `STATUS=` line but what rests, for updates when keys or upstreams rest.
+    last_status: Mutex<String>,
 }
 
 impl Live {
@@ -208,6 +210,7 @@ impl Live {
             current: ArcSwap::from_pointee(first),
             last_reload_error: Mutex::new(None),
             listening: Mutex::new(Vec::new()),
+            last_status: Mutex::new(String::new()),
         }
     }
 
@@ -246,6 +249,22 @@ impl Live {
         if let Some(error) = &*self.last_reload_error.lock().expect("not poisoned") {
             status.push_str(&format!("; last reload FAILED: {error}"));
         }
-        status
+        *self.last_status.lock().expect("not poisoned") = status.clone();
+        with_resting(status, &generation)
     }
+
+    /// The last `STATUS=` line, with what rests now.
+    pub fn status_now(&self) -> String {
+        let status = self.last_status.lock().expect("not poisoned").clone();
+        with_resting(status, &self.snapshot())
+    }
+}
+
+/// `status`, and the keys and upstreams resting if any do.
+fn with_resting(mut status: String, generation: &Generation) -> String {
+    let resting = generation.routes.resting();
+    if !resting.is_empty() {
+        status.push_str(&format!("; resting: {resting}"));
+    }
+    status
 }

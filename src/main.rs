@@ -17,6 +17,7 @@ mod headers;
 mod http1;
 mod http2;
 mod inherited;
+mod keys;
 mod listeners;
 mod logging;
 mod models;
@@ -191,6 +192,7 @@ fn serve(
             listeners.store_all();
         }
         systemd::spawn_watchdog(live.clone());
+        systemd::spawn_resting_status(live.clone());
         let status = listeners.status();
         systemd::ready(&status);
         tracing::info!(workers = workers.len(), "ready: {status}");

@@ -7,15 +7,21 @@
 //! looked for (as tokens mode reads it) only when some route names models, and passed in here.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::{ConfigError, ConfigFile, FileRead};
+use crate::keys::{Key, Keys};
 use crate::models::ModelRule;
 use crate::upstream::{self, Upstream};
+
+/// Woken when a key or an upstream starts to rest, so that `STATUS=` says so.
+pub static RESTING_CHANGED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// The name `[upstream]` goes by.
 pub const DEFAULT: &str = "default";
@@ -47,6 +53,49 @@ pub struct Named {
     header: HeaderValue,
     /// Where the proxy's own key goes, instead of `Authorization: Bearer`.
     key_header: Option<HeaderName>,
+    /// The proxy's own keys for this upstream (`key_files`); empty: `[auth]`'s key.
+    pub keys: Keys,
+    pub breaker: Breaker,
+}
+
+/// After this many failures in a row an upstream rests (its circuit opens) ...
+const TRIP_AFTER: u32 = 5;
+/// ... for this long; then requests try it again, and one more failure rests it again.
+const PAUSE: Duration = Duration::from_secs(30);
+
+/// An upstream's circuit breaker: failures to answer in a row, and since when it rests.
+#[derive(Default)]
+pub struct Breaker {
+    failures: AtomicU32,
+    resting_until: Mutex<Option<Instant>>,
+}
+
+impl Breaker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.resting_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_resting(&self) -> bool {
+        self.lock().is_some_and(|until| until > Instant::now())
+    }
+
+    /// Counts a try: answered, or failed to (see `failover`). Returns true when the failure
+    /// made the upstream rest.
+    pub fn record(&self, answered: bool) -> bool {
+        if answered {
+            if self.failures.swap(0, Ordering::Relaxed) > 0 {
+                *self.lock() = None;
+            }
+            return false;
+        }
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 < TRIP_AFTER {
+            return false;
+        }
+        // One failure after the pause rests it again.
+        self.failures.store(TRIP_AFTER - 1, Ordering::Relaxed);
+        *self.lock() = Some(Instant::now() + PAUSE);
+        true
+    }
 }
 
 /// The upstreams a request may go to, in order: never empty.
@@ -95,8 +144,14 @@ impl Routes {
         workers: usize,
         previous: Option<&Routes>,
     ) -> Result<(Self, Vec<FileRead>), ConfigError> {
-        let mut upstreams = vec![Named::new(DEFAULT, default, &config.upstream, file)?];
         let mut read = Vec::new();
+        let mut upstreams = vec![Named::new(
+            DEFAULT,
+            default,
+            &config.upstream,
+            file,
+            &mut read,
+        )?];
         for (name, upstream_config) in &config.upstreams {
             if name.get_ref() == DEFAULT || HeaderValue::from_str(name.get_ref()).is_err() {
                 return Err(file.error_at(
@@ -114,7 +169,8 @@ impl Routes {
                 .and_then(|p| p.find(name.get_ref()))
                 .map(|n| &n.upstream);
             let built = Upstream::build(upstream_config, file, files, workers, kept)?;
-            upstreams.push(Named::new(name.get_ref(), built, upstream_config, file)?);
+            let named = Named::new(name.get_ref(), built, upstream_config, file, &mut read)?;
+            upstreams.push(named);
         }
         let routes = config
             .route
@@ -132,6 +188,21 @@ impl Routes {
 
     fn find(&self, name: &str) -> Option<&Named> {
         self.upstreams.iter().find(|n| &*n.name == name)
+    }
+
+    /// What rests now, for `STATUS=`: upstreams whose circuit is open, keys that got a 429 or
+    /// a 401 (by fingerprint); empty when nothing does.
+    pub fn resting(&self) -> String {
+        let mut resting = Vec::new();
+        for named in &self.upstreams {
+            if named.breaker.is_resting() {
+                resting.push(format!("upstream {}", named.name));
+            }
+            for key in named.keys.unusable() {
+                resting.push(format!("key {key} of {}", named.name));
+            }
+        }
+        resting.join(", ")
     }
 
     /// Whether choosing an upstream needs the request's model.
@@ -160,7 +231,10 @@ impl Named {
         upstream: Arc<Upstream>,
         config: &upstream::Config,
         file: &ConfigFile,
+        read: &mut Vec<FileRead>,
     ) -> Result<Self, ConfigError> {
+        let (keys, keys_read) = Keys::load(&config.key_files, file)?;
+        read.extend(keys_read);
         let key_header = config
             .key_header
             .as_ref()
@@ -175,6 +249,8 @@ impl Named {
             upstream,
             header: HeaderValue::from_str(name).expect("names are checked to be header values"),
             key_header,
+            keys,
+            breaker: Breaker::default(),
         })
     }
 
@@ -185,9 +261,14 @@ impl Named {
         response.insert(HEADER, self.header.clone());
     }
 
-    /// Moves the proxy's own key from `Authorization: Bearer` to this upstream's `key_header`,
+    /// Puts the proxy's own key where this upstream takes it: `key` (one of `keys`), or
+    /// `[auth]`'s key, which tokens mode put in `Authorization: Bearer`, moved to `key_header`
     /// bare, as Azure's `api-key` takes it.
-    pub fn place_key(&self, headers: &mut HeaderMap) {
+    pub fn place_key(&self, headers: &mut HeaderMap, key: Option<&Key>) {
+        if let Some(key) = key {
+            key.place(headers, self.key_header.as_ref());
+            return;
+        }
         let Some(name) = &self.key_header else {
             return;
         };

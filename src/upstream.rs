@@ -63,6 +63,9 @@ pub struct Config {
     /// The header the proxy's own key goes in, bare (Azure's `api-key`); unset: Authorization,
     /// as `Bearer KEY`.
     pub key_header: Option<Spanned<String>>,
+    /// Tokens mode: the proxy's own keys for this upstream, used in turn (instead of
+    /// `[auth] upstream_key_file`).
+    pub key_files: Vec<Spanned<PathBuf>>,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             proxy: None,
             proxy_password_file: None,
             key_header: None,
+            key_files: Vec::new(),
         }
     }
 }
@@ -199,14 +203,9 @@ impl Files {
                         "proxy_password_file needs a proxy url with a user: \"http://user@host:port\"",
                     ));
                 }
-                let (path, bytes) = file.read_secret(key, "the proxy password file")?;
-                let password = password_line(&bytes).map_err(|problem| {
-                    file.error_at(
-                        key.span(),
-                        format!("the proxy password file {}: {problem}", path.display()),
-                    )
-                })?;
-                read.push((path, bytes));
+                let (password, password_read) =
+                    file.read_secret_as(key, "the proxy password file", password_line)?;
+                read.push(password_read);
                 Some(password)
             }
             None => None,

@@ -409,21 +409,11 @@ async fn a_changed_proxy_applies_on_reload() {
     .await;
 }
 
-/// `openai-proxy check` on `config` (in a directory of its own, with a password file).
+/// `openai-proxy check` on `config`, beside a password file (readable by all).
 fn check(config: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("egress-password"), PASSWORD).unwrap();
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(BIN)
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    check_in(dir.path(), config)
 }
 
 #[test]

@@ -159,6 +159,13 @@ async fn an_upstream_killed_under_load_fails_no_request() {
         assert!(ok.load(Ordering::Relaxed) >= at_kill + 200);
         assert_eq!(failed.load(Ordering::Relaxed), 0, "failed client requests");
         assert!(default.upstream.received().len() >= 200);
+        // Its failures opened its circuit: it rests, and STATUS= says so.
+        proxy.notify.wait_for(
+            0,
+            Duration::from_secs(5),
+            "STATUS= naming the resting upstream",
+            |m| m.contains("STATUS=") && m.contains("; resting: upstream default"),
+        );
     })
     .await;
 }
@@ -202,4 +209,120 @@ async fn a_stream_that_breaks_after_its_first_event_is_not_sent_again() {
         assert_eq!(default.upstream.received().len(), 1);
     })
     .await;
+}
+
+const KEY_A: &str = "sk-proj-KEY-A-0001";
+const KEY_B: &str = "sk-proj-KEY-B-0002";
+const KEY_C: &str = "sk-proj-KEY-C-0003";
+
+/// Tokens mode with three keys for the default upstream, used in turn.
+fn start_with_keys(upstream: &FakeUpstream, pki: &Pki, token: &Issued) -> Proxy {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    write_key(dir.path(), 0o600);
+    std::fs::write(dir.path().join("tokens.toml"), &token.table).unwrap();
+    for (name, key) in [("key-a", KEY_A), ("key-b", KEY_B), ("key-c", KEY_C)] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{key}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let config = basic_config(upstream, pki, TOKENS_AUTH).replace(
+        "[upstream]\n",
+        "[upstream]\nkey_files = [\"key-a\", \"key-b\", \"key-c\"]\n",
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).unwrap();
+    Proxy::spawn(dir, config_path, ProxyOptions::default())
+}
+
+/// The key a request reached the upstream with.
+fn key_of(received: &Received) -> String {
+    let bearer = received.headers["authorization"].to_str().unwrap();
+    bearer.trim_start_matches("Bearer ").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_rests_its_key_and_a_401_sets_its_key_aside() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let alice = issue("alice");
+        let proxy = start_with_keys(&upstream, &pki, &alice);
+        let client = http_client();
+        let request = |refuse: Option<(&str, &str)>| {
+            let mut request = Request::post(proxy.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {}", alice.token));
+            if let Some((header, key)) = refuse {
+                request = request.header(header, key);
+            }
+            request
+                .body(Full::new(Bytes::from(chat().to_string())))
+                .unwrap()
+        };
+        // The keys go in turn: A first. A answers 429 with Retry-After: the request moves to B.
+        let answer = send(&client, request(Some(("x-test-429-for-key", KEY_A)))).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        let keys: Vec<String> = upstream.received().iter().map(key_of).collect();
+        assert_eq!(keys, [KEY_A, KEY_B]);
+        // A rests for 30 s: the next requests use C and B only.
+        for _ in 0..4 {
+            let answer = send(&client, request(None)).await;
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        let later: Vec<String> = upstream.received()[2..].iter().map(key_of).collect();
+        assert!(!later.contains(&KEY_A.to_owned()), "{later:?}");
+        // B refused (401): set aside; the request goes with C.
+        let seen = upstream.received().len();
+        let answer = send(&client, request(Some(("x-test-401-for-key", KEY_B)))).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let keys: Vec<String> = upstream.received()[seen..].iter().map(key_of).collect();
+        assert_eq!(keys.last().unwrap(), KEY_C, "{keys:?}");
+        let seen = upstream.received().len();
+        for _ in 0..3 {
+            send(&client, request(None)).await;
+        }
+        let keys: Vec<String> = upstream.received()[seen..].iter().map(key_of).collect();
+        assert_eq!(keys, [KEY_C, KEY_C, KEY_C]);
+        // STATUS= names the resting key and the one set aside by fingerprint.
+        let status = |key: &str| {
+            let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+            let print: String = digest.as_ref()[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("key {print} of default")
+        };
+        let (a, b) = (status(KEY_A), status(KEY_B));
+        proxy
+            .notify
+            .wait_for(0, Duration::from_secs(5), "STATUS= naming both keys", |m| {
+                m.contains("STATUS=") && m.contains(&a) && m.contains(&b)
+            });
+        // Logged by fingerprint, never by the key.
+        eventually(Duration::from_secs(5), "the 401 warning", || {
+            proxy.logs().contains("set aside").then_some(())
+        })
+        .await;
+        let logs = proxy.logs();
+        assert!(logs.contains("rests after a 429"), "{logs}");
+        let notices = proxy.notify.messages().join("\n");
+        for key in [KEY_A, KEY_B, KEY_C, UPSTREAM_KEY] {
+            assert!(!logs.contains(key), "{logs}");
+            assert!(!notices.contains(key), "{notices}");
+        }
+    })
+    .await;
+}
+
+#[test]
+fn key_files_need_tokens_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) = check_in(
+        dir.path(),
+        "listen = [\"127.0.0.1:0\"]\n[upstream]\nkey_files = [\"key-a\"]\n",
+    );
+    assert!(!ok);
+    assert!(text.contains("config.toml:3:14: "), "{text}");
+    assert!(text.contains("mode = \"tokens\""), "{text}");
 }

@@ -168,21 +168,12 @@ async fn the_key_goes_in_the_upstreams_key_header() {
 #[test]
 fn a_route_to_an_unknown_upstream_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
+    let (ok, text) = check_in(
+        dir.path(),
         "listen = [\"127.0.0.1:0\"]\n[upstreams.azure]\nurl = \"https://127.0.0.1:1\"\n\
          [[route]]\nmodels = [\"gpt-4o*\"]\nupstreams = [\"azure\", \"nowhere\"]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(BIN)
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
+    assert!(!ok);
     assert!(text.contains("config.toml:6:23: "), "{text}");
     assert!(text.contains("no upstream is named \"nowhere\""), "{text}");
 }
