@@ -183,7 +183,7 @@ fn serve(
         let mut listeners = ListenerSet::start(live.clone(), &workers, inherited)?;
         let triggers = Triggers::start(&live)?;
         // Connect upstream now, so that the first requests find a connection open.
-        live.snapshot().upstream.preconnect(workers.handles());
+        live.snapshot().routes.preconnect(workers.handles());
 
         // Ready; when taking over from a predecessor, once it has named this the main process.
         if let Some(predecessor) = predecessor.take() {

@@ -205,6 +205,13 @@ impl Routes {
         resting.join(", ")
     }
 
+    /// Connects every upstream ahead of the first request (see `Upstream::preconnect`).
+    pub fn preconnect(&self, workers: &[tokio::runtime::Handle]) {
+        for named in &self.upstreams {
+            named.upstream.preconnect(workers);
+        }
+    }
+
     /// Whether choosing an upstream needs the request's model.
     pub fn reads_model(&self) -> bool {
         self.reads_model

@@ -151,6 +151,22 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
     }
 }
 
+/// The egress proxy `config` names, if any; an `https://` one is verified with `tls`'s roots.
+fn egress(
+    config: &Config,
+    files: &Files,
+    tls: &rustls::ClientConfig,
+    file: &ConfigFile,
+) -> Result<Option<Egress>, ConfigError> {
+    let Some(proxy) = &config.proxy else {
+        return Ok(None);
+    };
+    let password = files.proxy_password.as_ref();
+    Egress::new(proxy.get_ref(), password, tls, config.dns_refresh.0)
+        .map(Some)
+        .map_err(|message| file.error_at(proxy.span(), message))
+}
+
 /// A DNS name or IP address usable both as a Host header and as a TLS server name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostName(String);
@@ -262,18 +278,7 @@ impl Upstream {
             return Ok(previous.clone());
         }
         let tls = client_tls(config, file, files.ca_pem.as_deref())?;
-        let egress = match &config.proxy {
-            Some(proxy) => Some(
-                Egress::new(
-                    proxy.get_ref(),
-                    files.proxy_password.as_ref(),
-                    &tls,
-                    config.dns_refresh.0,
-                )
-                .map_err(|message| file.error_at(proxy.span(), message))?,
-            ),
-            None => None,
-        };
+        let egress = egress(config, &files, &tls, file)?;
         let url = &config.url;
         let host = config
             .host
