@@ -337,3 +337,35 @@ impl Route {
         path_matches && model_matches
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(paths: &[&str], models: &[&str]) -> Route {
+        Route {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            models: models
+                .iter()
+                .map(|m| ModelRule::parse(m).unwrap())
+                .collect(),
+            upstreams: vec![1],
+        }
+    }
+
+    #[test]
+    fn a_route_matches_its_paths_and_its_models() {
+        let by_model = route(&[], &["gpt-4o*", "o3"]);
+        assert!(by_model.matches("/v1/chat/completions", Some("gpt-4o-mini")));
+        assert!(by_model.matches("/v1/responses", Some("o3")));
+        assert!(!by_model.matches("/v1/responses", Some("o3-mini")));
+        assert!(!by_model.matches("/v1/chat/completions", None));
+        let by_path = route(&["/v1/audio/"], &[]);
+        assert!(by_path.matches("/v1/audio/speech", None));
+        assert!(!by_path.matches("/v1/chat/completions", Some("gpt-4o")));
+        let both = route(&["/v1/chat/"], &["gpt-4o*"]);
+        assert!(both.matches("/v1/chat/completions", Some("gpt-4o")));
+        assert!(!both.matches("/v1/embeddings", Some("gpt-4o")));
+        assert!(!both.matches("/v1/chat/completions", Some("o3")));
+    }
+}

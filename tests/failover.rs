@@ -105,6 +105,28 @@ async fn a_429_moves_the_request_with_its_body_to_the_next_upstream() {
     .await;
 }
 
+/// A body past the 8 MiB kept for replay goes to the first upstream alone, whatever it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_large_to_replay_is_not_sent_again() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let default = FakeUpstream::start(&pki, Alpn::Both).await;
+        let second = FakeUpstream::start(&pki, Alpn::Both).await;
+        let proxy = start(&default, &second, &pki, "/alt", "/v1/error");
+        let body = serde_json::json!({"model": "gpt-4o-mini", "input": "x".repeat(9 << 20)});
+        let answer = send(
+            &http_client(),
+            post_json(&proxy.url("/v1/error"), body.clone()),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(answer.headers["x-openai-proxy-upstream"], "default");
+        assert_eq!(default.last().body.len(), body.to_string().len());
+        assert!(second.received().is_empty());
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_killed_under_load_fails_no_request() {
     bounded(60, async {
