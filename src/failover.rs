@@ -69,21 +69,13 @@ pub async fn send<'a>(
             continue;
         }
         let mut keys_tried = Vec::new();
-        loop {
-            let key = match rotating(named) {
-                // Every key resting: the next upstream, or this one with its keys resting.
-                true => match named.keys.take(&keys_tried) {
-                    Some(key) => Some(key),
-                    None if upstreams.peek().is_some() => break,
-                    None => named.keys.first(),
-                },
-                false => None,
-            };
+        let rotates = rotating(named);
+        while let Some(key) = key_for(named, rotates, &keys_tried, upstreams.peek().is_some()) {
             if let Some((index, _)) = key {
                 keys_tried.push(index);
             }
             tries += 1;
-            let another_key = rotating(named) && named.keys.has_another(&keys_tried);
+            let another_key = rotates && named.keys.has_another(&keys_tried);
             let last = !replayable
                 || (upstreams.peek().is_none() && !another_key)
                 || tries >= MAX_TRIES
@@ -104,11 +96,14 @@ pub async fn send<'a>(
                 tracing::warn!(upstream = %named.name, "the upstream failed repeatedly: it rests");
                 RESTING_CHANGED.notify_one();
             }
-            let next = match last {
-                true => Next::Answer,
-                false => judge(named, key, &result),
+            // Judged even when nothing follows, so that a key that got a 429 rests all the same;
+            // a request with nowhere else to go is not (an upstream's 429 is then just relayed).
+            let judged = match may_retry {
+                true => judge(named, key, &result),
+                false => Next::Answer,
             };
-            let next = match next {
+            let next = match judged {
+                _ if last => Next::Answer,
                 Next::Key if another_key => Next::Key,
                 Next::Key | Next::Upstream if upstreams.peek().is_some() => Next::Upstream,
                 _ => Next::Answer,
@@ -132,7 +127,26 @@ pub async fn send<'a>(
     ))
 }
 
-/// What follows a try that was not the last possible one.
+/// The key for the next try on `named` (None: `[auth]`'s, without rotation); None outright
+/// when every key rests and another upstream can take the request. With nowhere else to go,
+/// a resting key is used all the same.
+fn key_for<'k>(
+    named: &'k Named,
+    rotating: bool,
+    tried: &[usize],
+    another_upstream: bool,
+) -> Option<Option<(usize, &'k Key)>> {
+    if !rotating {
+        return Some(None);
+    }
+    match named.keys.take(tried) {
+        Some(key) => Some(Some(key)),
+        None if another_upstream => None,
+        None => Some(named.keys.first()),
+    }
+}
+
+/// What a try calls for.
 enum Next {
     /// Its result goes to the client.
     Answer,
@@ -167,7 +181,7 @@ fn judge(
     }
     match failed_before_answering(result) {
         Some(reason) => {
-            tracing::warn!(upstream = %named.name, reason, "the upstream could not answer; trying the next");
+            tracing::warn!(upstream = %named.name, reason, "the upstream could not answer");
             Next::Upstream
         }
         None => Next::Answer,
