@@ -84,6 +84,8 @@ pub struct AccessRecord {
     usage_unknown: Option<&'static str>,
     /// The request's place under its token's limits: settled with `usage` when this drops.
     pub permit: Option<crate::limits::Permit>,
+    /// The name of the upstream the request went to.
+    pub upstream: Option<Arc<str>>,
     cut: Option<String>,
     enabled: bool,
 }
@@ -114,6 +116,7 @@ impl AccessRecord {
             model: None,
             usage_unknown: None,
             permit: None,
+            upstream: None,
             cut: None,
             enabled,
         }
@@ -179,6 +182,7 @@ impl Drop for AccessRecord {
                     reasoning_tokens = self.usage.map(|u| u.reasoning),
                     usage = self.usage_unknown.map(tracing::field::display),
                     model = self.model.as_deref().map(tracing::field::display),
+                    upstream = self.upstream.as_deref().map(tracing::field::display),
                     cut = self.cut.as_deref(),
                     "{} {} {}",
                     self.method,

@@ -11,7 +11,6 @@ mod inspect;
 pub use inspect::INSPECT_LIMIT;
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,6 +25,7 @@ use crate::config::{ConfigError, ConfigFile, days_from_civil};
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::listeners::FileRead;
+use crate::models::ModelRule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,20 +71,11 @@ pub struct Token {
     pub quota: crate::limits::Quota,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ModelRule {
-    Exact(String),
-    Prefix(String),
-}
-
 impl Token {
     pub fn allows(&self, model: &str) -> bool {
-        self.models.as_ref().is_none_or(|rules| {
-            rules.iter().any(|rule| match rule {
-                ModelRule::Exact(name) => model == name,
-                ModelRule::Prefix(prefix) => model.starts_with(prefix.as_str()),
-            })
-        })
+        self.models
+            .as_ref()
+            .is_none_or(|rules| rules.iter().any(|rule| rule.matches(model)))
     }
 
     fn restricts_models(&self) -> bool {
@@ -127,13 +118,7 @@ pub fn load(
             message: "[auth] mode = \"tokens\" needs both upstream_key_file and tokens_file".into(),
         });
     };
-    let (key_path, key_bytes) = read_key_file(file, key_file)?;
-    let key = parse_key(&key_bytes).map_err(|problem| {
-        file.error_at(
-            key_file.span(),
-            format!("the key file {}: {problem}", key_path.display()),
-        )
-    })?;
+    let (key, key_read) = file.read_secret_as(key_file, "the key file", parse_key)?;
     let (tokens_path, tokens_bytes) = file.read_named(tokens_file)?;
     let by_digest = parse_tokens(tokens_path.clone(), &tokens_bytes)?;
     let header = |value: &Option<Spanned<String>>| {
@@ -151,52 +136,12 @@ pub fn load(
         organization: header(&config.organization)?,
         project: header(&config.project)?,
     };
-    Ok((
-        Some(tokens),
-        vec![(key_path, key_bytes), (tokens_path, tokens_bytes)],
-    ))
-}
-
-/// Reads the key file, refusing one that others than its owner may read; a systemd credential
-/// is taken as systemd made it.
-fn read_key_file(
-    file: &ConfigFile,
-    key: &Spanned<PathBuf>,
-) -> Result<(PathBuf, Vec<u8>), ConfigError> {
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    let path = match &credentials {
-        Some(dir) if key.get_ref().is_relative() => dir.join(key.get_ref()),
-        _ => file.resolve(key.get_ref()),
-    };
-    let fail = |message: String| file.error_at(key.span(), message);
-    let is_credential = credentials
-        .as_deref()
-        .is_some_and(|dir| path.starts_with(dir));
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-    if !is_credential && meta.mode() & 0o077 != 0 {
-        return Err(fail(format!(
-            "the key file {} may be read by others than its owner (mode {:o}): \
-             chmod 600 it, or pass it as a systemd credential (LoadCredential=)",
-            path.display(),
-            meta.mode() & 0o777
-        )));
-    }
-    let bytes =
-        std::fs::read(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-    Ok((path, bytes))
+    Ok((Some(tokens), vec![key_read, (tokens_path, tokens_bytes)]))
 }
 
 /// The key is the file's one line; what is wrong is said without quoting any of it.
 fn parse_key(bytes: &[u8]) -> Result<Key, &'static str> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "it is not text")?;
-    let key = text.trim();
-    if key.is_empty() {
-        return Err("it is empty");
-    }
-    if key.contains(char::is_whitespace) {
-        return Err("it holds more than the key: one line, the key alone");
-    }
+    let key = crate::keys::key_line(bytes)?;
     let mut bearer =
         HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| "it is not a key")?;
     bearer.set_sensitive(true);
@@ -250,7 +195,7 @@ fn parse_tokens(path: PathBuf, bytes: &[u8]) -> Result<HashMap<[u8; 32], Arc<Tok
             Some(models) => Some(
                 models
                     .iter()
-                    .map(|m| parse_rule(m.get_ref()).map_err(|e| file.error_at(m.span(), e)))
+                    .map(|m| ModelRule::parse(m.get_ref()).map_err(|e| file.error_at(m.span(), e)))
                     .collect::<Result<Vec<_>, _>>()?,
             ),
             None => None,
@@ -288,20 +233,6 @@ fn parse_digest(text: &str) -> Option<[u8; 32]> {
         *byte = u8::from_str_radix(pair, 16).ok()?;
     }
     Some(digest)
-}
-
-fn parse_rule(text: &str) -> Result<ModelRule, String> {
-    let rule = match text.strip_suffix('*') {
-        Some(prefix) => ModelRule::Prefix(prefix.to_owned()),
-        None => ModelRule::Exact(text.to_owned()),
-    };
-    match &rule {
-        ModelRule::Exact(s) | ModelRule::Prefix(s) if s.contains('*') => Err(format!(
-            "{text:?}: `*` may only end a model name, to match a prefix"
-        )),
-        ModelRule::Exact(s) if s.is_empty() => Err("an empty model name".into()),
-        _ => Ok(rule),
-    }
 }
 
 /// A TOML date-time as seconds since the Unix epoch: a date alone is its midnight UTC; a
@@ -357,6 +288,19 @@ pub async fn admit(
     }
     tokens.rewrite(&mut parts.headers);
     Ok(Some(token))
+}
+
+/// The model a request names, for routes that choose an upstream by model: the first found
+/// where tokens mode looks. None for an upgrade, a file upload or a body too large to read.
+pub async fn request_model(
+    generation: &Generation,
+    parts: &http::request::Parts,
+    body: &ClientBody,
+) -> Result<Option<String>, ProxyError> {
+    let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
+    let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
+    let (models, _) = inspect::request_models(generation, parts, body).await?;
+    Ok(models.into_iter().next())
 }
 
 /// The subprotocol entry a client sent its token in, as it sent it.

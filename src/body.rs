@@ -214,6 +214,22 @@ impl ClientBody {
         })));
     }
 
+    /// A copy of a body that `read_ahead` read whole, to send to another upstream while this
+    /// one stays as it is. Any other body copies as empty: callers copy only a body read whole.
+    pub fn copy_read(&self) -> ClientBody {
+        let copy = match &*self.lock() {
+            Some(Inbound::ReadAhead(ahead)) if ahead.rest.is_none() => {
+                let frames = ahead.frames.iter().filter_map(copy_frame).collect();
+                Some(Inbound::ReadAhead(Box::new(ReadAhead {
+                    frames,
+                    rest: None,
+                })))
+            }
+            _ => None,
+        };
+        Self(Arc::new(Mutex::new(copy)))
+    }
+
     /// Reads what is left of the body in the background, for up to `within`, then drops it
     /// (and with it, if unfinished, the connection).
     pub fn discard_rest(&self, within: Duration) {
@@ -224,6 +240,14 @@ impl ClientBody {
             let drain = async { while let Some(Ok(_)) = body.frame().await {} };
             let _ = tokio::time::timeout(within, drain).await;
         });
+    }
+}
+
+fn copy_frame(frame: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    match (frame.data_ref(), frame.trailers_ref()) {
+        (Some(data), _) => Some(Frame::data(data.clone())),
+        (None, Some(trailers)) => Some(Frame::trailers(trailers.clone())),
+        (None, None) => None,
     }
 }
 

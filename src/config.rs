@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{admin, auth, limits, listeners, logging, proxy, reload, server, upstream};
+use crate::{admin, auth, limits, listeners, logging, proxy, reload, routes, server, upstream};
 
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 
@@ -25,6 +25,12 @@ pub struct Config {
     pub tls: Option<listeners::TlsConfig>,
     #[serde(default)]
     pub upstream: upstream::Config,
+    /// More upstreams, by name.
+    #[serde(default)]
+    pub upstreams: routes::UpstreamsConfig,
+    /// Which requests go to which upstreams.
+    #[serde(default)]
+    pub route: Vec<routes::RouteConfig>,
     #[serde(default)]
     pub server: server::Config,
     #[serde(default)]
@@ -40,6 +46,9 @@ pub struct Config {
     #[serde(default)]
     pub limits: limits::Config,
 }
+
+/// A file named in the config, as it was read.
+pub type FileRead = (PathBuf, Vec<u8>);
 
 /// The text of a config file, kept so that a span anywhere in it can be named by line and column.
 pub struct ConfigFile {
@@ -103,6 +112,18 @@ impl ConfigFile {
 
     /// Checks that need more than one value at a time.
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let mut key_files = std::iter::once(&config.upstream)
+            .chain(config.upstreams.values())
+            .filter_map(|u| u.key_files.first());
+        if config.auth.mode == auth::Mode::Passthrough
+            && let Some(first) = key_files.next()
+        {
+            return Err(self.error_at(
+                first.span(),
+                "key_files are the proxy's own keys, for [auth] mode = \"tokens\"; \
+                 in passthrough mode the clients' keys go upstream",
+            ));
+        }
         let tls_listen = config.tls.iter().flat_map(|t| t.listen.iter());
         let all: Vec<&Spanned<SocketAddr>> = config.listen.iter().chain(tls_listen).collect();
         if all.is_empty() {
@@ -181,6 +202,55 @@ impl ConfigFile {
                 Err(self.error_at(key.span(), format!("cannot read {}: {e}", path.display())))
             }
         }
+    }
+
+    /// A secret file (see `read_secret`) as `parse` takes it, and the file as read; what is wrong
+    /// is said by `parse`, never by quoting the file.
+    pub fn read_secret_as<T>(
+        &self,
+        key: &Spanned<PathBuf>,
+        what: &str,
+        parse: impl FnOnce(&[u8]) -> Result<T, &'static str>,
+    ) -> Result<(T, FileRead), ConfigError> {
+        let (path, bytes) = self.read_secret(key, what)?;
+        let value = parse(&bytes).map_err(|problem| {
+            self.error_at(key.span(), format!("{what} {}: {problem}", path.display()))
+        })?;
+        Ok((value, (path, bytes)))
+    }
+
+    /// Reads a secret (a key, a password) named at `key`, refusing a file that others than its
+    /// owner may read; a relative path is looked up in `$CREDENTIALS_DIRECTORY` when systemd
+    /// passes credentials, and a credential is taken as systemd made it. `what` names the file
+    /// in errors ("the key file").
+    pub fn read_secret(
+        &self,
+        key: &Spanned<PathBuf>,
+        what: &str,
+    ) -> Result<(PathBuf, Vec<u8>), ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let path = match &credentials {
+            Some(dir) if key.get_ref().is_relative() => dir.join(key.get_ref()),
+            _ => self.resolve(key.get_ref()),
+        };
+        let fail = |message: String| self.error_at(key.span(), message);
+        let is_credential = credentials
+            .as_deref()
+            .is_some_and(|dir| path.starts_with(dir));
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+        if !is_credential && meta.mode() & 0o077 != 0 {
+            return Err(fail(format!(
+                "{what} {} may be read by others than its owner (mode {:o}): \
+                 chmod 600 it, or pass it as a systemd credential (LoadCredential=)",
+                path.display(),
+                meta.mode() & 0o777
+            )));
+        }
+        let bytes = std::fs::read(&path)
+            .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+        Ok((path, bytes))
     }
 }
 

@@ -55,6 +55,9 @@ pub enum ProxyError {
     UpstreamTimeout(std::time::Duration),
     #[error("the upstream connection failed: {0}")]
     UpstreamProtocol(String),
+    /// Names the egress proxy by host and port and says what it answered; never its password.
+    #[error("{0}")]
+    EgressProxy(String),
 }
 
 impl ProxyError {
@@ -75,7 +78,8 @@ impl ProxyError {
             Self::UpstreamUnreachable(_)
             | Self::UpstreamTls(_)
             | Self::UpstreamTimeout(_)
-            | Self::UpstreamProtocol(_) => Side::Upstream,
+            | Self::UpstreamProtocol(_)
+            | Self::EgressProxy(_) => Side::Upstream,
         }
     }
 
@@ -92,9 +96,10 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamUnreachable(_) | Self::UpstreamTls(_) | Self::UpstreamProtocol(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::UpstreamUnreachable(_)
+            | Self::UpstreamTls(_)
+            | Self::UpstreamProtocol(_)
+            | Self::EgressProxy(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -117,6 +122,7 @@ impl ProxyError {
             Self::UpstreamTls(_) => "upstream_tls_error",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamProtocol(_) => "upstream_error",
+            Self::EgressProxy(_) => "egress_proxy_error",
         }
     }
 

@@ -23,7 +23,10 @@ pub struct Generation {
     pub number: u64,
     pub loaded_at: SystemTime,
     pub config: Config,
+    /// The default upstream (`[upstream]`).
     pub upstream: Arc<Upstream>,
+    /// Every upstream by name, the default among them, and the routes to them.
+    pub routes: crate::routes::Routes,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub http2: http2::Builder<TokioExecutor>,
     /// Tokens mode's key and tokens; None in passthrough mode.
@@ -66,21 +69,23 @@ impl Generation {
             }
             None => None,
         };
-        let ca_pem = match &config.upstream.ca_file {
-            Some(key) => {
-                let (path, bytes) = file.read_named(key)?;
-                contents.push((path, bytes.clone()));
-                Some(bytes)
-            }
-            None => None,
-        };
+        let (upstream_files, read) = crate::upstream::Files::read(&config.upstream, &file)?;
+        contents.extend(read);
         let upstream = Upstream::build(
             &config.upstream,
             &file,
-            ca_pem,
+            upstream_files,
             workers,
             previous.map(|p| &p.upstream),
         )?;
+        let (routes, read) = crate::routes::Routes::build(
+            &config,
+            &file,
+            upstream.clone(),
+            workers,
+            previous.map(|p| &p.routes),
+        )?;
+        contents.extend(read);
         let (auth, read) = crate::auth::load(&config.auth, &file)?;
         contents.extend(read);
         let limits = crate::limits::Limiter::build(
@@ -103,6 +108,7 @@ impl Generation {
             workers,
             config,
             upstream,
+            routes,
             tls,
             http2,
             auth,
@@ -168,8 +174,15 @@ impl Generation {
             .as_ref()
             .map(|h| format!(" (Host {})", h.as_str()))
             .unwrap_or_default();
+        // The egress proxy without its user: only when one is set, so that the line is as it
+        // was for a config without.
+        let via = upstream
+            .proxy
+            .as_ref()
+            .map(|p| format!(" via {}", p.get_ref()))
+            .unwrap_or_default();
         format!(
-            "listening on {}; upstream {}{host}",
+            "listening on {}; upstream {}{host}{via}",
             addrs.join(", "),
             upstream.url
         )
@@ -202,6 +215,8 @@ pub struct Live {
     last_reload_error: Mutex<Option<String>>,
     /// The addresses really listened on (port 0 resolved), for the watchdog's self-check.
     listening: Mutex<Vec<SocketAddr>>,
+    /// The last `STATUS=` line but what rests, for updates when keys or upstreams rest.
+    last_status: Mutex<String>,
 }
 
 impl Live {
@@ -211,6 +226,7 @@ impl Live {
             current: ArcSwap::from_pointee(first),
             last_reload_error: Mutex::new(None),
             listening: Mutex::new(Vec::new()),
+            last_status: Mutex::new(String::new()),
         }
     }
 
@@ -250,6 +266,22 @@ impl Live {
         if let Some(error) = &*self.last_reload_error.lock().expect("not poisoned") {
             status.push_str(&format!("; last reload FAILED: {error}"));
         }
-        status
+        *self.last_status.lock().expect("not poisoned") = status.clone();
+        with_resting(status, &generation)
     }
+
+    /// The last `STATUS=` line, with what rests now.
+    pub fn status_now(&self) -> String {
+        let status = self.last_status.lock().expect("not poisoned").clone();
+        with_resting(status, &self.snapshot())
+    }
+}
+
+/// `status`, and the keys and upstreams resting if any do.
+fn with_resting(mut status: String, generation: &Generation) -> String {
+    let resting = generation.routes.resting();
+    if !resting.is_empty() {
+        status.push_str(&format!("; resting: {resting}"));
+    }
+    status
 }

@@ -37,8 +37,7 @@ pub struct TlsConfig {
     pub key_file: Spanned<PathBuf>,
 }
 
-/// A file named in the config, as it was read.
-pub type FileRead = (PathBuf, Vec<u8>);
+pub use crate::config::FileRead;
 
 /// The TLS acceptor for the listeners, and the files it was made from.
 pub fn tls_acceptor(

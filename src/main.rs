@@ -10,6 +10,7 @@ mod config;
 mod descriptors;
 mod drain;
 mod error;
+mod failover;
 mod framing;
 mod generation;
 mod handover;
@@ -17,13 +18,16 @@ mod headers;
 mod http1;
 mod http2;
 mod inherited;
+mod keys;
 mod limits;
 mod listeners;
 mod logging;
 mod metrics;
+mod models;
 mod outcome;
 mod proxy;
 mod reload;
+mod routes;
 mod server;
 mod systemd;
 mod tunnel;
@@ -200,7 +204,7 @@ fn serve(
         let mut listeners = ListenerSet::start(live.clone(), &workers, inherited)?;
         let triggers = Triggers::start(&live)?;
         // Connect upstream now, so that the first requests find a connection open.
-        live.snapshot().upstream.preconnect(workers.handles());
+        live.snapshot().routes.preconnect(workers.handles());
 
         // Ready; when taking over from a predecessor, once it has named this the main process.
         if let Some(predecessor) = predecessor.take() {
@@ -209,6 +213,7 @@ fn serve(
             listeners.store_all();
         }
         systemd::spawn_watchdog(live.clone());
+        systemd::spawn_resting_status(live.clone());
         let status = listeners.status();
         systemd::ready(&status);
         tracing::info!(workers = workers.len(), "ready: {status}");

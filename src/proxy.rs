@@ -9,9 +9,10 @@ use serde::{Deserialize, Deserializer};
 
 use crate::access_log::{AccessRecord, RequestId};
 use crate::auth;
-use crate::body::{ClientBody, Inbound, RequestBody, ResponseBody};
+use crate::body::{ClientBody, Inbound, ResponseBody};
 use crate::drain;
 use crate::error::ProxyError;
+use crate::failover;
 use crate::generation::{Generation, Live};
 use crate::headers;
 use crate::limits;
@@ -176,6 +177,10 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     )
     .await;
     record.token = auth::token_name(&parts.extensions);
+    record.upstream = parts
+        .extensions
+        .get::<crate::routes::UpstreamName>()
+        .map(|n| n.0.clone());
     let mut response = match forwarded {
         Ok(response) => response,
         Err(error) => {
@@ -251,57 +256,55 @@ async fn forward(
     }
     ask_for_stream_usage(generation, parts, &body).await?;
     let model_list = auth::wants_model_list(&grant, parts);
-    let upstream = &generation.upstream;
+    let routes = &generation.routes;
+    let model = match routes.reads_model() {
+        true => auth::request_model(generation, parts, &body).await?,
+        false => None,
+    };
+    let choice = routes.pick(parts.uri.path(), model.as_deref());
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
     // other request with Upgrade fields goes as a plain request, without them.
     let client_upgrade = parts.extensions.remove::<crate::http1::OnUpgrade>();
     let upgrade = client_upgrade.is_some();
 
-    let idle = upstream.config().idle_timeout.0;
-    let (body, body_failed) = if upgrade {
-        (RequestBody::empty(), None)
-    } else {
-        let limit = generation.config.server.max_request_body.0;
-        let (body, failed) = RequestBody::new(body, limit, idle, bytes_in);
-        (body, Some(failed))
-    };
-    let mut outgoing = Request::new(body);
-    *outgoing.method_mut() = parts.method.clone();
-    *outgoing.uri_mut() = upstream.uri(&parts.uri);
-    *outgoing.headers_mut() = std::mem::take(&mut parts.headers);
-    let headers = outgoing.headers_mut();
-    headers::strip_hop_by_hop(headers, upgrade);
+    let mut headers = std::mem::take(&mut parts.headers);
+    headers::strip_hop_by_hop(&mut headers, upgrade);
     // The client's `Expect: 100-continue` is answered on its connection; not the upstream's to answer.
     headers.remove(header::EXPECT);
     if generation.config.proxy.forward_client_identity {
-        append_forwarded_for(headers, conn.client);
+        append_forwarded_for(&mut headers, conn.client);
     } else {
-        headers::strip_client_identity(headers);
+        headers::strip_client_identity(&mut headers);
     }
     // Upstream::send sets it: Host over HTTP/1.1, :authority over HTTP/2.
     headers.remove(header::HOST);
-
-    let (response, upgraded) = match body_failed {
-        None => upstream.send(outgoing, upgrade).await?,
-        Some(mut body_failed) => tokio::select! {
-            // A request that failed because its body did says so, not how the upstream saw it.
-            response = upstream.send(outgoing, upgrade) => match response {
-                Ok(response) => response,
-                Err(error) => return Err(body_failed.try_recv().unwrap_or(error)),
-            },
-            // A closed channel means the body was sent whole: keep waiting for the response.
-            Ok(error) = &mut body_failed => return Err(error),
-        },
+    let outgoing = failover::Outgoing {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers,
+        upgrade,
+        own_key: grant.is_some(),
+        body_limit: generation.config.server.max_request_body.0,
+        bytes_in,
     };
+    let answered = failover::send(choice, outgoing, &body).await?;
+    let (response, upgraded) = (answered.response, answered.upgraded);
+    let idle = answered.named.upstream.config().idle_timeout.0;
 
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let tunnel = match (client_upgrade, upgraded) {
         (Some(client), Some(upgraded)) => Some(open_tunnel(client, upgraded, conn, idle, parts)),
         _ => None,
     };
+    let (mut response_parts, body) = response.into_parts();
+    answered.named.mark(
+        answered.tried,
+        &mut parts.extensions,
+        &mut response_parts.headers,
+    );
     let request_extensions = &parts.extensions;
     let (method, path) = (&parts.method, parts.uri.path());
-    let (mut parts, body) = response.into_parts();
+    let mut parts = response_parts;
     headers::strip_hop_by_hop(&mut parts.headers, switched && upgrade);
     if grant.is_some() {
         auth::hide_key_in_answer(request_extensions, &mut parts.headers);

@@ -152,7 +152,7 @@ pub async fn reload(
             logging.apply(&next.config.log);
             let drain_timeout = next.config.server.drain_timeout.0;
             // Before the swap, so that no request of the new generation looks before it.
-            next.upstream.preconnect(listeners.workers());
+            next.routes.preconnect(listeners.workers());
             let next = live.swap(next);
             listeners.apply(bound, &next, drain_timeout).await;
             let status = listeners.status();

@@ -135,6 +135,27 @@ pub fn forget_listener(name: &str) {
 
 /// With `WatchdogSec=` set, pings at half the interval, but only after proving that the runtime
 /// still schedules tasks and a listener still accepts a connection.
+/// Keeps `STATUS=` saying which keys and upstreams rest: sent when one starts to rest, and
+/// each second while any does, until none does (then no timer runs).
+pub fn spawn_resting_status(live: Arc<Live>) {
+    tokio::spawn(async move {
+        let mut shown = String::new();
+        loop {
+            let changed = crate::routes::RESTING_CHANGED.notified();
+            if shown.is_empty() {
+                changed.await;
+            } else {
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+            }
+            let resting = live.snapshot().routes.resting();
+            if resting != shown {
+                status(&live.status_now());
+                shown = resting;
+            }
+        }
+    });
+}
+
 pub fn spawn_watchdog(live: Arc<Live>) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;

@@ -1,6 +1,7 @@
 //! The upstream: where requests go, and the verified TLS connections, pooled per worker, that
 //! take them there.
 
+mod egress;
 pub mod http1;
 mod resolve;
 
@@ -24,15 +25,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Deserializer};
-use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use toml::Spanned;
 
 use crate::body::{BodyError, RequestBody};
-use crate::config::{ConfigError, ConfigFile, Timeout};
+use crate::config::{ConfigError, ConfigFile, FileRead, Timeout};
 use crate::error::ProxyError;
 use crate::workers;
+
+use egress::{Egress, Link};
+pub use egress::{ProxyUrl, Secret};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -53,6 +56,16 @@ pub struct Config {
     pub http2: bool,
     /// How long the url's host's addresses are reused before they are looked up again.
     pub dns_refresh: Timeout,
+    /// The egress proxy connections to the upstream go through; none: straight.
+    pub proxy: Option<Spanned<ProxyUrl>>,
+    /// The egress proxy's password, for the user its url names.
+    pub proxy_password_file: Option<Spanned<PathBuf>>,
+    /// The header the proxy's own key goes in, bare (Azure's `api-key`); unset: Authorization,
+    /// as `Bearer KEY`.
+    pub key_header: Option<Spanned<String>>,
+    /// Tokens mode: the proxy's own keys for this upstream, used in turn (instead of
+    /// `[auth] upstream_key_file`).
+    pub key_files: Vec<Spanned<PathBuf>>,
 }
 
 impl Default for Config {
@@ -68,6 +81,10 @@ impl Default for Config {
             pool_max_idle: 256,
             http2: true,
             dns_refresh: Timeout::secs(30),
+            proxy: None,
+            proxy_password_file: None,
+            key_header: None,
+            key_files: Vec::new(),
         }
     }
 }
@@ -134,6 +151,22 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
     }
 }
 
+/// The egress proxy `config` names, if any; an `https://` one is verified with `tls`'s roots.
+fn egress(
+    config: &Config,
+    files: &Files,
+    tls: &rustls::ClientConfig,
+    file: &ConfigFile,
+) -> Result<Option<Egress>, ConfigError> {
+    let Some(proxy) = &config.proxy else {
+        return Ok(None);
+    };
+    let password = files.proxy_password.as_ref();
+    Egress::new(proxy.get_ref(), password, tls, config.dns_refresh.0)
+        .map(Some)
+        .map_err(|message| file.error_at(proxy.span(), message))
+}
+
 /// A DNS name or IP address usable both as a Host header and as a TLS server name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostName(String);
@@ -155,11 +188,70 @@ impl<'de> Deserialize<'de> for HostName {
     }
 }
 
+/// The files an upstream's config names, as read for a build.
+#[derive(Debug, Default, PartialEq)]
+pub struct Files {
+    pub ca_pem: Option<Vec<u8>>,
+    pub proxy_password: Option<Secret>,
+}
+
+impl Files {
+    /// Reads them, and returns each with its contents too, for the file watcher.
+    pub fn read(config: &Config, file: &ConfigFile) -> Result<(Self, Vec<FileRead>), ConfigError> {
+        let mut read = Vec::new();
+        let ca_pem = match &config.ca_file {
+            Some(key) => {
+                let (path, bytes) = file.read_named(key)?;
+                read.push((path, bytes.clone()));
+                Some(bytes)
+            }
+            None => None,
+        };
+        let proxy_password = match &config.proxy_password_file {
+            Some(key) => {
+                if config
+                    .proxy
+                    .as_ref()
+                    .is_none_or(|p| p.get_ref().user.is_none())
+                {
+                    return Err(file.error_at(
+                        key.span(),
+                        "proxy_password_file needs a proxy url with a user: \"http://user@host:port\"",
+                    ));
+                }
+                let (password, password_read) =
+                    file.read_secret_as(key, "the proxy password file", password_line)?;
+                read.push(password_read);
+                Some(password)
+            }
+            None => None,
+        };
+        let files = Self {
+            ca_pem,
+            proxy_password,
+        };
+        Ok((files, read))
+    }
+}
+
+/// The password is the file's one line; what is wrong is said without quoting any of it.
+fn password_line(bytes: &[u8]) -> Result<Secret, &'static str> {
+    let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        return Err("it is empty");
+    }
+    if line.contains(&b'\n') {
+        return Err("it holds more than one line");
+    }
+    Ok(Secret::new(line.to_vec()))
+}
+
 /// A built upstream. Rebuilding one costs a trust-store load and empties the pool, so a reload
 /// that leaves the upstream's config and CA file as they were keeps the old one.
 pub struct Upstream {
     config: Config,
-    ca_pem: Option<Vec<u8>>,
+    files: Files,
     /// Per worker thread, so that a request and its upstream connection share a thread.
     pools: Vec<Arc<Pool>>,
     dialer: Arc<Dialer>,
@@ -174,18 +266,19 @@ impl Upstream {
     pub fn build(
         config: &Config,
         file: &ConfigFile,
-        ca_pem: Option<Vec<u8>>,
+        files: Files,
         workers: usize,
         previous: Option<&Arc<Upstream>>,
     ) -> Result<Arc<Upstream>, ConfigError> {
         if let Some(previous) = previous
             && previous.config == *config
-            && previous.ca_pem == ca_pem
+            && previous.files == files
             && previous.pools.len() == workers.max(1)
         {
             return Ok(previous.clone());
         }
-        let tls = client_tls(config, file, ca_pem.as_deref())?;
+        let tls = client_tls(config, file, files.ca_pem.as_deref())?;
+        let egress = egress(config, &files, &tls, file)?;
         let url = &config.url;
         let host = config
             .host
@@ -231,6 +324,7 @@ impl Upstream {
             // http:// means HTTP/1.1: no prior-knowledge HTTP/2.
             offers_h2: config.http2 && tls.is_some(),
             tls,
+            egress,
             connect_timeout: config.connect_timeout.0,
             http2,
         });
@@ -239,7 +333,7 @@ impl Upstream {
             .collect();
         Ok(Arc::new(Upstream {
             config: config.clone(),
-            ca_pem,
+            files,
             pools,
             dialer,
             scheme: url.scheme.clone(),
@@ -802,6 +896,8 @@ struct Dialer {
     resolver: Arc<resolve::Resolver>,
     /// None for an http:// upstream.
     tls: Option<Tls>,
+    /// The proxy every connection goes through, when there is one.
+    egress: Option<Egress>,
     offers_h2: bool,
     connect_timeout: Duration,
     http2: http2::Builder<TokioExecutor>,
@@ -821,8 +917,8 @@ enum Connected {
 }
 
 enum Transport {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Plain(Link),
+    Tls(Box<tokio_rustls::client::TlsStream<Link>>),
 }
 
 impl Dialer {
@@ -844,7 +940,7 @@ impl Dialer {
                 Ok(Connected::Http2(sender))
             }
             Transport::Tls(tls) => Ok(Connected::Http1(http1::Connection::new(tls))),
-            Transport::Plain(tcp) => Ok(Connected::Http1(http1::Connection::new(Box::new(tcp)))),
+            Transport::Plain(link) => Ok(Connected::Http1(http1::Connection::new(Box::new(link)))),
         }
     }
 
@@ -853,21 +949,25 @@ impl Dialer {
     async fn dial_http1(&self) -> Result<http1::Connection, ProxyError> {
         let io: http1::Stream = match self.transport(true).await? {
             Transport::Tls(tls) => tls,
-            Transport::Plain(tcp) => Box::new(tcp),
+            Transport::Plain(link) => Box::new(link),
         };
         Ok(http1::Connection::new(io))
     }
 
-    /// TCP, then TLS for https://, both within the connect timeout.
+    /// TCP (or a tunnel through the egress proxy), then TLS for https://, both within the
+    /// connect timeout.
     async fn transport(&self, http1_only: bool) -> Result<Transport, ProxyError> {
         let limit = self.connect_timeout;
         let connecting = async {
-            let tcp = self.tcp().await?;
+            let link = match &self.egress {
+                Some(egress) => egress.connect(&self.resolver).await?,
+                None => Link::Tcp(self.tcp().await?),
+            };
             let Some(tls) = &self.tls else {
-                return Ok(Transport::Plain(tcp));
+                return Ok(Transport::Plain(link));
             };
             let connector = if http1_only { &tls.http1 } else { &tls.pooled };
-            match connector.connect(tls.server_name.clone(), tcp).await {
+            match connector.connect(tls.server_name.clone(), link).await {
                 Ok(stream) => {
                     let session = stream.get_ref().1;
                     tracing::debug!(
@@ -883,9 +983,12 @@ impl Dialer {
         let transport = tokio::time::timeout(limit, connecting)
             .await
             .unwrap_or_else(|_| {
-                Err(ProxyError::UpstreamUnreachable(format!(
-                    "connect timed out after {limit:?}"
-                )))
+                Err(match &self.egress {
+                    Some(egress) => egress.timed_out(limit),
+                    None => ProxyError::UpstreamUnreachable(format!(
+                        "connect timed out after {limit:?}"
+                    )),
+                })
             });
         crate::metrics::upstream_dialed(match &transport {
             Ok(transport) => Ok(matches!(transport, Transport::Tls(_))),
@@ -904,9 +1007,7 @@ impl Dialer {
                 None => return Err(unreachable(failed)),
             },
         };
-        let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(60));
-        tcp.set_nodelay(true)
-            .and_then(|()| SockRef::from(&tcp).set_tcp_keepalive(&keepalive))
+        egress::socket_options(&tcp)
             .map_err(|e| unreachable(format!("tcp socket options: {e}")))?;
         Ok(tcp)
     }

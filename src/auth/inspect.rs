@@ -43,44 +43,59 @@ pub async fn check_models(
     parts: &http::request::Parts,
     body: Option<&ClientBody>,
 ) -> Result<(), ProxyError> {
-    let read: Bytes;
-    let mut models: Vec<Cow<'_, str>> = Vec::new();
-    if let Some(query) = parts.uri.query() {
-        models.extend(
-            query
-                .split('&')
-                .filter_map(|pair| pair.strip_prefix("model="))
-                .map(percent_decode),
-        );
-    }
-    if parts.method == Method::GET
-        && let Some(model) = parts.uri.path().strip_prefix("/v1/models/")
-    {
-        models.push(percent_decode(model));
-    }
-    if let Some(body) = body {
-        let limit = generation.config.server.max_request_body.0;
-        let idle = generation.upstream.config().idle_timeout.0;
-        let (bytes, complete) = body
-            .read_ahead(limit.min(INSPECT_LIMIT), idle)
-            .await
-            .map_err(|e| e.to_proxy_error())?;
-        if !complete {
-            return Err(if limit <= INSPECT_LIMIT {
-                ProxyError::BodyTooLarge { limit }
-            } else {
-                ProxyError::InspectTooLarge {
-                    limit: INSPECT_LIMIT,
-                }
-            });
-        }
-        read = bytes;
-        models.extend(body_models(parts.headers.get(header::CONTENT_TYPE), &read)?);
+    let limit = generation.config.server.max_request_body.0;
+    let (models, complete) = request_models(generation, parts, body).await?;
+    if !complete {
+        return Err(if limit <= INSPECT_LIMIT {
+            ProxyError::BodyTooLarge { limit }
+        } else {
+            ProxyError::InspectTooLarge {
+                limit: INSPECT_LIMIT,
+            }
+        });
     }
     match models.iter().find(|m| !token.allows(m)) {
         Some(refused) => Err(ProxyError::ModelNotAllowed(refused.to_string())),
         None => Ok(()),
     }
+}
+
+/// Every model a request names, in the order found (the query's, the path's, then the body's),
+/// and whether the body was read whole: a body past `INSPECT_LIMIT` (or the request body limit)
+/// is not looked at, and then the models are only those outside it.
+pub async fn request_models(
+    generation: &Generation,
+    parts: &http::request::Parts,
+    body: Option<&ClientBody>,
+) -> Result<(Vec<String>, bool), ProxyError> {
+    let mut models: Vec<String> = Vec::new();
+    if let Some(query) = parts.uri.query() {
+        models.extend(
+            query
+                .split('&')
+                .filter_map(|pair| pair.strip_prefix("model="))
+                .map(|m| percent_decode(m).into_owned()),
+        );
+    }
+    if parts.method == Method::GET
+        && let Some(model) = parts.uri.path().strip_prefix("/v1/models/")
+    {
+        models.push(percent_decode(model).into_owned());
+    }
+    let Some(body) = body else {
+        return Ok((models, true));
+    };
+    let limit = generation.config.server.max_request_body.0;
+    let idle = generation.upstream.config().idle_timeout.0;
+    let (read, complete) = body
+        .read_ahead(limit.min(INSPECT_LIMIT), idle)
+        .await
+        .map_err(|e| e.to_proxy_error())?;
+    if complete {
+        let found = body_models(parts.headers.get(header::CONTENT_TYPE), &read)?;
+        models.extend(found.into_iter().map(Cow::into_owned));
+    }
+    Ok((models, complete))
 }
 
 fn body_models<'a>(

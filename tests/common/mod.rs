@@ -244,6 +244,15 @@ impl FakeUpstream {
         self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// `[upstreams.NAME]` pointing here, under the base path `base`.
+    pub fn named_toml(&self, pki: &Pki, name: &str, base: &str) -> String {
+        format!(
+            "[upstreams.{name}]\nurl = \"https://127.0.0.1:{}{base}\"\nhost = \"api.openai.com\"\nca_file = \"{}\"\n",
+            self.addr.port(),
+            pki.ca_pem.display()
+        )
+    }
+
     pub fn upstream_toml(&self, pki: &Pki) -> String {
         format!(
             "[upstream]\nurl = \"https://127.0.0.1:{}\"\nhost = \"api.openai.com\"\nca_file = \"{}\"\n",
@@ -307,6 +316,28 @@ async fn upstream_route(
     };
     let number =
         |name: &str, default: u64| header(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+    // A key the test says to refuse: 429 with Retry-After (or 401), as OpenAI answers.
+    let key_is = |name: &str| {
+        header(name).is_some_and(|key| header("authorization") == Some(format!("Bearer {key}")))
+    };
+    if key_is("x-test-429-for-key") {
+        let mut response = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({"error": {"message": "Rate limit reached", "type": "requests",
+                "param": null, "code": "rate_limit_exceeded"}}),
+        );
+        response
+            .headers_mut()
+            .insert("retry-after", http::HeaderValue::from_static("30"));
+        return response;
+    }
+    if key_is("x-test-401-for-key") {
+        return json_response(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                "param": null, "code": "invalid_api_key"}}),
+        );
+    }
     if let Some(delay) = header("x-test-delay-headers-ms") {
         tokio::time::sleep(Duration::from_millis(delay.parse().unwrap())).await;
     }
@@ -783,6 +814,22 @@ pub fn post_json(url: &str, body: serde_json::Value) -> Request<Full<Bytes>> {
         .header("authorization", "Bearer sk-test-SECRET-KEY-123")
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
+}
+
+/// `openai-proxy check` on `config`, written as config.toml in `dir`: whether it passed, and
+/// what it printed.
+pub fn check_in(dir: &Path, config: &str) -> (bool, String) {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
 }
 
 /// A config whose upstream is a loopback port nothing listens on.
