@@ -422,9 +422,14 @@ class OpenaiProxy(Target):
             self.name = name
         self.binary = binary or PROXY_BIN
         settings = settings or {}
-        # `env.NAME=value` sets an environment variable (TOKIO_WORKER_THREADS, say) instead.
+        # `env.NAME=value` sets an environment variable (TOKIO_WORKER_THREADS, say) instead;
+        # `append=FILE` adds a file's TOML at the end (what `section.key=value` cannot say,
+        # such as `[[route]]` tables).
         self.environment = {k[4:]: v for k, v in settings.items() if k.startswith("env.")}
-        self.settings = {k: v for k, v in settings.items() if not k.startswith("env.")}
+        self.append = settings.get("append")
+        self.settings = {
+            k: v for k, v in settings.items() if not k.startswith("env.") and k != "append"
+        }
 
     def env(self):
         if not self.environment:
@@ -452,6 +457,8 @@ class OpenaiProxy(Target):
             if section:
                 lines.append(f"\n[{section}]")
             lines += [f"{k} = {v}" for k, v in values.items()]
+        if self.append:
+            lines.append(Path(self.append).read_text())
         return "\n".join(lines) + "\n"
 
     def configure(self, upstream_port):
@@ -462,7 +469,7 @@ class OpenaiProxy(Target):
 
 def parse_variant(spec):
     """`NAME=BIN[,section.key=value...]`: BIN empty for the build under test; values in TOML,
-    or `env.VAR=value` for the environment."""
+    `env.VAR=value` for the environment, or `append=FILE` for TOML added at the end."""
     name, _, rest = spec.partition("=")
     parts = rest.split(",") if rest else [""]
     binary = Path(parts[0]).resolve() if parts[0] else None
