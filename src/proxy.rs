@@ -267,17 +267,7 @@ async fn forward(
     let client_upgrade = parts.extensions.remove::<crate::http1::OnUpgrade>();
     let upgrade = client_upgrade.is_some();
 
-    let mut headers = std::mem::take(&mut parts.headers);
-    headers::strip_hop_by_hop(&mut headers, upgrade);
-    // The client's `Expect: 100-continue` is answered on its connection; not the upstream's to answer.
-    headers.remove(header::EXPECT);
-    if generation.config.proxy.forward_client_identity {
-        append_forwarded_for(&mut headers, conn.client);
-    } else {
-        headers::strip_client_identity(&mut headers);
-    }
-    // Upstream::send sets it: Host over HTTP/1.1, :authority over HTTP/2.
-    headers.remove(header::HOST);
+    let headers = upstream_headers(generation, conn, parts, upgrade);
     let outgoing = failover::Outgoing {
         method: &parts.method,
         uri: &parts.uri,
@@ -309,17 +299,7 @@ async fn forward(
     if grant.is_some() {
         auth::hide_key_in_answer(request_extensions, &mut parts.headers);
     }
-    let streaming = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if streaming {
-        // An nginx in front of us would otherwise buffer the stream.
-        parts
-            .headers
-            .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    }
+    mark_event_stream(&mut parts.headers);
     let meter = usage::Meter::for_answer(method, path, parts.status, &parts.headers);
     let mut body = ResponseBody::upstream(body, idle);
     body.send_record_to(tunnel);
@@ -328,6 +308,39 @@ async fn forward(
         return auth::filter_model_list(&grant, parts, body).await;
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// The client's header fields as they go upstream: hop-by-hop fields, `Expect` and `Host` out,
+/// and the client's identity added or taken out as the config says.
+fn upstream_headers(
+    generation: &Generation,
+    conn: &Connection,
+    parts: &mut http::request::Parts,
+    upgrade: bool,
+) -> http::HeaderMap {
+    let mut headers = std::mem::take(&mut parts.headers);
+    headers::strip_hop_by_hop(&mut headers, upgrade);
+    // The client's `Expect: 100-continue` is answered on its connection; not the upstream's to answer.
+    headers.remove(header::EXPECT);
+    if generation.config.proxy.forward_client_identity {
+        append_forwarded_for(&mut headers, conn.client);
+    } else {
+        headers::strip_client_identity(&mut headers);
+    }
+    // Upstream::send sets it: Host over HTTP/1.1, :authority over HTTP/2.
+    headers.remove(header::HOST);
+    headers
+}
+
+/// An event stream's answer tells an nginx in front of us not to buffer it.
+fn mark_event_stream(headers: &mut http::HeaderMap) {
+    let streaming = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if streaming {
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
 }
 
 /// Starts a WebSocket tunnel; the request's access record goes to it through the returned
