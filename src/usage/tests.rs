@@ -35,10 +35,6 @@ fn known(usage: Usage, model: &str) -> Reading {
     }
 }
 
-fn meter(event_stream: bool) -> Box<Meter> {
-    encoded_meter(event_stream, None)
-}
-
 fn encoded_meter(event_stream: bool, encoding: Option<&str>) -> Box<Meter> {
     let mut headers = HeaderMap::new();
     let kind = if event_stream {
@@ -345,26 +341,61 @@ fn meter_speed() {
             r#"Lorem ipsum dolor sit amet, \"quoted\" text.\n"#.repeat(25_000)
         ),
     );
-    for (name, body, event_stream, rounds) in [
-        ("624-byte chat.completion", completion, false, 200_000),
-        ("1,000-event chat stream", stream.as_str(), true, 100),
-        ("1.2 MB chat.completion", long.as_str(), false, 100),
+    for (name, body, event_stream, encoding, rounds) in [
+        ("624-byte chat.completion", completion, false, None, 200_000),
+        (
+            "624-byte chat.completion, gzip",
+            completion,
+            false,
+            Some("gzip"),
+            100_000,
+        ),
+        (
+            "624-byte chat.completion, br",
+            completion,
+            false,
+            Some("br"),
+            100_000,
+        ),
+        ("1,000-event chat stream", stream.as_str(), true, None, 100),
+        (
+            "1,000-event chat stream, gzip",
+            stream.as_str(),
+            true,
+            Some("gzip"),
+            100,
+        ),
+        ("1.2 MB chat.completion", long.as_str(), false, None, 100),
+        (
+            "1.2 MB chat.completion, gzip",
+            long.as_str(),
+            false,
+            Some("gzip"),
+            100,
+        ),
     ] {
         // USAGE_METER_CASE=624 runs that case alone (to count its instructions with callgrind).
         if std::env::var("USAGE_METER_CASE").is_ok_and(|case| !name.contains(&case)) {
             continue;
         }
-        let chunks: Vec<Bytes> = body
-            .as_bytes()
-            .chunks(16 << 10)
-            .map(Bytes::copy_from_slice)
-            .collect();
+        // A stream compressed as it is sent: flushed after each event.
+        let bytes = match encoding {
+            Some(encoding) => compress(
+                encoding,
+                &body
+                    .split_inclusive("\n\n")
+                    .map(str::as_bytes)
+                    .collect::<Vec<_>>(),
+            ),
+            None => body.as_bytes().to_vec(),
+        };
+        let chunks: Vec<Bytes> = bytes.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
         // The fastest of 20 batches: other work on the machine only ever slows one down.
         let each = (0..20)
             .map(|_| {
                 let started = std::time::Instant::now();
                 for _ in 0..rounds / 20 {
-                    let mut meter = meter(event_stream);
+                    let mut meter = encoded_meter(event_stream, encoding.map(sent_as));
                     for chunk in &chunks {
                         meter.pass(chunk);
                     }
@@ -375,7 +406,8 @@ fn meter_speed() {
             .min()
             .unwrap();
         let rate = body.len() as f64 / each.as_secs_f64() / 1e6;
-        println!("{name}: {each:?} per answer, {rate:.0} MB/s");
+        let sent = bytes.len();
+        println!("{name} ({sent} bytes sent): {each:?} per answer, {rate:.0} MB/s of text");
     }
 }
 
