@@ -1,8 +1,10 @@
 //! Content-encoded answers (gzip, deflate, br) decoded as their bytes pass, for the scanners
-//! alone: what the client gets is never touched. The decoded text goes out a small fixed buffer
-//! at a time; the memory held is the decoder's own (deflate's 32 KiB window; a br stream's
-//! window, grown only as far as the text decoded so far, up to the 16 MiB a standard stream
-//! may ask for) and that buffer.
+//! alone: what the client gets is never touched. The decoded text goes out through one small
+//! buffer per thread; the memory a body holds is its decoder's state (deflate's 32 KiB window
+//! and tables; a br stream's window, grown only as far as the text decoded so far, up to the
+//! 16 MiB a standard stream may ask for).
+
+use std::cell::RefCell;
 
 use brotli_decompressor::{BrotliDecompressStream, BrotliResult, BrotliState, StandardAlloc};
 use flate2::{Decompress, FlushDecompress, Status};
@@ -10,6 +12,40 @@ use http::{HeaderMap, header};
 
 /// How much decoded text one pass of a decoder hands on at most.
 const OUT: usize = 8 << 10;
+/// Inflaters kept per thread for the next deflate bodies.
+const SPARE_INFLATERS: usize = 2;
+
+thread_local! {
+    /// Where decoders write: a body's text is handed on before its `feed` returns.
+    static OUT_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; OUT].into_boxed_slice());
+    /// Inflaters of bodies that ended: a new one costs more than a body of a few KiB to
+    /// inflate (its 43 KiB of state is built, copied and zeroed), a reset one only the zeroing.
+    static SPARES: RefCell<Vec<Decompress>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An inflater for a zlib-wrapped or a raw deflate stream.
+fn inflater(zlib: bool) -> Decompress {
+    match SPARES.with_borrow_mut(Vec::pop) {
+        Some(mut spare) => {
+            spare.reset(zlib);
+            spare
+        }
+        None => Decompress::new(zlib),
+    }
+}
+
+/// The stage after the stream: an inflater goes to the spares.
+fn end(stage: &mut Stage) {
+    if let Stage::Inflate(done) = std::mem::replace(stage, Stage::End) {
+        // At a thread's exit the spares are gone: the inflater is then dropped.
+        let _ = SPARES.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < SPARE_INFLATERS {
+                spares.push(done);
+            }
+        });
+    }
+}
 
 /// Why a body is not read: content-encoded in a way not decoded here (unknown, or stacked).
 pub const COMPRESSED: &str = "compressed";
@@ -81,7 +117,6 @@ enum Stage {
 /// One body's decoder: compressed bytes in, decoded text out to a sink.
 pub struct Decoder {
     stage: Stage,
-    out: Box<[u8]>,
     /// How much more decoded text is read; past it the decoder gives up.
     room: u64,
 }
@@ -99,22 +134,23 @@ impl Decoder {
                 StandardAlloc::default(),
             ))),
         };
-        Self {
-            stage,
-            out: vec![0; OUT].into_boxed_slice(),
-            room: limit,
-        }
+        Self { stage, room: limit }
     }
 
     /// The next bytes of the body: their decoded text goes to `sink`, in pieces of any size.
     /// An error is why the rest cannot be read (`CORRUPT`, `OVERSIZED`); the decoder is then
     /// of no further use.
-    pub fn feed(
+    pub fn feed(&mut self, data: &[u8], sink: &mut impl FnMut(&[u8])) -> Result<(), &'static str> {
+        OUT_BUFFER.with_borrow_mut(|out| self.feed_through(data, out, sink))
+    }
+
+    fn feed_through(
         &mut self,
         mut data: &[u8],
+        out: &mut [u8],
         sink: &mut impl FnMut(&[u8]),
     ) -> Result<(), &'static str> {
-        let Self { stage, out, room } = self;
+        let Self { stage, room } = self;
         // The text up to the bound is read, then no more.
         let mut emit = |text: &[u8]| -> Result<(), &'static str> {
             let fits = text.len().min(usize::try_from(*room).unwrap_or(usize::MAX));
@@ -130,7 +166,7 @@ impl Decoder {
                 Stage::GzipHeader(header) => {
                     data = header.skip(data)?;
                     if header.done() {
-                        *stage = Stage::Inflate(Decompress::new(false));
+                        *stage = Stage::Inflate(inflater(false));
                     }
                 }
                 Stage::Sniff(None) => {
@@ -139,24 +175,20 @@ impl Decoder {
                 }
                 Stage::Sniff(Some(first)) => {
                     let first = *first;
-                    let zlib = zlib_header(first, data[0]);
-                    let mut inflater = Decompress::new(zlib);
-                    let ended = inflate(&mut inflater, &[first], out, &mut emit)?;
-                    *stage = if ended {
-                        Stage::End
-                    } else {
-                        Stage::Inflate(inflater)
-                    };
+                    let mut inflater = inflater(zlib_header(first, data[0]));
+                    // No deflate stream ends in its first byte.
+                    inflate(&mut inflater, &[first], out, &mut emit)?;
+                    *stage = Stage::Inflate(inflater);
                 }
                 Stage::Inflate(inflater) => {
                     if inflate(inflater, data, out, &mut emit)? {
-                        *stage = Stage::End;
+                        end(stage);
                     }
                     data = &[];
                 }
                 Stage::Brotli(state) => {
                     if unbrotli(state, data, out, &mut emit)? {
-                        *stage = Stage::End;
+                        end(stage);
                     }
                     data = &[];
                 }
@@ -164,6 +196,12 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        end(&mut self.stage);
     }
 }
 
