@@ -8,6 +8,7 @@
 //! `response.completed` (or `.incomplete`, `.failed`) event; and of every `response.done` event
 //! of a Realtime WebSocket session, summed.
 
+mod decode;
 mod json;
 mod sse;
 pub mod stream_options;
@@ -16,6 +17,7 @@ mod websocket;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
 
+use decode::{Decoder, Encoding};
 use json::{Document, Field, Scanner, Schema};
 
 /// The upstream's own token figures for one request. Kept apart because they are billed
@@ -45,8 +47,9 @@ pub struct Reading {
     pub usage: Option<Usage>,
     /// The model the upstream named in its answer.
     pub model: Option<Box<str>>,
-    /// Why the usage is not known: `unknown` (the answer showed none) or `compressed` (the
-    /// body was content-encoded and not read).
+    /// Why the usage is not known: `unknown` (the answer showed none); `compressed` (the body
+    /// was content-encoded in a way not decoded here, and not read); `corrupt` or `oversized`
+    /// (its gzip, deflate or br stream was broken, or decoded past `DECODED_MAX`).
     pub unknown: Option<&'static str>,
 }
 
@@ -56,14 +59,22 @@ pub struct Meter {
     /// The last chunk passed on, read when the next one comes (or the body ends): by then the
     /// client's connection has taken it.
     held: Option<Bytes>,
+    /// A content-encoded body's decoder, whose text the reader reads.
+    decoder: Option<Decoder>,
     tally: Tally,
 }
 
 enum Reader {
     Json(Scanner),
     Sse(sse::Events),
-    Compressed,
+    /// The rest of the body is not read, for this reason.
+    Unread(&'static str),
 }
+
+/// The most decoded text read of one content-encoded body, which bounds the work a small
+/// compressed answer can cost: well above any answer's (a 128k-token Responses stream is some
+/// 40 MB of events).
+const DECODED_MAX: u64 = 256 << 20;
 
 /// The answers that carry usage figures: a successful POST to these paths.
 const METERED_PATHS: [&str; 4] = [
@@ -84,21 +95,23 @@ impl Meter {
         if method != Method::POST || !status.is_success() || !METERED_PATHS.contains(&path) {
             return None;
         }
-        let encoded = headers
-            .get_all(header::CONTENT_ENCODING)
-            .iter()
-            .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
         let event_stream = headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let reader = match (encoded, event_stream) {
-            (true, _) => Reader::Compressed,
-            (false, true) => Reader::Sse(sse::Events::default()),
-            (false, false) => Reader::Json(Scanner::default()),
+        let encoding = Encoding::of(headers);
+        let reader = match (encoding, event_stream) {
+            (Encoding::Other, _) => Reader::Unread(decode::COMPRESSED),
+            (_, true) => Reader::Sse(sse::Events::default()),
+            (_, false) => Reader::Json(Scanner::default()),
+        };
+        let decoder = match encoding {
+            Encoding::Coded(coding) => Some(Decoder::new(coding, DECODED_MAX)),
+            Encoding::Identity | Encoding::Other => None,
         };
         Some(Box::new(Self {
             reader,
             held: None,
+            decoder,
             tally: Tally::default(),
         }))
     }
@@ -111,11 +124,24 @@ impl Meter {
     }
 
     fn read(&mut self, data: &[u8]) {
-        let Self { reader, tally, .. } = self;
-        match reader {
-            Reader::Json(scanner) => scanner.feed(data),
-            Reader::Sse(events) => events.feed(data, &mut |doc| tally.absorb(doc)),
-            Reader::Compressed => {}
+        let Self {
+            reader,
+            decoder,
+            tally,
+            ..
+        } = self;
+        let mut scan = |text: &[u8]| match reader {
+            Reader::Json(scanner) => scanner.feed(text),
+            Reader::Sse(events) => events.feed(text, &mut |doc| tally.absorb(doc)),
+            Reader::Unread(_) => {}
+        };
+        let Some(decoding) = decoder else {
+            return scan(data);
+        };
+        if let Err(why) = decoding.feed(data, &mut scan) {
+            // Given up: the decoder's memory goes now, not when the body ends.
+            *reader = Reader::Unread(why);
+            *decoder = None;
         }
     }
 
@@ -128,7 +154,7 @@ impl Meter {
         match reader {
             Reader::Json(scanner) => scanner.finish(|doc| tally.absorb(doc)),
             Reader::Sse(events) => events.finish(&mut |doc| tally.absorb(doc)),
-            Reader::Compressed => return tally.reading(Some("compressed")),
+            Reader::Unread(why) => return tally.reading(Some(why)),
         }
         tally.reading(None)
     }

@@ -29,14 +29,11 @@ struct Script {
 }
 
 impl Script {
-    fn new(content_type: &'static str, body: &str, pieces: usize) -> Self {
+    fn new(content_type: &'static str, body: impl AsRef<[u8]>, pieces: usize) -> Self {
         // Cut at odd places: inside keys, strings and numbers.
+        let body = body.as_ref();
         let size = body.len().div_ceil(pieces).max(1);
-        let chunks = body
-            .as_bytes()
-            .chunks(size)
-            .map(Bytes::copy_from_slice)
-            .collect();
+        let chunks = body.chunks(size).map(Bytes::copy_from_slice).collect();
         Self {
             content_type,
             encoding: None,
@@ -188,8 +185,16 @@ async fn through_proxy(
     let upstream = Scripted::start(&pki, script.clone()).await;
     let proxy = Proxy::start(&upstream.config(&pki, ""));
     let client = if http2 { http2_client() } else { http_client() };
-    let answer = send(&client, post_json(&proxy.url(path), body)).await;
+    let mut request = post_json(&proxy.url(path), body);
+    // As the SDKs send it: the upstream may compress whatever it answers.
+    let accepted = http::HeaderValue::from_static("gzip, deflate, br");
+    request.headers_mut().insert("accept-encoding", accepted);
+    let answer = send(&client, request).await;
     assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        upstream.last_body().0["accept-encoding"],
+        "gzip, deflate, br"
+    );
     assert_eq!(
         answer.body,
         script.body(),
@@ -288,16 +293,100 @@ async fn a_stream_without_usage_or_a_compressed_body_is_logged_as_unknown() {
             Some("gpt-4o-mini-2024-07-18"),
         );
 
-        // Bytes that are not JSON as they stand, passed on as they came.
-        let mut script = Script::new("application/json", "\x1f\u{8b}\x08\0gzipped", 2);
-        script.encoding = Some("gzip");
+        // An encoding not decoded: passed on unread, as it came.
+        let mut script = Script::new("application/json", b"\x28\xb5\x2f\xfdzstd", 2);
+        script.encoding = Some("zstd");
         let fields = through_proxy(script, "/v1/embeddings", serde_json::json!({}), true).await;
         assert_usage(&fields, None, Some("compressed"), None);
+
+        // Not the gzip it says it is: passed on as it came all the same.
+        let mut script = Script::new("application/json", b"{\"not\": \"gzip\"}", 2);
+        script.encoding = Some("gzip");
+        let fields = through_proxy(script, "/v1/embeddings", serde_json::json!({}), false).await;
+        assert_usage(&fields, None, Some("corrupt"), None);
 
         // An answer with no usage to show is not metered: no usage field at all.
         let script = Script::new("application/json", EMBEDDINGS, 1);
         let fields = through_proxy(script, "/v1/moderations", serde_json::json!({}), false).await;
         assert_usage(&fields, None, None, None);
+    })
+    .await;
+}
+
+/// Collects what an encoder writes, a chunk per flush: what a compressing server sends.
+#[derive(Default)]
+struct Flushed {
+    chunks: Vec<Bytes>,
+    pending: Vec<u8>,
+}
+
+impl std::io::Write for &mut Flushed {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            let chunk = std::mem::take(&mut self.pending);
+            self.chunks.push(chunk.into());
+        }
+        Ok(())
+    }
+}
+
+/// An upstream's answer compressed as `encoding` says (`deflate-raw`: deflate without zlib's
+/// wrapping, sent as `deflate` as some servers do), its compressor flushed after each piece.
+fn compressed(content_type: &'static str, encoding: &'static str, pieces: &[&str]) -> Script {
+    use std::io::Write;
+    let mut out = Flushed::default();
+    let level = flate2::Compression::fast();
+    let mut encoder: Box<dyn Write + '_> = match encoding {
+        "gzip" => Box::new(flate2::write::GzEncoder::new(&mut out, level)),
+        "deflate" => Box::new(flate2::write::ZlibEncoder::new(&mut out, level)),
+        "deflate-raw" => Box::new(flate2::write::DeflateEncoder::new(&mut out, level)),
+        "br" => Box::new(brotli::CompressorWriter::new(&mut out, 4096, 4, 20)),
+        _ => unreachable!("{encoding}"),
+    };
+    for piece in pieces {
+        encoder.write_all(piece.as_bytes()).unwrap();
+        encoder.flush().unwrap();
+    }
+    // Dropped, the encoder writes the stream's end.
+    drop(encoder);
+    (&mut out).flush().unwrap();
+    Script {
+        content_type,
+        encoding: Some(encoding.trim_end_matches("-raw")),
+        chunks: out.chunks,
+    }
+}
+
+/// What the SDKs ask for (`Accept-Encoding: gzip, deflate, br`) and what comes back: the
+/// figures are read from the decoded text, and the client gets the compressed bytes the
+/// upstream sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_answers_are_decoded_for_their_figures() {
+    bounded(90, async {
+        let mut chat = chat_chunk("Hel") + &chat_chunk("lo");
+        chat.push_str("data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{\"prompt_tokens\":17,\"completion_tokens\":2,\"total_tokens\":19,\"prompt_tokens_details\":{\"cached_tokens\":5},\"completion_tokens_details\":{\"reasoning_tokens\":0}}}\n\ndata: [DONE]\n\n");
+        let events: Vec<&str> = chat.split_inclusive("\n\n").collect();
+        for (i, encoding) in ["gzip", "deflate", "deflate-raw", "br"].into_iter().enumerate() {
+            let http2 = i % 2 == 1;
+            let script = compressed("application/json", encoding, &[CHAT]);
+            let request = serde_json::json!({"model": "gpt-4o"});
+            let fields = through_proxy(script, "/v1/chat/completions", request, http2).await;
+            let figures = Some([1234, 567, 1024, 320]);
+            assert_usage(&fields, figures, None, Some("gpt-4o-2024-08-06"));
+
+            let script = compressed("text/event-stream; charset=utf-8", encoding, &events);
+            assert!(script.chunks.len() >= events.len(), "{encoding}: a chunk per event");
+            let request = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+                "stream_options": {"include_usage": true}});
+            let fields = through_proxy(script, "/v1/chat/completions", request, !http2).await;
+            let model = Some("gpt-4o-mini-2024-07-18");
+            assert_usage(&fields, Some([17, 2, 5, 0]), None, model);
+        }
     })
     .await;
 }

@@ -35,7 +35,7 @@ fn known(usage: Usage, model: &str) -> Reading {
     }
 }
 
-fn meter(event_stream: bool) -> Box<Meter> {
+fn encoded_meter(event_stream: bool, encoding: Option<&str>) -> Box<Meter> {
     let mut headers = HeaderMap::new();
     let kind = if event_stream {
         "text/event-stream; charset=utf-8"
@@ -43,6 +43,9 @@ fn meter(event_stream: bool) -> Box<Meter> {
         "application/json"
     };
     headers.insert(header::CONTENT_TYPE, kind.parse().unwrap());
+    if let Some(encoding) = encoding {
+        headers.insert(header::CONTENT_ENCODING, encoding.parse().unwrap());
+    }
     Meter::for_answer(
         &Method::POST,
         "/v1/chat/completions",
@@ -54,11 +57,22 @@ fn meter(event_stream: bool) -> Box<Meter> {
 
 /// `body` read by a meter in the pieces that the cut points make.
 fn read(body: &str, event_stream: bool, cuts: &[usize]) -> Reading {
-    let mut meter = meter(event_stream);
+    read_encoded(body.as_bytes(), event_stream, None, cuts)
+}
+
+/// `body`, sent with this `Content-Encoding`, read by a meter in the pieces that the cut
+/// points make.
+fn read_encoded(
+    body: &[u8],
+    event_stream: bool,
+    encoding: Option<&str>,
+    cuts: &[usize],
+) -> Reading {
+    let mut meter = encoded_meter(event_stream, encoding);
     let mut start = 0;
     for &cut in cuts.iter().chain([&body.len()]) {
         let cut = cut.clamp(start, body.len());
-        meter.pass(&Bytes::copy_from_slice(&body.as_bytes()[start..cut]));
+        meter.pass(&Bytes::copy_from_slice(&body[start..cut]));
         start = cut;
     }
     meter.finish()
@@ -99,6 +113,152 @@ fn every_answer_split_at_every_byte() {
     }
 }
 
+/// `pieces` compressed as `encoding` says (`deflate-raw`: deflate without zlib's wrapping, which
+/// is also sent as `deflate`), the compressor flushed after each piece, as a server does after
+/// each event of a stream.
+fn compress(encoding: &str, pieces: &[&[u8]]) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::new();
+    let level = flate2::Compression::default();
+    let mut encoder: Box<dyn Write + '_> = match encoding {
+        "gzip" => Box::new(flate2::write::GzEncoder::new(&mut out, level)),
+        "deflate" => Box::new(flate2::write::ZlibEncoder::new(&mut out, level)),
+        "deflate-raw" => Box::new(flate2::write::DeflateEncoder::new(&mut out, level)),
+        "br" => Box::new(brotli::CompressorWriter::new(&mut out, 4096, 5, 22)),
+        _ => unreachable!("{encoding}"),
+    };
+    for piece in pieces {
+        encoder.write_all(piece).unwrap();
+        encoder.flush().unwrap();
+    }
+    // Dropped, the encoder writes the stream's end.
+    drop(encoder);
+    out
+}
+
+const ENCODINGS: [&str; 4] = ["gzip", "deflate", "deflate-raw", "br"];
+
+/// The `Content-Encoding` that `compress`'s `encoding` is sent with.
+fn sent_as(encoding: &str) -> &str {
+    encoding.trim_end_matches("-raw")
+}
+
+#[test]
+fn every_compressed_answer_split_at_every_byte() {
+    for (body, event_stream, expected) in cases() {
+        for encoding in ENCODINGS {
+            let whole = compress(encoding, &[body.as_bytes()]);
+            // A stream flushed at each line, as its events come.
+            let lines: Vec<&[u8]> = body.split_inclusive('\n').map(str::as_bytes).collect();
+            let flushed = compress(encoding, &lines);
+            let header = Some(sent_as(encoding));
+            for bytes in [whole, flushed] {
+                let every: Vec<usize> = (1..bytes.len()).collect();
+                let read = |cuts: &[usize]| read_encoded(&bytes, event_stream, header, cuts);
+                assert_eq!(read(&every), expected, "{encoding} byte by byte: {body}");
+                for cut in 0..bytes.len() {
+                    assert_eq!(read(&[cut]), expected, "{encoding} cut at {cut}: {body}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_gzip_header_with_every_optional_field() {
+    // FHCRC, FEXTRA, FNAME, FCOMMENT; then raw deflate and the trailer (not checked).
+    let mut bytes = vec![0x1f, 0x8b, 8, 0x1e, 1, 2, 3, 4, 0, 3];
+    bytes.extend([5, 0, b'a', b'b', 0, b'c', b'd']);
+    bytes.extend(b"name.json\0a comment\0");
+    bytes.extend([0xab, 0xcd]);
+    bytes.extend(compress("deflate-raw", &[EMBEDDINGS.as_bytes()]));
+    bytes.extend([0; 8]);
+    let expected = known(usage(8, 0, 0, 0), "text-embedding-3-small");
+    for cut in 0..bytes.len() {
+        assert_eq!(read_encoded(&bytes, false, Some("gzip"), &[cut]), expected);
+    }
+    let every: Vec<usize> = (1..bytes.len()).collect();
+    assert_eq!(
+        read_encoded(&bytes, false, Some("x-gzip"), &every),
+        expected
+    );
+}
+
+#[test]
+fn content_encodings_read_and_not_read() {
+    let gzip = compress("gzip", &[CHAT.as_bytes()]);
+    let plain = known(usage(19, 10, 3, 4), "gpt-4o-2024-08-06");
+    for header in ["GZIP", "identity, gzip", " gzip "] {
+        assert_eq!(
+            read_encoded(&gzip, false, Some(header), &[]),
+            plain,
+            "{header}"
+        );
+    }
+    assert_eq!(
+        read_encoded(CHAT.as_bytes(), false, Some("identity"), &[]),
+        plain
+    );
+    let unread = |reason| Reading {
+        usage: None,
+        model: None,
+        unknown: Some(reason),
+    };
+    // Unknown, or stacked: not read.
+    for header in ["zstd", "gzip, br", "gzip,gzip", "compress"] {
+        assert_eq!(
+            read_encoded(&gzip, false, Some(header), &[]),
+            unread("compressed"),
+            "{header}"
+        );
+    }
+    // A broken stream: not JSON, or not the encoding it says.
+    for (bytes, header) in [
+        (CHAT.as_bytes(), "gzip"),
+        (CHAT.as_bytes(), "br"),
+        (&gzip[..], "br"),
+    ] {
+        assert_eq!(
+            read_encoded(bytes, false, Some(header), &[]),
+            unread("corrupt")
+        );
+    }
+    let mut damaged = gzip.clone();
+    damaged[20] ^= 0xff;
+    let reading = read_encoded(&damaged, false, Some("gzip"), &[]);
+    assert!(reading.usage.is_none(), "{reading:?}");
+}
+
+#[test]
+fn decoding_stops_past_its_bound_and_keeps_what_it_read() {
+    // A stream that shows its usage, then goes on past the bound: the figures stand.
+    let mut stream = CHAT_SSE.to_owned();
+    stream.push_str(&": padding\n".repeat(200));
+    for encoding in ENCODINGS {
+        let coding = match sent_as(encoding) {
+            "gzip" => decode::Coding::Gzip,
+            "deflate" => decode::Coding::Deflate,
+            _ => decode::Coding::Brotli,
+        };
+        let bytes = compress(encoding, &[stream.as_bytes()]);
+        let mut decoder = decode::Decoder::new(coding, CHAT_SSE.len() as u64 + 100);
+        let mut events = sse::Events::default();
+        let mut tally = Tally::default();
+        let outcome = decoder.feed(&bytes, &mut |text| {
+            events.feed(text, &mut |doc| tally.absorb(doc));
+        });
+        assert_eq!(outcome, Err("oversized"), "{encoding}");
+        assert_eq!(
+            tally.reading(None),
+            known(usage(12, 2, 0, 0), "gpt-4o-mini")
+        );
+        let mut roomy = decode::Decoder::new(coding, stream.len() as u64);
+        let mut decoded = Vec::<u8>::new();
+        assert_eq!(roomy.feed(&bytes, &mut |text| decoded.extend(text)), Ok(()));
+        assert_eq!(decoded, stream.as_bytes(), "{encoding}");
+    }
+}
+
 proptest! {
     #[test]
     fn any_chunking_reads_the_same(case in 0..6usize, mut cuts in prop::collection::vec(0..800usize, 0..12)) {
@@ -119,9 +279,9 @@ fn which_answers_are_metered() {
     assert!(Meter::for_answer(&post, "/v1/files", StatusCode::OK, &json).is_none());
     let refused = StatusCode::BAD_REQUEST;
     assert!(Meter::for_answer(&post, "/v1/embeddings", refused, &json).is_none());
-    let mut gzip = HeaderMap::new();
-    gzip.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
-    let mut meter = Meter::for_answer(&post, "/v1/embeddings", StatusCode::OK, &gzip).unwrap();
+    let mut zstd = HeaderMap::new();
+    zstd.insert(header::CONTENT_ENCODING, "zstd".parse().unwrap());
+    let mut meter = Meter::for_answer(&post, "/v1/embeddings", StatusCode::OK, &zstd).unwrap();
     meter.pass(&Bytes::from_static(EMBEDDINGS.as_bytes()));
     assert_eq!(meter.finish().unknown, Some("compressed"));
     assert!(Session::for_path("/v1/realtime").is_some());
@@ -181,26 +341,61 @@ fn meter_speed() {
             r#"Lorem ipsum dolor sit amet, \"quoted\" text.\n"#.repeat(25_000)
         ),
     );
-    for (name, body, event_stream, rounds) in [
-        ("624-byte chat.completion", completion, false, 200_000),
-        ("1,000-event chat stream", stream.as_str(), true, 100),
-        ("1.2 MB chat.completion", long.as_str(), false, 100),
+    for (name, body, event_stream, encoding, rounds) in [
+        ("624-byte chat.completion", completion, false, None, 200_000),
+        (
+            "624-byte chat.completion, gzip",
+            completion,
+            false,
+            Some("gzip"),
+            100_000,
+        ),
+        (
+            "624-byte chat.completion, br",
+            completion,
+            false,
+            Some("br"),
+            100_000,
+        ),
+        ("1,000-event chat stream", stream.as_str(), true, None, 100),
+        (
+            "1,000-event chat stream, gzip",
+            stream.as_str(),
+            true,
+            Some("gzip"),
+            100,
+        ),
+        ("1.2 MB chat.completion", long.as_str(), false, None, 100),
+        (
+            "1.2 MB chat.completion, gzip",
+            long.as_str(),
+            false,
+            Some("gzip"),
+            100,
+        ),
     ] {
         // USAGE_METER_CASE=624 runs that case alone (to count its instructions with callgrind).
         if std::env::var("USAGE_METER_CASE").is_ok_and(|case| !name.contains(&case)) {
             continue;
         }
-        let chunks: Vec<Bytes> = body
-            .as_bytes()
-            .chunks(16 << 10)
-            .map(Bytes::copy_from_slice)
-            .collect();
+        // A stream compressed as it is sent: flushed after each event.
+        let bytes = match encoding {
+            Some(encoding) => compress(
+                encoding,
+                &body
+                    .split_inclusive("\n\n")
+                    .map(str::as_bytes)
+                    .collect::<Vec<_>>(),
+            ),
+            None => body.as_bytes().to_vec(),
+        };
+        let chunks: Vec<Bytes> = bytes.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
         // The fastest of 20 batches: other work on the machine only ever slows one down.
         let each = (0..20)
             .map(|_| {
                 let started = std::time::Instant::now();
                 for _ in 0..rounds / 20 {
-                    let mut meter = meter(event_stream);
+                    let mut meter = encoded_meter(event_stream, encoding.map(sent_as));
                     for chunk in &chunks {
                         meter.pass(chunk);
                     }
@@ -211,7 +406,8 @@ fn meter_speed() {
             .min()
             .unwrap();
         let rate = body.len() as f64 / each.as_secs_f64() / 1e6;
-        println!("{name}: {each:?} per answer, {rate:.0} MB/s");
+        let sent = bytes.len();
+        println!("{name} ({sent} bytes sent): {each:?} per answer, {rate:.0} MB/s of text");
     }
 }
 
