@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::{CLASSES, Kind, Writer};
+use super::{CLASSES, Kind, SHARDS, Writer};
 
 /// The token kinds, in the order of `Tokens::counts`.
 pub const KINDS: [&str; 4] = ["prompt", "completion", "cached", "reasoning"];
@@ -97,9 +97,27 @@ impl<T: Default> ByName<T> {
 
 #[derive(Default)]
 pub struct Upstream {
-    requests: [AtomicU64; CLASSES.len()],
+    /// Every request counts here: by worker shard, as routes do, then status class.
+    requests: [Classes; SHARDS],
     retries: [AtomicU64; REASONS.len()],
     failovers: AtomicU64,
+}
+
+/// One worker's requests by status class, on a cache line of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Classes([AtomicU64; CLASSES.len()]);
+
+impl Upstream {
+    /// Requests by status class, summed over the shards.
+    fn requests(&self) -> Vec<u64> {
+        (0..CLASSES.len())
+            .map(|class| {
+                let shards = self.requests.iter();
+                shards.map(|s| s.0[class].load(Ordering::Relaxed)).sum()
+            })
+            .collect()
+    }
 }
 
 pub struct Token {
@@ -189,8 +207,9 @@ impl Named {
     pub fn request(&self, request: &super::Request<'_>, class: usize) {
         if let Some(tried) = request.upstream {
             let answered = tried.rsplit(',').next().unwrap_or(tried);
+            let shard = crate::workers::current() % SHARDS;
             self.upstreams.with(answered, |upstream| {
-                upstream.requests[class].fetch_add(1, Ordering::Relaxed);
+                upstream.requests[shard].0[class].fetch_add(1, Ordering::Relaxed);
             });
         }
         if let (Some(token), Some(usage)) = (request.token, request.usage) {
@@ -233,7 +252,7 @@ impl Named {
             ),
             &upstreams,
             ("upstream", "status_class", &CLASSES),
-            |u| &u.requests,
+            Upstream::requests,
         );
         write_pairs(
             w,
@@ -243,7 +262,7 @@ impl Named {
             ),
             &upstreams,
             ("upstream", "reason", &REASONS),
-            |u| &u.retries,
+            |u| loaded(&u.retries),
         );
         w.family(
             "openai_proxy_upstream_failovers",
@@ -281,29 +300,35 @@ impl Named {
             ),
             &tokens,
             ("token", "limit", &LIMITS),
-            |t| &t.refusals,
+            |t| loaded(&t.refusals),
         );
     }
 }
 
 /// A counter family (name without `_total`, help) labelled by each entry's name (`labels.0`)
-/// and one of `labels.2` (`labels.1`), whose counters `of` gives in the same order.
+/// and one of `labels.2` (`labels.1`), whose counts `of` gives in the same order.
 fn write_pairs<T>(
     w: &mut Writer,
     (family, help): (&str, &str),
     entries: &[(Arc<str>, Arc<T>)],
     labels: (&str, &str, &[&str]),
-    of: fn(&T) -> &[AtomicU64],
+    of: fn(&T) -> Vec<u64>,
 ) {
     let (name_label, value_label, values) = labels;
     w.family(family, Kind::Counter, help);
     let sample = format!("{family}_total");
     for (name, entry) in entries {
-        for (value, counter) in values.iter().zip(of(entry)) {
-            let labels = [(name_label, &**name), (value_label, *value)];
-            w.nonzero(&sample, &labels, counter);
+        for (value, count) in values.iter().zip(of(entry)) {
+            if count > 0 {
+                let labels = [(name_label, &**name), (value_label, *value)];
+                w.sample(&sample, &labels, count);
+            }
         }
     }
+}
+
+fn loaded(counters: &[AtomicU64]) -> Vec<u64> {
+    counters.iter().map(|c| c.load(Ordering::Relaxed)).collect()
 }
 
 #[cfg(test)]
