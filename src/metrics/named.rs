@@ -7,12 +7,13 @@
 //! name that is too long or holds a control character too, and usage without a model under
 //! `unknown`.
 //!
-//! The request path takes no lock: names and models are looked up in `ArcSwap` snapshots of
+//! The request path takes no lock: names and models are looked up in one `ArcSwap` snapshot of
 //! read-only maps, and counts are relaxed atomic adds. A name or model seen for the first time
 //! is added under a lock that only such insertions (and never a lookup) take: at most once per
 //! configured name and `MAX_MODELS` times per process.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -48,52 +49,31 @@ const UNKNOWN_MODEL: usize = MAX_MODELS + 1;
 /// A model name longer than this counts under `other`.
 const MAX_MODEL_LEN: usize = 128;
 
-/// Values of type `T` by name, read through a snapshot; see the module's comment.
-pub struct ByName<T> {
-    map: ArcSwap<HashMap<Arc<str>, Arc<T>>>,
-    insert: Mutex<()>,
+/// FNV-1a: names and models are short, and every request hashes one or two of them, where
+/// SipHash's cost shows. Flooding is no concern: the keys are configured names and at most
+/// `MAX_MODELS` models.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
 }
 
-impl<T: Default> ByName<T> {
-    fn new() -> Self {
-        Self {
-            map: ArcSwap::from_pointee(HashMap::new()),
-            insert: Mutex::new(()),
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
     }
 
-    /// Calls `f` with the value for `name`, made (once) if it is the first time.
-    fn with(&self, name: &str, f: impl FnOnce(&T)) {
-        if let Some(value) = self.map.load().get(name) {
-            return f(value);
-        }
-        let _insert = self.insert.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.map.load_full();
-        let value = match current.get(name) {
-            Some(value) => value.clone(),
-            None => {
-                let value = Arc::new(T::default());
-                let mut next = HashMap::clone(&current);
-                next.insert(Arc::from(name), value.clone());
-                self.map.store(Arc::new(next));
-                value
-            }
-        };
-        f(&value);
-    }
-
-    /// Every name with its value, in the names' order.
-    fn sorted(&self) -> Vec<(Arc<str>, Arc<T>)> {
-        let mut all: Vec<_> = self
-            .map
-            .load()
-            .iter()
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
+
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
 
 #[derive(Default)]
 pub struct Upstream {
@@ -135,50 +115,20 @@ impl Default for Token {
     }
 }
 
-/// The first `MAX_MODELS` models seen, each with its slot.
-struct Models {
-    slots: ArcSwap<HashMap<Box<str>, usize>>,
-    insert: Mutex<()>,
+/// The names and models seen so far: one snapshot, so that a request loads it once.
+#[derive(Clone, Default)]
+struct Maps {
+    upstreams: Map<Arc<str>, Arc<Upstream>>,
+    tokens: Map<Arc<str>, Arc<Token>>,
+    /// The first `MAX_MODELS` models seen, each with its slot.
+    models: Map<Box<str>, usize>,
 }
 
-impl Models {
-    fn new() -> Self {
-        Self {
-            slots: ArcSwap::from_pointee(HashMap::new()),
-            insert: Mutex::new(()),
-        }
-    }
-
-    fn slot(&self, model: Option<&str>) -> usize {
-        let Some(model) = model else {
-            return UNKNOWN_MODEL;
-        };
-        if let Some(&slot) = self.slots.load().get(model) {
-            return slot;
-        }
-        if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
-            return OTHER_MODEL;
-        }
-        let _insert = self.insert.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.slots.load_full();
-        if let Some(&slot) = current.get(model) {
-            return slot;
-        }
-        if current.len() >= MAX_MODELS {
-            return OTHER_MODEL;
-        }
-        let slot = current.len();
-        let mut next = HashMap::clone(&current);
-        next.insert(model.into(), slot);
-        self.slots.store(Arc::new(next));
-        slot
-    }
-
+impl Maps {
     /// Every slot's label, `other` and `unknown` last.
-    fn names(&self) -> Vec<String> {
-        let slots = self.slots.load();
-        let mut names = vec![String::new(); slots.len()];
-        for (model, &slot) in slots.iter() {
+    fn model_names(&self) -> Vec<String> {
+        let mut names = vec![String::new(); self.models.len()];
+        for (model, &slot) in &self.models {
             names[slot] = model.to_string();
         }
         names.push("other".into());
@@ -187,54 +137,138 @@ impl Models {
     }
 }
 
+/// Every name with its value, in the names' order.
+fn sorted<T>(map: &Map<Arc<str>, Arc<T>>) -> Vec<(Arc<str>, Arc<T>)> {
+    let mut all: Vec<_> = map.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+/// Which of `Maps`' maps of names.
+type Pick<T> = fn(&mut Maps) -> &mut Map<Arc<str>, Arc<T>>;
+
 pub struct Named {
-    upstreams: ByName<Upstream>,
-    tokens: ByName<Token>,
-    models: Models,
+    maps: ArcSwap<Maps>,
+    /// Taken to add a name or a model, never to look one up.
+    insert: Mutex<()>,
 }
 
 impl Named {
     pub fn new() -> Self {
         Self {
-            upstreams: ByName::new(),
-            tokens: ByName::new(),
-            models: Models::new(),
+            maps: ArcSwap::from_pointee(Maps::default()),
+            insert: Mutex::new(()),
         }
+    }
+
+    /// Calls `f` with the value for `name` in `map`, one of the current maps, or else with
+    /// one added (once) to the map `pick` chooses.
+    fn with<T: Default>(
+        &self,
+        map: &Map<Arc<str>, Arc<T>>,
+        pick: Pick<T>,
+        name: &str,
+        f: impl FnOnce(&T),
+    ) {
+        match map.get(name) {
+            Some(value) => f(value),
+            None => {
+                let added =
+                    self.add(|next| Some(pick(next).entry(name.into()).or_default().clone()));
+                f(&added.expect("an entry is always added"));
+            }
+        }
+    }
+
+    /// Applies `change` to a copy of the current maps and makes it current, unless it answers
+    /// None; answers what it did.
+    fn add<R>(&self, change: impl FnOnce(&mut Maps) -> Option<R>) -> Option<R> {
+        let _insert = self.insert.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = Maps::clone(&self.maps.load());
+        let answer = change(&mut next)?;
+        self.maps.store(Arc::new(next));
+        Some(answer)
+    }
+
+    /// The slot of a model named by an answer; see the module's comment.
+    fn model_slot(&self, maps: &Maps, model: Option<&str>) -> usize {
+        let Some(model) = model else {
+            return UNKNOWN_MODEL;
+        };
+        if let Some(&slot) = maps.models.get(model) {
+            return slot;
+        }
+        if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
+            return OTHER_MODEL;
+        }
+        let added = self.add(|next| match next.models.get(model) {
+            Some(&slot) => Some(slot),
+            None if next.models.len() >= MAX_MODELS => None,
+            None => {
+                let slot = next.models.len();
+                next.models.insert(model.into(), slot);
+                Some(slot)
+            }
+        });
+        added.unwrap_or(OTHER_MODEL)
     }
 
     /// A finished request's figures: under the upstream that answered (the last tried), and
     /// its tokens under its token and model.
     pub fn request(&self, request: &super::Request<'_>, class: usize) {
+        let maps = self.maps.load();
         if let Some(tried) = request.upstream {
             let answered = tried.rsplit(',').next().unwrap_or(tried);
             let shard = crate::workers::current() % SHARDS;
-            self.upstreams.with(answered, |upstream| {
-                upstream.requests[shard].0[class].fetch_add(1, Ordering::Relaxed);
-            });
+            self.with(
+                &maps.upstreams,
+                |m| &mut m.upstreams,
+                answered,
+                |upstream| {
+                    upstream.requests[shard].0[class].fetch_add(1, Ordering::Relaxed);
+                },
+            );
         }
         if let (Some(token), Some(usage)) = (request.token, request.usage) {
-            let slot = self.models.slot(request.model);
-            self.tokens.with(token, |token| {
-                for (counter, value) in token.counts[slot].iter().zip(usage) {
-                    counter.fetch_add(value, Ordering::Relaxed);
-                }
-            });
+            let slot = self.model_slot(&maps, request.model);
+            self.with(
+                &maps.tokens,
+                |m| &mut m.tokens,
+                token,
+                |token| {
+                    for (counter, value) in token.counts[slot].iter().zip(usage) {
+                        counter.fetch_add(value, Ordering::Relaxed);
+                    }
+                },
+            );
         }
     }
 
     pub fn retried(&self, upstream: &str, reason: usize, failover: bool) {
-        self.upstreams.with(upstream, |upstream| {
-            upstream.retries[reason].fetch_add(1, Ordering::Relaxed);
-            if failover {
-                upstream.failovers.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        let maps = self.maps.load();
+        self.with(
+            &maps.upstreams,
+            |m| &mut m.upstreams,
+            upstream,
+            |upstream| {
+                upstream.retries[reason].fetch_add(1, Ordering::Relaxed);
+                if failover {
+                    upstream.failovers.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        );
     }
 
     pub fn refused(&self, token: &str, limit: usize) {
-        self.tokens.with(token, |token| {
-            token.refusals[limit].fetch_add(1, Ordering::Relaxed);
-        });
+        let maps = self.maps.load();
+        self.with(
+            &maps.tokens,
+            |m| &mut m.tokens,
+            token,
+            |token| {
+                token.refusals[limit].fetch_add(1, Ordering::Relaxed);
+            },
+        );
     }
 
     pub fn write(&self, w: &mut Writer) {
@@ -243,7 +277,7 @@ impl Named {
     }
 
     fn write_upstreams(&self, w: &mut Writer) {
-        let upstreams = self.upstreams.sorted();
+        let upstreams = sorted(&self.maps.load().upstreams);
         write_pairs(
             w,
             (
@@ -277,8 +311,9 @@ impl Named {
     }
 
     fn write_tokens(&self, w: &mut Writer) {
-        let tokens = self.tokens.sorted();
-        let models = self.models.names();
+        let maps = self.maps.load();
+        let tokens = sorted(&maps.tokens);
+        let models = maps.model_names();
         w.family(
             "openai_proxy_openai_tokens",
             Kind::Counter,
@@ -336,15 +371,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fnv_is_fnv_1a() {
+        let mut hasher = Fnv::default();
+        hasher.write(b"a");
+        assert_eq!(hasher.finish(), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
     fn models_past_the_bound_count_as_other() {
-        let models = Models::new();
+        let named = Named::new();
+        let slot = |model: Option<&str>| named.model_slot(&named.maps.load(), model);
         for i in 0..MAX_MODELS {
-            assert_eq!(models.slot(Some(&format!("model-{i}"))), i);
+            assert_eq!(slot(Some(&format!("model-{i}"))), i);
         }
-        assert_eq!(models.slot(Some("one-too-many")), OTHER_MODEL);
-        assert_eq!(models.slot(Some("model-3")), 3);
-        assert_eq!(models.slot(None), UNKNOWN_MODEL);
-        let names = models.names();
+        assert_eq!(slot(Some("one-too-many")), OTHER_MODEL);
+        assert_eq!(slot(Some("model-3")), 3);
+        assert_eq!(slot(None), UNKNOWN_MODEL);
+        let names = named.maps.load().model_names();
         assert_eq!(names.len(), MAX_MODELS + 2);
         assert_eq!(names[3], "model-3");
         assert_eq!(names[OTHER_MODEL], "other");
@@ -353,9 +396,10 @@ mod tests {
 
     #[test]
     fn a_model_name_with_a_control_character_or_too_long_is_other() {
-        let models = Models::new();
-        assert_eq!(models.slot(Some("a\nb")), OTHER_MODEL);
-        assert_eq!(models.slot(Some(&"x".repeat(200))), OTHER_MODEL);
-        assert_eq!(models.slot(Some("gpt-4o")), 0);
+        let named = Named::new();
+        let slot = |model: Option<&str>| named.model_slot(&named.maps.load(), model);
+        assert_eq!(slot(Some("a\nb")), OTHER_MODEL);
+        assert_eq!(slot(Some(&"x".repeat(200))), OTHER_MODEL);
+        assert_eq!(slot(Some("gpt-4o")), 0);
     }
 }
