@@ -153,6 +153,12 @@ impl Drop for AccessRecord {
             duration: total,
             bytes_in,
             bytes_out: self.bytes_out,
+            upstream: self.upstream.as_deref(),
+            token: self.token.as_deref(),
+            model: self.model.as_deref(),
+            usage: self
+                .usage
+                .map(|u| [u.prompt, u.completion, u.cached, u.reasoning]),
         });
         if !self.enabled {
             return;

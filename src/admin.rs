@@ -128,6 +128,7 @@ fn answer<B>(live: &Live, request: &Request<B>) -> Response<Full<Bytes>> {
                 generation: generation.number,
                 loaded_at: generation.loaded_at,
                 upstream_idle: generation.upstream.connections_idle(),
+                limits_backend_down: crate::limits::health::is_down(),
             };
             let mut response =
                 Response::new(Full::new(Bytes::from(metrics::render(format, &facts))));

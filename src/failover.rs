@@ -104,10 +104,16 @@ pub async fn send<'a>(
             };
             let next = match judged {
                 _ if last => Next::Answer,
-                Next::Key if another_key => Next::Key,
-                Next::Key | Next::Upstream if upstreams.peek().is_some() => Next::Upstream,
+                Next::Key(reason) if another_key => Next::Key(reason),
+                Next::Key(reason) | Next::Upstream(reason) if upstreams.peek().is_some() => {
+                    Next::Upstream(reason)
+                }
                 _ => Next::Answer,
             };
+            if let Next::Key(reason) | Next::Upstream(reason) = next {
+                let failover = matches!(next, Next::Upstream(_));
+                crate::metrics::upstream_retried(&named.name, reason, failover);
+            }
             match next {
                 Next::Answer => {
                     return result.map(|(response, upgraded)| Answered {
@@ -117,8 +123,8 @@ pub async fn send<'a>(
                         upgraded,
                     });
                 }
-                Next::Key => continue,
-                Next::Upstream => break,
+                Next::Key(_) => continue,
+                Next::Upstream(_) => break,
             }
         }
     }
@@ -146,13 +152,13 @@ fn key_for<'k>(
     }
 }
 
-/// What a try calls for.
+/// What a try calls for; a retry carries its reason, one of `metrics::REASONS`.
 enum Next {
     /// Its result goes to the client.
     Answer,
     /// The next key of the same upstream (else the next upstream).
-    Key,
-    Upstream,
+    Key(&'static str),
+    Upstream(&'static str),
 }
 
 /// Whether a try's result is the client's answer; a key that got a 429 rests, one that got a
@@ -168,13 +174,13 @@ fn judge(
                 let rest = key.rest(response.headers());
                 tracing::warn!(upstream = %named.name, key = %key.fingerprint, ?rest, "the upstream key rests after a 429");
                 RESTING_CHANGED.notify_one();
-                return Next::Key;
+                return Next::Key("key_rate_limited");
             }
             StatusCode::UNAUTHORIZED => {
                 key.set_aside();
                 tracing::warn!(upstream = %named.name, key = %key.fingerprint, "the upstream refused the key (401): set aside until the next reload");
                 RESTING_CHANGED.notify_one();
-                return Next::Key;
+                return Next::Key("key_refused");
             }
             _ => {}
         }
@@ -182,7 +188,10 @@ fn judge(
     match failed_before_answering(result) {
         Some(reason) => {
             tracing::warn!(upstream = %named.name, reason, "the upstream could not answer");
-            Next::Upstream
+            Next::Upstream(match result {
+                Ok(_) => "status",
+                Err(_) => "unreachable",
+            })
         }
         None => Next::Answer,
     }

@@ -244,7 +244,7 @@ impl Limiter {
             Ok((admitted, used)) => {
                 health::up();
                 match exceeded(&quota, &used) {
-                    Some(which) if !admitted => Err(refusal(which, &quota, &used, &now)),
+                    Some(which) if !admitted => Err(refusal(name, which, &quota, &used, &now)),
                     _ => Ok(permit),
                 }
             }
@@ -405,6 +405,11 @@ pub mod health {
         )));
     }
 
+    /// Whether the last admission check found the backend unreachable.
+    pub fn is_down() -> bool {
+        DOWN.load(Ordering::Relaxed)
+    }
+
     pub fn up() {
         if DOWN.swap(false, Ordering::Relaxed) {
             tracing::info!("limits backend (Redis) reachable again");
@@ -475,9 +480,23 @@ pub fn exceeded(quota: &Quota, used: &Used) -> Option<Exceeded> {
     }
 }
 
-/// The 429 for a request that ran into `which`, with OpenAI's rate-limit headers for the
-/// requests and tokens windows as they stand and `Retry-After` for when it may pass.
-pub fn refusal(which: Exceeded, quota: &Quota, used: &Used, now: &Now) -> ProxyError {
+impl Exceeded {
+    /// The limit's name, as `[limits]` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RequestsPerMinute => "requests_per_minute",
+            Self::TokensPerMinute => "tokens_per_minute",
+            Self::TokensPerDay => "tokens_per_day",
+            Self::MaxConcurrent => "max_concurrent",
+        }
+    }
+}
+
+/// The 429 for a request of the token `name` that ran into `which` (counted in the metrics),
+/// with OpenAI's rate-limit headers for the requests and tokens windows as they stand and
+/// `Retry-After` for when it may pass.
+pub fn refusal(name: &str, which: Exceeded, quota: &Quota, used: &Used, now: &Now) -> ProxyError {
+    crate::metrics::limit_refused(name, which.name());
     let (limit, what, retry) = match which {
         Exceeded::RequestsPerMinute => (
             quota.requests_per_minute,
@@ -614,6 +633,18 @@ mod tests {
     }
 
     #[test]
+    fn every_limit_has_its_series_in_the_metrics() {
+        let all = [
+            Exceeded::RequestsPerMinute,
+            Exceeded::TokensPerMinute,
+            Exceeded::TokensPerDay,
+            Exceeded::MaxConcurrent,
+        ];
+        let names: Vec<&str> = all.iter().map(|e| e.name()).collect();
+        assert_eq!(names, crate::metrics::LIMITS);
+    }
+
+    #[test]
     fn refusals_carry_openai_headers() {
         let now = Now::at(UNIX_EPOCH + Duration::from_secs(86_400 * 3 + 45));
         assert_eq!(now.minute_left, Duration::from_secs(15));
@@ -624,7 +655,7 @@ mod tests {
             tokens_day: 40,
         };
         let ProxyError::RateLimited(limited) =
-            refusal(Exceeded::RequestsPerMinute, &q, &used, &now)
+            refusal("t", Exceeded::RequestsPerMinute, &q, &used, &now)
         else {
             panic!("a 429");
         };

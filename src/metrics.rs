@@ -3,7 +3,7 @@
 //!
 //! Every label set is bounded and known ahead: a route is one of the configured
 //! `allowed_path_prefixes` (or `other`), a method one of a fixed list (or `other`), a status one
-//! of five classes. The request path takes no lock: the route table is read through an
+//! of five classes; upstreams, tokens and models are bounded as `named` says. The request path takes no lock: the route table is read through an
 //! `ArcSwap`, and every figure is an atomic. Facts that the control plane owns (the generation,
 //! the listeners, idle upstream connections) are read when scraped, not counted.
 
@@ -14,6 +14,10 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::Method;
+
+mod named;
+
+pub use named::{LIMITS, REASONS};
 
 const METHODS: [&str; 8] = [
     "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other",
@@ -114,6 +118,14 @@ pub struct Request<'a> {
     pub duration: Duration,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The upstreams tried, comma-separated: the last one answered.
+    pub upstream: Option<&'a str>,
+    /// The client's token name, in tokens mode.
+    pub token: Option<&'a str>,
+    /// The model the upstream named in its answer.
+    pub model: Option<&'a str>,
+    /// The upstream's token figures, in the order of `named::KINDS`.
+    pub usage: Option<[u64; 4]>,
 }
 
 struct Registry {
@@ -134,6 +146,7 @@ struct Registry {
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     last_reload: Mutex<Option<ReloadResult>>,
+    named: named::Named,
 }
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(|| Registry {
@@ -150,6 +163,7 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| Registry {
     reloads_ok: AtomicU64::new(0),
     reloads_failed: AtomicU64::new(0),
     last_reload: Mutex::new(None),
+    named: named::Named::new(),
 });
 
 /// Makes `prefixes` the routes that requests are counted under from now on.
@@ -200,6 +214,22 @@ pub fn request(request: &Request<'_>) {
     shard
         .bytes_out
         .fetch_add(request.bytes_out, Ordering::Relaxed);
+    registry.named.request(request, class);
+}
+
+/// Counts a try on `upstream` that was not the client's answer and was followed by another:
+/// `reason` is one of `REASONS`; `failover` when the next try goes to another upstream.
+pub fn upstream_retried(upstream: &str, reason: &'static str, failover: bool) {
+    if let Some(reason) = REASONS.iter().position(|r| *r == reason) {
+        REGISTRY.named.retried(upstream, reason, failover);
+    }
+}
+
+/// Counts a request of `token` refused by `limit`, one of `LIMITS`.
+pub fn limit_refused(token: &str, limit: &'static str) {
+    if let Some(limit) = LIMITS.iter().position(|l| *l == limit) {
+        REGISTRY.named.refused(token, limit);
+    }
 }
 
 /// Counts itself in a gauge for as long as it lives.
@@ -302,6 +332,8 @@ pub struct Facts {
     pub generation: u64,
     pub loaded_at: SystemTime,
     pub upstream_idle: usize,
+    /// The limits backend (Redis) failed its last admission check.
+    pub limits_backend_down: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,6 +401,14 @@ impl Writer {
             self.out.push('}');
         }
         let _ = writeln!(self.out, " {value}");
+    }
+
+    /// A counter's sample, left out while it is zero.
+    fn nonzero(&mut self, name: &str, labels: &[(&str, &str)], counter: &AtomicU64) {
+        let value = counter.load(Ordering::Relaxed);
+        if value > 0 {
+            self.sample(name, labels, value);
+        }
     }
 
     /// A family with a single unlabelled sample.
@@ -441,8 +481,13 @@ pub fn render(format: Format, facts: &Facts) -> String {
     write_requests(&mut w, &routes);
     write_connections(&mut w, registry, facts);
     write_reloads(&mut w, registry, facts);
-    // Token usage (by token, model and kind) and limit refusals are written here once the
-    // issues that count them land, as families of their own with the same bounded labels.
+    registry.named.write(&mut w);
+    w.single(
+        "openai_proxy_limits_backend_unavailable",
+        Kind::Gauge,
+        "1 while the limits backend (Redis) failed its last admission check, else 0.",
+        u8::from(facts.limits_backend_down),
+    );
     if format == Format::OpenMetrics {
         w.out.push_str("# EOF\n");
     }
@@ -559,7 +604,6 @@ fn write_connections(w: &mut Writer, registry: &Registry, facts: &Facts) {
     for (name, help, counter) in counters {
         w.single(name, Kind::Counter, help, counter.load(Ordering::Relaxed));
     }
-    // Retries and failovers between upstreams are written here once the upstreams issue lands.
 }
 
 fn write_reloads(w: &mut Writer, registry: &Registry, facts: &Facts) {
@@ -634,6 +678,10 @@ mod tests {
                 duration: Duration::ZERO,
                 bytes_in: 0,
                 bytes_out: 0,
+                upstream: None,
+                token: None,
+                model: None,
+                usage: None,
             });
             let route = REGISTRY.current.load()[0].clone();
             assert_eq!(route.total(|shard| &shard.requests[i][1]), 1, "{name}");

@@ -6,7 +6,7 @@ mod common;
 use std::net::TcpStream as StdTcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
@@ -76,18 +76,6 @@ fn assert_limited(answer: &Answer, limit: &str) {
         .parse()
         .unwrap();
     assert!((1..=86_400).contains(&retry), "Retry-After {retry}");
-}
-
-/// Waits until at least `room` is left in the current UTC minute, so that a test's requests
-/// all fall in one minute's window.
-fn wait_for_room_in_minute(room: Duration) {
-    let left = |now: SystemTime| {
-        let millis = now.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-        Duration::from_millis(60_000 - millis % 60_000)
-    };
-    while left(SystemTime::now()) < room {
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test]

@@ -225,6 +225,16 @@ async fn counters_match_the_traffic_sent() {
             sample(&text, "openai_proxy_upstream_connect_failures_total"),
             0.0
         );
+        // Under the upstream that answered; the 404s of paths not forwarded went to none.
+        let by_upstream = |class: &str| {
+            let series = format!(
+                "openai_proxy_upstream_requests_total{{upstream=\"default\",status_class=\"{class}\"}}"
+            );
+            sample(&text, &series)
+        };
+        assert_eq!(by_upstream("2xx"), 6.0, "{text}");
+        assert_eq!(by_upstream("4xx"), 1.0, "{text}");
+        assert_eq!(sample(&text, "openai_proxy_limits_backend_unavailable"), 0.0);
         assert_eq!(sample(&text, "openai_proxy_config_generation"), 1.0);
         assert_eq!(
             sample(
@@ -653,6 +663,147 @@ async fn a_down_upstream_counts_connect_failures_and_shows_in_status() {
         assert_eq!(sample(&text, bad_gateway), 3.0, "{text}");
         let status = get(admin, "/status", None).await.json();
         assert_eq!(status["upstreams"][0]["state"], "down", "{status}");
+    })
+    .await;
+}
+
+/// The proxy in tokens mode with these `[[token]]` tables and `extra` config, and an admin
+/// listener.
+async fn tokens_proxy_with_admin(
+    upstream: &FakeUpstream,
+    pki: &Pki,
+    extra: &str,
+    tokens: &str,
+) -> (Proxy, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    write_key(dir.path(), 0o600);
+    std::fs::write(dir.path().join("tokens.toml"), tokens).unwrap();
+    let config_path = dir.path().join("config.toml");
+    let extra = format!("{TOKENS_AUTH}\n{extra}\n[admin]\nlisten = [\"127.0.0.1:0\"]\n");
+    std::fs::write(&config_path, basic_config(upstream, pki, &extra)).unwrap();
+    let proxy = Proxy::spawn(dir, config_path, ProxyOptions::default());
+    let admin = admin_addr(&proxy, 0).await;
+    (proxy, admin)
+}
+
+/// The usage object the fake upstream answers with (`x-test-usage`).
+const USAGE: &str = r#"{"prompt_tokens": 120, "completion_tokens": 45, "total_tokens": 165,
+    "prompt_tokens_details": {"cached_tokens": 100},
+    "completion_tokens_details": {"reasoning_tokens": 30}}"#;
+
+async fn chat_as(client: &HttpClient, proxy: &Proxy, token: &str, model: &str) -> Answer {
+    let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let request = Request::post(proxy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-test-usage", USAGE.replace('\n', ""))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    send(client, request).await
+}
+
+#[tokio::test]
+async fn tokens_by_token_model_and_kind_and_limit_refusals() {
+    bounded(90, async {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        let (alice, bob) = (issue("alice"), issue("bob"));
+        let tokens = format!("{}requests_per_minute = 2\n{}", alice.table, bob.table);
+        let (proxy, admin) = tokens_proxy_with_admin(&upstream, &pki, "", &tokens).await;
+        let client = http_client();
+        wait_for_room_in_minute(Duration::from_secs(20));
+        for _ in 0..2 {
+            let answer = chat_as(&client, &proxy, &alice.token, "gpt-4o-mini").await;
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        let refused = chat_as(&client, &proxy, &alice.token, "gpt-4o-mini").await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        let answer = chat_as(&client, &proxy, &bob.token, "gpt-4.1-nano").await;
+        assert_eq!(answer.status, StatusCode::OK);
+
+        let series = |token: &str, model: &str, kind: &str| {
+            format!(
+                "openai_proxy_openai_tokens_total{{token=\"{token}\",model=\"{model}\",kind=\"{kind}\"}}"
+            )
+        };
+        let bobs_last = series("bob", "gpt-4.1-nano", "reasoning");
+        let text = eventually_async(10 * SECOND, "bob's tokens", || {
+            let bobs_last = bobs_last.clone();
+            async move {
+                let text = metrics(admin).await;
+                (sample(&text, &bobs_last) > 0.0).then_some(text)
+            }
+        })
+        .await;
+        promtool_check(&text);
+        let expected = [
+            ("alice", "gpt-4o-mini", [240.0, 90.0, 200.0, 60.0]),
+            ("bob", "gpt-4.1-nano", [120.0, 45.0, 100.0, 30.0]),
+        ];
+        for (token, model, figures) in expected {
+            for (kind, figure) in ["prompt", "completion", "cached", "reasoning"]
+                .into_iter()
+                .zip(figures)
+            {
+                let series = series(token, model, kind);
+                assert_eq!(sample(&text, &series), figure, "{series}\n{text}");
+            }
+        }
+        assert!(!text.contains(r#"token="alice",model="gpt-4.1-nano""#), "{text}");
+        let refusals = |token: &str, limit: &str| {
+            let series =
+                format!("openai_proxy_limit_refusals_total{{token=\"{token}\",limit=\"{limit}\"}}");
+            sample(&text, &series)
+        };
+        assert_eq!(refusals("alice", "requests_per_minute"), 1.0, "{text}");
+        assert_eq!(refusals("bob", "requests_per_minute"), 0.0, "{text}");
+        assert_eq!(refusals("alice", "max_concurrent"), 0.0, "{text}");
+        // The tokens themselves are in no metric.
+        assert!(!text.contains(&alice.token) && !text.contains(&bob.token));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_counts_its_retry_and_the_request_under_the_upstream_that_answered() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let default = FakeUpstream::start(&pki, Alpn::Both).await;
+        let second = FakeUpstream::start(&pki, Alpn::Both).await;
+        // The first answers /v1/unavailable with a 503; the second, under /alt, with a 200.
+        let proxy = Proxy::start(&format!(
+            "{}{}[[route]]\npaths = [\"/v1/unavailable\"]\nupstreams = [\"default\", \"second\"]\n",
+            basic_config(&default, &pki, "[admin]\nlisten = [\"127.0.0.1:0\"]\n"),
+            second.named_toml(&pki, "second", "/alt")
+        ));
+        let admin = admin_addr(&proxy, 0).await;
+        let answer = send(&http_client(), chat(&proxy.url("/v1/unavailable"))).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        assert_eq!(answer.headers["x-openai-proxy-upstream"], "second");
+
+        let answered =
+            r#"openai_proxy_upstream_requests_total{upstream="second",status_class="2xx"}"#;
+        let text = eventually_async(10 * SECOND, "the request counted", || async move {
+            let text = metrics(admin).await;
+            (sample(&text, answered) == 1.0).then_some(text)
+        })
+        .await;
+        promtool_check(&text);
+        let retries = |upstream: &str, reason: &str| {
+            let series = format!(
+                "openai_proxy_upstream_retries_total{{upstream=\"{upstream}\",reason=\"{reason}\"}}"
+            );
+            sample(&text, &series)
+        };
+        assert_eq!(retries("default", "status"), 1.0, "{text}");
+        assert_eq!(retries("default", "unreachable"), 0.0, "{text}");
+        assert_eq!(retries("second", "status"), 0.0, "{text}");
+        let failovers = r#"openai_proxy_upstream_failovers_total{upstream="default"}"#;
+        assert_eq!(sample(&text, failovers), 1.0, "{text}");
+        // The 503 the client never saw is counted as a retry, not as a request of its own.
+        let first =
+            r#"openai_proxy_upstream_requests_total{upstream="default",status_class="5xx"}"#;
+        assert_eq!(sample(&text, first), 0.0, "{text}");
     })
     .await;
 }

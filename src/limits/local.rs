@@ -153,7 +153,7 @@ impl Store {
             None => None,
         };
         if let Some(which) = which {
-            return Err(refusal(which, quota, &counts.used(), now));
+            return Err(refusal(name, which, quota, &counts.used(), now));
         }
         if !windows {
             return Ok(slot);

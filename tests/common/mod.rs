@@ -361,7 +361,12 @@ async fn upstream_route(
                         "model": model,
                         "choices": [{"index": 0, "finish_reason": "stop",
                             "message": {"role": "assistant", "content": "Hello from the fake upstream."}}],
-                        "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+                        // The test's own usage object (x-test-usage, JSON), else a small one.
+                        "usage": header("x-test-usage")
+                            .and_then(|usage| serde_json::from_str(&usage).ok())
+                            .unwrap_or(serde_json::json!(
+                                {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+                            ))
                     }),
                 )
             }
@@ -405,6 +410,13 @@ async fn upstream_route(
             serde_json::json!({
                 "error": {"message": "Rate limit reached (upstream's own words)", "type": "requests",
                           "param": null, "code": "rate_limit_exceeded"}
+            }),
+        ),
+        "/v1/unavailable" => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "error": {"message": "The server is overloaded", "type": "server_error",
+                          "param": null, "code": null}
             }),
         ),
         "/v1/huge-head" => Response::builder()
@@ -1033,6 +1045,21 @@ pub fn issue(name: &str) -> Issued {
     Issued {
         token: token.to_owned(),
         table: table.to_owned(),
+    }
+}
+
+/// Waits until at least `room` is left in the current UTC minute, so that a test's requests
+/// all fall in one minute's window of a per-minute limit.
+pub fn wait_for_room_in_minute(room: Duration) {
+    let left = |now: std::time::SystemTime| {
+        let millis = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        Duration::from_millis(60_000 - millis % 60_000)
+    };
+    while left(std::time::SystemTime::now()) < room {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
