@@ -300,7 +300,10 @@ async fn forward(
         auth::hide_key_in_answer(request_extensions, &mut parts.headers);
     }
     mark_event_stream(&mut parts.headers);
-    let meter = usage::Meter::for_answer(method, path, parts.status, &parts.headers);
+    let meter = match reads_usage(generation) {
+        true => usage::Meter::for_answer(method, path, parts.status, &parts.headers),
+        false => None,
+    };
     let mut body = ResponseBody::upstream(body, idle);
     body.send_record_to(tunnel);
     body.meter(meter);
@@ -308,6 +311,12 @@ async fn forward(
         return auth::filter_model_list(&grant, parts, body).await;
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// Whether anything reads an answer's token figures: the access log, or in tokens mode the
+/// usage records, limits and token metrics. Without a reader the answer is not scanned.
+fn reads_usage(generation: &Generation) -> bool {
+    generation.config.log.access_log || generation.auth.is_some()
 }
 
 /// The client's header fields as they go upstream: hop-by-hop fields, `Expect` and `Host` out,
