@@ -21,10 +21,9 @@ use toml::Spanned;
 
 use crate::body::ClientBody;
 use crate::body::ResponseBody;
-use crate::config::{ConfigError, ConfigFile, days_from_civil};
+use crate::config::{ConfigError, ConfigFile, FileRead, days_from_civil};
 use crate::error::ProxyError;
 use crate::generation::Generation;
-use crate::listeners::FileRead;
 use crate::models::ModelRule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -478,22 +477,18 @@ pub fn new_token(name: &str) -> Result<String, String> {
     ring::rand::SystemRandom::new()
         .fill(&mut random)
         .map_err(|_| "the system's random source failed")?;
-    let token = format!("{TOKEN_PREFIX}{}", hex(&random));
+    let token = format!("{TOKEN_PREFIX}{}", crate::keys::hex(&random));
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let quoted_name = toml::Value::String(name.to_owned()).to_string();
     Ok(format!(
         "{token}\n\n[[token]]\nname = {quoted_name}\nsha256 = \"{}\"\n\
          # models = [\"gpt-4o-mini\", \"gpt-4.1*\"]\n# expires = 2027-01-01T00:00:00Z\n",
-        hex(digest.as_ref())
+        crate::keys::hex(digest.as_ref())
     ))
 }
 
 /// What every token this proxy issues starts with, so that one found lying about is recognised.
 const TOKEN_PREFIX: &str = "op-";
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 #[cfg(test)]
 mod tests {

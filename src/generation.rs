@@ -59,7 +59,7 @@ impl Generation {
             }
             None => workers::count(config.server.workers),
         };
-        let mut contents: Vec<listeners::FileRead> =
+        let mut contents: Vec<crate::config::FileRead> =
             vec![(path.to_owned(), file.text().as_bytes().to_vec())];
         let tls = match &config.tls {
             Some(tls) => {

@@ -179,10 +179,12 @@ fn retry_after(answer: &HeaderMap) -> Option<Duration> {
 
 fn fingerprint(key: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, key);
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&digest.as_ref()[..8])
+}
+
+/// Bytes as lower-case hex: fingerprints here, tokens and their hashes in `auth`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use toml::Spanned;
 
-use crate::config::{ConfigError, ConfigFile};
+use crate::config::{ConfigError, ConfigFile, FileRead};
 use crate::drain::{self, Drain};
 use crate::generation::{Generation, Live};
 use crate::inherited::InheritedListener;
@@ -36,8 +36,6 @@ pub struct TlsConfig {
     /// PEM: PKCS#8, PKCS#1 or SEC1.
     pub key_file: Spanned<PathBuf>,
 }
-
-pub use crate::config::FileRead;
 
 /// The TLS acceptor for the listeners, and the files it was made from.
 pub fn tls_acceptor(
