@@ -198,11 +198,13 @@ async fn max_concurrent_counts_streams_and_websockets_until_they_end() {
 /// Sends a chat request until it is let in (a place given back frees a moment after the client
 /// has seen the end).
 async fn eventually_ok(client: &HttpClient, url: &str, token: &str) -> Answer {
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let answer = send(client, chat(url, token)).await;
         if answer.status != StatusCode::TOO_MANY_REQUESTS {
             return answer;
         }
+        assert!(Instant::now() < deadline, "still refused after 10 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
