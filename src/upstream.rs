@@ -1,41 +1,47 @@
 //! The upstream: where requests go, and the verified TLS connections, pooled per worker, that
 //! take them there.
+//!
+//! This file is the upstream's public face: its config section, the files it reads (`Files`),
+//! and `Upstream`, which builds the rest and sends requests. The parts:
+//! - `pool`: one worker's connections, and where each request goes (`checkout`);
+//! - `load`: the requests in flight on an HTTP/2 connection;
+//! - `dial`: opening a connection (TCP or through `egress`, TLS, HTTP/2 or HTTP/1.1 by ALPN);
+//! - `tls`: the client TLS config and its ALPN connectors;
+//! - `errors`: what went wrong, as the `ProxyError` that names where;
+//! - `body`: the response body, holding its connection until it ends;
+//! - `http1`: the HTTP/1.1 client; `egress`: the egress proxy; `resolve`: the host's addresses.
 
+mod body;
+mod dial;
 mod egress;
+mod errors;
 pub mod http1;
+mod load;
+mod pool;
 mod resolve;
+mod tls;
 
-use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::{Arc, Weak};
 
-use bytes::Bytes;
-
-use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Deserializer};
-use tokio::net::TcpStream;
-use tokio::time::Instant;
 use toml::Spanned;
 
-use crate::body::{BodyError, RequestBody};
+use crate::body::RequestBody;
 use crate::config::{ConfigError, ConfigFile, FileRead, Timeout};
 use crate::error::ProxyError;
 use crate::workers;
 
-use egress::{Egress, Link};
+pub use body::UpstreamBody;
+use dial::{Dialer, bracket_ipv6};
+use egress::Egress;
 pub use egress::{ProxyUrl, Secret};
+use errors::{failure, tls_error};
+use pool::{Pool, Ready};
+use tls::{Tls, client_tls};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -247,6 +253,9 @@ fn password_line(bytes: &[u8]) -> Result<Secret, &'static str> {
     Ok(Secret::new(line.to_vec()))
 }
 
+/// How often a request that never left (its connection closed just before) is tried again.
+const MAX_RETRIES: u32 = 3;
+
 /// A built upstream. Rebuilding one costs a trust-store load and empties the pool, so a reload
 /// that leaves the upstream's config and CA file as they were keeps the old one.
 pub struct Upstream {
@@ -283,7 +292,7 @@ impl Upstream {
         let host = config
             .host
             .as_ref()
-            .map_or(url.host.as_str(), |h| h.0.as_str());
+            .map_or(url.host.as_str(), HostName::as_str);
         let server_name = ServerName::try_from(host.to_owned()).map_err(|_| ConfigError::File {
             path: file.path.clone(),
             message: format!("{host:?} is not a valid TLS server name"),
@@ -297,37 +306,8 @@ impl Upstream {
         })?;
         let host_header = HeaderValue::from_str(authority.as_str())
             .expect("an authority is a valid header value");
-        let tls = (url.scheme == Scheme::HTTPS).then(|| {
-            let offering = |protocols: &[&[u8]]| {
-                let mut tls = tls.clone();
-                tls.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
-                tokio_rustls::TlsConnector::from(Arc::new(tls))
-            };
-            let pooled: &[&[u8]] = if config.http2 {
-                &[b"h2", b"http/1.1"]
-            } else {
-                &[b"http/1.1"]
-            };
-            Tls {
-                pooled: offering(pooled),
-                http1: offering(&[b"http/1.1"]),
-                server_name,
-            }
-        });
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .max_header_list_size(64 << 10);
-        let dialer = Arc::new(Dialer {
-            resolver: resolve::Resolver::new(&url.host, url.port, config.dns_refresh.0),
-            // http:// means HTTP/1.1: no prior-knowledge HTTP/2.
-            offers_h2: config.http2 && tls.is_some(),
-            tls,
-            egress,
-            connect_timeout: config.connect_timeout.0,
-            http2,
-        });
+        let tls = (url.scheme == Scheme::HTTPS).then(|| Tls::new(&tls, config.http2, server_name));
+        let dialer = Arc::new(Dialer::new(config, tls, egress));
         let pools = (0..workers.max(1))
             .map(|_| Arc::new(Pool::new(config, dialer.clone())))
             .collect();
@@ -352,14 +332,8 @@ impl Upstream {
     pub fn preconnect(&self, workers: &[tokio::runtime::Handle]) {
         for (index, worker) in workers.iter().enumerate() {
             let pool = &self.pools[index % self.pools.len()];
-            // Marked as connecting here, before any request can look, so that the first requests
-            // wait for this connection rather than open their own beside it.
-            let connecting = {
-                let mut state = pool.lock();
-                if !state.lanes.is_empty() || !state.idle.is_empty() || state.connecting.is_some() {
-                    continue;
-                }
-                state.connecting.insert(pool.connect_lane()).clone()
+            let Some(connecting) = pool.preconnect() else {
+                continue;
             };
             worker.spawn(async move {
                 if let Err(error) = connecting.await {
@@ -372,14 +346,7 @@ impl Upstream {
     /// Connections open and carrying no request, across the workers' pools: for a scrape, which
     /// takes each pool's lock for a moment.
     pub fn connections_idle(&self) -> usize {
-        self.pools
-            .iter()
-            .map(|pool| {
-                let state = pool.lock();
-                let lanes = state.lanes.iter();
-                state.idle.len() + lanes.filter(|l| l.load.idle_since().is_some()).count()
-            })
-            .sum()
+        self.pools.iter().map(|pool| pool.connections_idle()).sum()
     }
 
     /// The upstream URI for a client's path and query, under the url's base path.
@@ -434,11 +401,13 @@ impl Upstream {
         let conn = self.dialer.dial_http1().await?;
         let mut outgoing = http1::Outgoing::new(request, &self.host_header, true);
         match http1::exchange(conn, &mut outgoing, &Weak::new()).await {
-            Ok((response, upgraded)) => Ok((response.map(UpstreamBody::Http1), upgraded)),
+            Ok((response, upgraded)) => Ok((response.map(UpstreamBody::http1), upgraded)),
             Err(http1::Failure::Stale(error) | http1::Failure::Failed(error)) => Err(error),
         }
     }
 
+    /// Over a connection of this worker's pool. A request that never left, or that met a
+    /// kept-alive connection the upstream had closed meanwhile, goes again: not its fault.
     async fn send_pooled(
         &self,
         request: Request<RequestBody>,
@@ -450,20 +419,14 @@ impl Upstream {
         let mut retries = 0;
         loop {
             // Once written out for HTTP/1.1 (and found a stale connection), it stays HTTP/1.1.
-            let http1_only = outgoing.is_some();
-            let conn = match pool.checkout(http1_only) {
-                Checkout::Stream(mut sender, in_flight) => {
-                    let Some(unsent) = request.take() else {
-                        unreachable!(
-                            "HTTP/2 is offered only to a request not yet sent over HTTP/1.1"
-                        );
-                    };
+            let conn = match pool.ready(outgoing.is_some()).await? {
+                Ready::Stream(mut sender, in_flight) => {
+                    let unsent = request
+                        .take()
+                        .expect("HTTP/2 is offered only to a request not yet sent over HTTP/1.1");
                     match sender.try_send_request(unsent).await {
                         Ok(response) => {
-                            return Ok(response.map(|body| UpstreamBody::Http2 {
-                                body,
-                                _lease: in_flight,
-                            }));
+                            return Ok(response.map(|body| UpstreamBody::http2(body, in_flight)));
                         }
                         Err(mut e) => match e.take_message() {
                             // Never sent: the connection had just closed.
@@ -476,31 +439,7 @@ impl Upstream {
                         },
                     }
                 }
-                Checkout::Idle(conn) => conn,
-                Checkout::Wait(connecting) => {
-                    connecting.await?;
-                    continue;
-                }
-                // Its failure is not this request's: it dials its own next.
-                Checkout::Preconnecting(connecting) => {
-                    let _ = connecting.await;
-                    continue;
-                }
-                Checkout::Dial(busy) => {
-                    let mut conn = if http1_only {
-                        Box::pin(pool.dialer.dial_http1()).await?
-                    } else {
-                        match Box::pin(pool.dialer.dial()).await? {
-                            Connected::Http1(conn) => conn,
-                            Connected::Http2(sender) => {
-                                pool.add_lane(sender);
-                                continue;
-                            }
-                        }
-                    };
-                    conn.busy = Some(busy);
-                    conn
-                }
+                Ready::Http1(conn) => conn,
             };
             let out = match (&mut outgoing, request.take()) {
                 (Some(out), _) => out,
@@ -510,9 +449,7 @@ impl Upstream {
                 (None, None) => unreachable!("a request is either unsent or outgoing"),
             };
             match http1::exchange(conn, out, &Arc::downgrade(pool)).await {
-                Ok((response, _)) => return Ok(response.map(UpstreamBody::Http1)),
-                // A kept-alive connection the upstream closed meanwhile: not this request's
-                // fault, so it goes again.
+                Ok((response, _)) => return Ok(response.map(UpstreamBody::http1)),
                 Err(http1::Failure::Stale(_)) if retries < MAX_RETRIES => retries += 1,
                 Err(http1::Failure::Stale(error) | http1::Failure::Failed(error)) => {
                     return Err(error);
@@ -520,632 +457,6 @@ impl Upstream {
             }
         }
     }
-}
-
-/// How many requests one HTTP/2 connection carries before another is opened. Upstreams cap the
-/// streams of a connection (nginx at 128, Cloudflare at 256); a request past the cap would wait
-/// for a stream to end, and an SSE stream can last minutes.
-const STREAMS_PER_CONNECTION: usize = 100;
-
-/// When the least busy HTTP/2 connection carries this many requests, the next one is opened.
-const OPEN_NEXT_AT: usize = STREAMS_PER_CONNECTION * 3 / 4;
-
-/// At most this many spare HTTP/1.1 connections are opened at once: enough for the pool to
-/// catch up with a rising load in a few handshakes' time, few enough not to flood an upstream
-/// that is slow to accept.
-const MAX_SPARES_DIALING: usize = 4;
-
-/// How many requests in flight over HTTP/1.1 make a load: when one of them takes the last idle
-/// connection, a spare is opened for the next. A lone client's requests, one after another, do
-/// not open a second connection.
-const SPARE_FROM_BUSY: usize = 2;
-
-/// How often a request that never left (its connection closed just before) is tried again.
-const MAX_RETRIES: u32 = 3;
-
-/// One worker's connections. Only that worker uses it, so its lock is never contended.
-struct Pool {
-    state: Mutex<PoolState>,
-    dialer: Arc<Dialer>,
-    idle_timeout: Duration,
-    max_idle: usize,
-}
-
-struct PoolState {
-    /// Whether the upstream's last new connection spoke HTTP/2 (what the next is expected to).
-    http2: bool,
-    /// HTTP/2 connections, each carrying many requests.
-    lanes: Vec<Lane>,
-    /// The HTTP/2 connection being opened, which every request that needs one waits for.
-    connecting: Option<Connecting>,
-    /// HTTP/1.1 connections between requests, oldest first; the newest is reused first, so that
-    /// the oldest go idle long enough to be closed when fewer are needed.
-    idle: Vec<Idle>,
-    /// Whether a task is closing idle connections.
-    reaping: bool,
-    /// Spare HTTP/1.1 connections being opened.
-    spares_dialing: usize,
-    /// Cloned into each HTTP/1.1 connection while it carries a request, so that its count says
-    /// how many are busy (an upgraded or closed connection drops its clone with it).
-    busy: Arc<()>,
-}
-
-type Connecting = Shared<BoxFuture<'static, Result<(), ProxyError>>>;
-
-struct Lane {
-    sender: http2::SendRequest<RequestBody>,
-    load: Arc<Load>,
-}
-
-struct Idle {
-    conn: http1::Connection,
-    since: Instant,
-}
-
-enum Checkout {
-    Stream(http2::SendRequest<RequestBody>, InFlight),
-    Idle(http1::Connection),
-    /// For the HTTP/2 connection being opened, which the request then goes on.
-    Wait(Connecting),
-    /// For the HTTP/1.1 connection opened ahead of requests: then for whatever is idle.
-    Preconnecting(Connecting),
-    /// A new connection of the request's own, busy from the start.
-    Dial(Arc<()>),
-}
-
-impl Pool {
-    fn new(config: &Config, dialer: Arc<Dialer>) -> Self {
-        Self {
-            state: Mutex::new(PoolState {
-                http2: dialer.offers_h2,
-                lanes: Vec::new(),
-                connecting: None,
-                idle: Vec::new(),
-                reaping: false,
-                spares_dialing: 0,
-                busy: Arc::new(()),
-            }),
-            dialer,
-            idle_timeout: config.pool_idle_timeout.0,
-            max_idle: config.pool_max_idle,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Where the next request goes. A ready HTTP/1.1 connection first: it costs a request the
-    /// least CPU and time. When none is ready and the upstream speaks HTTP/2, the request goes
-    /// on an HTTP/2 connection, which carries many at once and so has no handshake to wait for,
-    /// while HTTP/1.1 connections are opened in the background (four at a time) for the
-    /// requests to come: a burst of new streams rides HTTP/2 while the HTTP/1.1 pool grows to
-    /// the steady load. Otherwise, or when the request must stay HTTP/1.1 (`http1_only`), it
-    /// opens an HTTP/1.1 connection of its own.
-    fn checkout(self: &Arc<Self>, http1_only: bool) -> Checkout {
-        let mut state = self.lock();
-        let now = Instant::now();
-        while let Some(mut idle) = state.idle.pop() {
-            if idle.since + self.idle_timeout <= now {
-                // Put back in time order: everything under it has been idle longer still.
-                state.idle.clear();
-                break;
-            }
-            if idle.conn.is_usable() {
-                let mut conn = idle.conn;
-                conn.busy = Some(state.busy.clone());
-                self.keep_a_spare(&mut state);
-                return Checkout::Idle(conn);
-            }
-        }
-        if !state.http2 {
-            // A connection opened ahead of requests (at start, after a reload) is nearly there.
-            if let Some(connecting) = &state.connecting {
-                return Checkout::Preconnecting(connecting.clone());
-            }
-            return self.dial(&mut state);
-        }
-        if http1_only {
-            return self.dial(&mut state);
-        }
-        state.lanes.retain(|lane| !lane.sender.is_closed());
-        let least_busy = state
-            .lanes
-            .iter()
-            .map(|lane| (lane, lane.load.in_flight.load(Ordering::Relaxed)))
-            .min_by_key(|&(_, in_flight)| in_flight);
-        if let Some((lane, in_flight)) = least_busy
-            && in_flight < STREAMS_PER_CONNECTION
-        {
-            let checkout = Checkout::Stream(lane.sender.clone(), lane.load.take());
-            // No more spares at once than requests riding this connection for want of one.
-            let spares = MAX_SPARES_DIALING.min(in_flight + 1);
-            if state.spares_dialing < spares && state.idle.len() < self.max_idle {
-                state.spares_dialing += 1;
-                tokio::spawn(self.dial_spare());
-            }
-            if in_flight + 1 >= OPEN_NEXT_AT && state.connecting.is_none() {
-                // Every connection is filling up: open the next one now, in the background,
-                // so that no request has to wait for its handshake.
-                let connecting = self.connect_lane();
-                state.connecting = Some(connecting.clone());
-                tokio::spawn(connecting);
-            }
-            return checkout;
-        }
-        let connecting = state
-            .connecting
-            .get_or_insert_with(|| self.connect_lane())
-            .clone();
-        Checkout::Wait(connecting)
-    }
-
-    /// The request opens a connection of its own, busy from the start.
-    fn dial(self: &Arc<Self>, state: &mut PoolState) -> Checkout {
-        let busy = state.busy.clone();
-        self.keep_a_spare(state);
-        Checkout::Dial(busy)
-    }
-
-    /// Under load, a request that leaves no connection idle has a spare opened for the next
-    /// one, so that it finds a connection ready instead of waiting for a handshake: a rising
-    /// load (new streams arriving faster than handshakes complete) stays one connection ahead.
-    fn keep_a_spare(self: &Arc<Self>, state: &mut PoolState) {
-        let busy = Arc::strong_count(&state.busy) - 1;
-        if state.idle.is_empty() && busy >= SPARE_FROM_BUSY && state.spares_dialing == 0 {
-            state.spares_dialing += 1;
-            tokio::spawn(self.dial_spare());
-        }
-    }
-
-    /// A new connection that the requests waiting for it share, rather than each opening one.
-    /// It is driven by whichever of them polls; if they all give up, the next request resumes it.
-    fn connect_lane(self: &Arc<Self>) -> Connecting {
-        let pool = Arc::downgrade(self);
-        let dialer = self.dialer.clone();
-        async move {
-            let connected = dialer.dial().await;
-            let Some(pool) = pool.upgrade() else {
-                return connected.map(drop);
-            };
-            pool.lock().connecting = None;
-            match connected? {
-                Connected::Http2(sender) => pool.add_lane(sender),
-                // The upstream chose HTTP/1.1: one request can use this connection, the others
-                // open their own.
-                Connected::Http1(conn) => {
-                    pool.lock().http2 = false;
-                    pool.put_idle(conn);
-                }
-            }
-            Ok(())
-        }
-        .boxed()
-        .shared()
-    }
-
-    fn dial_spare(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
-        let pool = Arc::downgrade(self);
-        let dialer = self.dialer.clone();
-        async move {
-            let dialed = dialer.dial_http1().await;
-            let Some(pool) = pool.upgrade() else {
-                return;
-            };
-            pool.lock().spares_dialing -= 1;
-            match dialed {
-                Ok(conn) => {
-                    tracing::debug!("a spare upstream connection is ready");
-                    pool.put_idle(conn);
-                }
-                Err(error) => tracing::debug!(%error, "could not open a spare upstream connection"),
-            }
-        }
-    }
-
-    fn add_lane(self: &Arc<Self>, sender: http2::SendRequest<RequestBody>) {
-        let mut state = self.lock();
-        state.http2 = true;
-        state.lanes.push(Lane {
-            sender,
-            load: Arc::new(Load::new()),
-        });
-        self.reap_later(&mut state);
-    }
-
-    fn put_idle(self: &Arc<Self>, mut conn: http1::Connection) {
-        conn.busy = None;
-        let mut state = self.lock();
-        if state.idle.len() >= self.max_idle {
-            return;
-        }
-        state.idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
-        self.reap_later(&mut state);
-    }
-
-    /// Starts the task that closes connections idle for `idle_timeout`, unless it runs already.
-    /// It ends when the pool is empty or gone, so an idle proxy has no timer firing.
-    fn reap_later(self: &Arc<Self>, state: &mut PoolState) {
-        if state.reaping {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        state.reaping = true;
-        runtime.spawn(reap(Arc::downgrade(self), self.idle_timeout));
-    }
-}
-
-async fn reap(weak: Weak<Pool>, timeout: Duration) {
-    let mut next = Instant::now() + timeout;
-    loop {
-        tokio::time::sleep_until(next).await;
-        let Some(pool) = weak.upgrade() else {
-            return;
-        };
-        let mut state = pool.lock();
-        let now = Instant::now();
-        state.idle.retain(|idle| idle.since + timeout > now);
-        state.lanes.retain(|lane| {
-            !lane.sender.is_closed() && lane.load.idle_since().is_none_or(|t| t + timeout > now)
-        });
-        if state.idle.is_empty() && state.lanes.is_empty() {
-            state.reaping = false;
-            return;
-        }
-        let lanes = state
-            .lanes
-            .iter()
-            .map(|lane| lane.load.idle_since().unwrap_or(now) + timeout);
-        let idle = state.idle.first().map(|idle| idle.since + timeout);
-        next = lanes.chain(idle).min().unwrap_or(now + timeout);
-    }
-}
-
-/// The requests on an HTTP/2 connection, and since when it has had none.
-struct Load {
-    in_flight: AtomicUsize,
-    born: Instant,
-    /// Nanoseconds after `born`; meaningful while `in_flight` is 0.
-    idle_since: AtomicU64,
-}
-
-impl Load {
-    fn new() -> Self {
-        Self {
-            in_flight: AtomicUsize::new(0),
-            born: Instant::now(),
-            idle_since: AtomicU64::new(0),
-        }
-    }
-
-    fn take(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
-    fn release(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            // Racing a take on another thread can only leave an older time, which at worst
-            // closes an idle connection early.
-            let nanos = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.idle_since.store(nanos, Ordering::Relaxed);
-        }
-    }
-
-    fn idle_since(&self) -> Option<Instant> {
-        (self.in_flight.load(Ordering::Relaxed) == 0)
-            .then(|| self.born + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed)))
-    }
-}
-
-/// A response's share of its HTTP/2 connection, held by the response body until it ends or is
-/// dropped.
-pub struct InFlight(Arc<Load>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.release();
-    }
-}
-
-/// A response body from the upstream, holding its connection (HTTP/1.1) or its share of one
-/// (HTTP/2) until it ends or is dropped.
-pub enum UpstreamBody {
-    Http1(http1::ResponseBody),
-    Http2 { body: Incoming, _lease: InFlight },
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-            Self::Http2 { body, .. } => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Http1(body) => body.is_end_stream(),
-            Self::Http2 { body, .. } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Http1(body) => body.size_hint(),
-            Self::Http2 { body, .. } => body.size_hint(),
-        }
-    }
-}
-
-/// Opens connections to the upstream: TCP to the url's host and port, TLS with the configured
-/// host as server name (like `curl --connect-to`), then HTTP/2 or HTTP/1.1 as ALPN decides.
-struct Dialer {
-    /// The url's host and port, as addresses to connect to.
-    resolver: Arc<resolve::Resolver>,
-    /// None for an http:// upstream.
-    tls: Option<Tls>,
-    /// The proxy every connection goes through, when there is one.
-    egress: Option<Egress>,
-    offers_h2: bool,
-    connect_timeout: Duration,
-    http2: http2::Builder<TokioExecutor>,
-}
-
-struct Tls {
-    /// Offers h2 when the config allows it.
-    pooled: tokio_rustls::TlsConnector,
-    /// Offers only http/1.1: for upgrades and the pool of HTTP/1.1 connections.
-    http1: tokio_rustls::TlsConnector,
-    server_name: ServerName<'static>,
-}
-
-enum Connected {
-    Http1(http1::Connection),
-    Http2(http2::SendRequest<RequestBody>),
-}
-
-enum Transport {
-    Plain(Link),
-    Tls(Box<tokio_rustls::client::TlsStream<Link>>),
-}
-
-impl Dialer {
-    async fn dial(&self) -> Result<Connected, ProxyError> {
-        match self.transport(false).await? {
-            Transport::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                let (sender, connection) = self
-                    .http2
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(|e| failure(&e))?;
-                let open = crate::metrics::Open::upstream_connection();
-                tokio::spawn(async move {
-                    let _open = open;
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "upstream HTTP/2 connection failed");
-                    }
-                });
-                Ok(Connected::Http2(sender))
-            }
-            Transport::Tls(tls) => Ok(Connected::Http1(http1::Connection::new(tls))),
-            Transport::Plain(link) => Ok(Connected::Http1(http1::Connection::new(Box::new(link)))),
-        }
-    }
-
-    /// An HTTP/1.1 connection, whatever the upstream would prefer: for upgrades, which cannot
-    /// ride HTTP/2, and for the pool of HTTP/1.1 connections.
-    async fn dial_http1(&self) -> Result<http1::Connection, ProxyError> {
-        let io: http1::Stream = match self.transport(true).await? {
-            Transport::Tls(tls) => tls,
-            Transport::Plain(link) => Box::new(link),
-        };
-        Ok(http1::Connection::new(io))
-    }
-
-    /// TCP (or a tunnel through the egress proxy), then TLS for https://, both within the
-    /// connect timeout.
-    async fn transport(&self, http1_only: bool) -> Result<Transport, ProxyError> {
-        let limit = self.connect_timeout;
-        let connecting = async {
-            let link = match &self.egress {
-                Some(egress) => egress.connect(&self.resolver).await?,
-                None => Link::Tcp(self.tcp().await?),
-            };
-            let Some(tls) = &self.tls else {
-                return Ok(Transport::Plain(link));
-            };
-            let connector = if http1_only { &tls.http1 } else { &tls.pooled };
-            match connector.connect(tls.server_name.clone(), link).await {
-                Ok(stream) => {
-                    let session = stream.get_ref().1;
-                    tracing::debug!(
-                        alpn = ?session.alpn_protocol().map(String::from_utf8_lossy),
-                        handshake = ?session.handshake_kind(),
-                        "upstream connection opened"
-                    );
-                    Ok(Transport::Tls(Box::new(stream)))
-                }
-                Err(e) => Err(tls_failure(&e)),
-            }
-        };
-        let transport = tokio::time::timeout(limit, connecting)
-            .await
-            .unwrap_or_else(|_| {
-                Err(match &self.egress {
-                    Some(egress) => egress.timed_out(limit),
-                    None => ProxyError::UpstreamUnreachable(format!(
-                        "connect timed out after {limit:?}"
-                    )),
-                })
-            });
-        crate::metrics::upstream_dialed(match &transport {
-            Ok(transport) => Ok(matches!(transport, Transport::Tls(_))),
-            Err(_) => Err(()),
-        });
-        transport
-    }
-
-    async fn tcp(&self) -> Result<TcpStream, ProxyError> {
-        let unreachable = ProxyError::UpstreamUnreachable;
-        let addrs = self.resolver.addrs().await.map_err(unreachable)?;
-        let tcp = match connect_any(&addrs).await {
-            Ok(tcp) => tcp,
-            Err(failed) => match self.resolver.after_failure(&addrs).await {
-                Some(moved) => connect_any(&moved).await.map_err(unreachable)?,
-                None => return Err(unreachable(failed)),
-            },
-        };
-        egress::socket_options(&tcp)
-            .map_err(|e| unreachable(format!("tcp socket options: {e}")))?;
-        Ok(tcp)
-    }
-}
-
-/// A TCP connection to the first of `addrs` that takes one; else why the last one did not.
-async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
-    let mut last = None;
-    for &addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = Some(format!("tcp connect to {addr}: {e}")),
-        }
-    }
-    Err(last.unwrap_or_else(|| "no address to connect to".to_owned()))
-}
-
-fn bracket_ipv6(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    }
-}
-
-/// Names where a failed request went wrong, from the error's chain of causes.
-fn failure(error: &hyper::Error) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(body) = e.downcast_ref::<crate::body::BodyError>() {
-            return body.to_proxy_error();
-        }
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return ProxyError::UpstreamTls(tls.to_string());
-        }
-        source = cause(e);
-    }
-    ProxyError::UpstreamProtocol(chain(error))
-}
-
-/// A failed TLS handshake: a rustls error or a connection lost on the way.
-fn tls_failure(error: &io::Error) -> ProxyError {
-    match tls_error(error) {
-        Some(tls) => ProxyError::UpstreamTls(tls.to_string()),
-        None => ProxyError::UpstreamUnreachable(format!("TLS handshake: {}", chain(error))),
-    }
-}
-
-/// The rustls error an I/O error carries, however deep io::Error's wrapping put it.
-fn tls_error(error: &io::Error) -> Option<&rustls::Error> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        source = cause(e);
-    }
-    None
-}
-
-/// The next error in the chain. An io::Error's source() skips the error it wraps (which may
-/// itself be an io::Error wrapping a rustls::Error), so step into it instead.
-fn cause<'a>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a (dyn std::error::Error + 'static)> {
-    match error
-        .downcast_ref::<io::Error>()
-        .and_then(io::Error::get_ref)
-    {
-        Some(inner) => Some(inner),
-        None => error.source(),
-    }
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
-fn client_tls(
-    config: &Config,
-    file: &ConfigFile,
-    ca_pem: Option<&[u8]>,
-) -> Result<rustls::ClientConfig, ConfigError> {
-    let mut roots = rustls::RootCertStore::empty();
-    // A damaged certificate in the system store is skipped, as every TLS client does.
-    let system = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(system.certs);
-    if let (Some(pem), Some(key)) = (ca_pem, &config.ca_file) {
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| {
-                file.error_at(
-                    key.span(),
-                    format!("{}: bad PEM: {e}", key.get_ref().display()),
-                )
-            })?;
-            roots.add(cert).map_err(|e| {
-                file.error_at(
-                    key.span(),
-                    format!("{}: unusable CA certificate: {e}", key.get_ref().display()),
-                )
-            })?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(file.error_at(
-                key.span(),
-                format!("{} holds no PEM certificate", key.get_ref().display()),
-            ));
-        }
-    }
-    if roots.is_empty() {
-        return Err(ConfigError::File {
-            path: file.path.clone(),
-            message: "no trust roots: the system store is empty and no upstream.ca_file is set"
-                .into(),
-        });
-    }
-    let mut provider = rustls::crypto::ring::default_provider();
-    // AES-128-GCM first, as browsers order it: 128-bit security, and its ten AES rounds to
-    // AES-256's fourteen make every byte to and from the upstream cheaper for both ends.
-    provider
-        .cipher_suites
-        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    let provider = Arc::new(provider);
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tls)
 }
 
 #[cfg(test)]
