@@ -437,3 +437,322 @@ async fn reap(weak: Weak<Pool>, timeout: Duration) {
         next = lanes.chain(idle).min().unwrap_or(now + timeout);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http::{HeaderValue, Request, Response};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::upstream::UpstreamUrl;
+
+    /// A pool whose upstream speaks HTTP/1.1, as an http:// one does.
+    fn http1() -> Facts {
+        Facts {
+            max_idle: 256,
+            ..Facts::default()
+        }
+    }
+
+    /// A pool with one HTTP/2 connection that carries `in_flight` requests.
+    fn http2(in_flight: usize) -> Facts {
+        Facts {
+            http2: true,
+            least_busy: Some((0, in_flight)),
+            ..http1()
+        }
+    }
+
+    #[test]
+    fn an_idle_connection_goes_first() {
+        for facts in [http1(), http2(0), http2(STREAMS_PER_CONNECTION)] {
+            for http1_only in [false, true] {
+                let facts = Facts {
+                    idle_ready: true,
+                    http1_only,
+                    ..facts
+                };
+                assert_eq!(plan(&facts).take, Take::Idle, "{facts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn with_none_idle_a_request_dials_its_own() {
+        assert_eq!(plan(&http1()).take, Take::Dial);
+        let written_out = Facts {
+            http1_only: true,
+            ..http2(0)
+        };
+        assert_eq!(plan(&written_out).take, Take::Dial);
+        // Unless a connection opened ahead of requests is on its way.
+        let preconnecting = Facts {
+            connecting: true,
+            ..http1()
+        };
+        let waits = Plan {
+            take: Take::Preconnecting,
+            spare: false,
+            open_next: false,
+        };
+        assert_eq!(plan(&preconnecting), waits);
+    }
+
+    #[test]
+    fn an_http2_connection_carries_up_to_streams_per_connection() {
+        assert_eq!(plan(&http2(0)).take, Take::Lane(0));
+        let busiest = Facts {
+            least_busy: Some((3, STREAMS_PER_CONNECTION - 1)),
+            ..http2(0)
+        };
+        assert_eq!(plan(&busiest).take, Take::Lane(3));
+        assert_eq!(plan(&http2(STREAMS_PER_CONNECTION)).take, Take::Wait);
+        let none_yet = Facts {
+            least_busy: None,
+            ..http2(0)
+        };
+        assert_eq!(plan(&none_yet).take, Take::Wait);
+    }
+
+    #[test]
+    fn the_next_http2_connection_opens_at_open_next_at() {
+        assert!(!plan(&http2(OPEN_NEXT_AT - 2)).open_next);
+        assert!(plan(&http2(OPEN_NEXT_AT - 1)).open_next);
+        assert!(plan(&http2(STREAMS_PER_CONNECTION - 1)).open_next);
+        let opening = Facts {
+            connecting: true,
+            ..http2(OPEN_NEXT_AT)
+        };
+        assert!(!plan(&opening).open_next);
+        // A request that waits for the next connection opens it itself, not in the background.
+        assert!(!plan(&http2(STREAMS_PER_CONNECTION)).open_next);
+    }
+
+    #[test]
+    fn spares_open_beside_http2_as_requests_ride_it() {
+        let spare = |in_flight, spares_dialing, idle| {
+            let facts = Facts {
+                spares_dialing,
+                idle,
+                ..http2(in_flight)
+            };
+            plan(&facts).spare
+        };
+        // No more at once than the requests riding HTTP/2 for want of one.
+        assert!(spare(0, 0, 0));
+        assert!(!spare(0, 1, 0));
+        assert!(spare(2, 2, 0));
+        assert!(!spare(2, 3, 0));
+        assert!(spare(50, MAX_SPARES_DIALING - 1, 0));
+        assert!(!spare(50, MAX_SPARES_DIALING, 0));
+        // Nor past what the pool keeps idle.
+        assert!(spare(50, 0, 255));
+        assert!(!spare(50, 0, 256));
+        let full = Facts {
+            spares_dialing: 0,
+            ..http2(STREAMS_PER_CONNECTION)
+        };
+        assert!(!plan(&full).spare);
+    }
+
+    #[test]
+    fn http1_spares_open_under_load_only() {
+        let spare = |busy, idle, spares_dialing, idle_ready| {
+            let facts = Facts {
+                busy,
+                idle,
+                spares_dialing,
+                idle_ready,
+                ..http1()
+            };
+            plan(&facts).spare
+        };
+        // A lone client's requests, one after another.
+        assert!(!spare(0, 0, 0, false));
+        assert!(!spare(0, 0, 0, true));
+        assert!(spare(SPARE_FROM_BUSY - 1, 0, 0, false));
+        assert!(spare(SPARE_FROM_BUSY - 1, 0, 0, true));
+        // One is left idle for the next request, or a spare is on its way already.
+        assert!(!spare(SPARE_FROM_BUSY, 1, 0, true));
+        assert!(!spare(SPARE_FROM_BUSY, 0, 1, false));
+    }
+
+    /// An HTTP/1.1 upstream on 127.0.0.1 that answers each request with its connection's
+    /// number, counted from 0 in the order they were accepted.
+    async fn http1_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(answer(tcp, number));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Answers each bodiless request on `tcp` with `number`, until the client closes it.
+    async fn answer(mut tcp: TcpStream, number: usize) {
+        let body = number.to_string();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut head = Vec::new();
+        let mut byte = [0; 1];
+        while tcp.read(&mut byte).await.is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+            if head.ends_with(b"\r\n\r\n") {
+                head.clear();
+                if tcp.write_all(response.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A pool that dials `addr` over http://, with the default timeouts and limits.
+    fn pool(addr: SocketAddr) -> Arc<Pool> {
+        let config = Config {
+            url: UpstreamUrl::parse(&format!("http://{addr}")).unwrap(),
+            ..Config::default()
+        };
+        let dialer = Arc::new(Dialer::new(&config, None, None));
+        Arc::new(Pool::new(&config, dialer))
+    }
+
+    /// Sends a GET over the HTTP/1.1 connection the pool has ready, and returns its response,
+    /// whose body holds the connection until it is read to its end.
+    async fn get(pool: &Arc<Pool>) -> Response<http1::ResponseBody> {
+        let Ready::Http1(conn) = pool.ready(false).await.unwrap() else {
+            panic!("an http:// upstream is spoken to over HTTP/1.1");
+        };
+        let request = Request::get("/").body(RequestBody::empty()).unwrap();
+        let host = HeaderValue::from_static("upstream");
+        let mut out = http1::Outgoing::new(request, &host, false);
+        match http1::exchange(conn, &mut out, &Arc::downgrade(pool)).await {
+            Ok((response, _)) => response,
+            Err(_) => panic!("the upstream answers"),
+        }
+    }
+
+    async fn text<B: hyper::body::Body<Error: std::fmt::Debug>>(response: Response<B>) -> String {
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_reuses_the_connection_the_last_one_left_idle() {
+        let (addr, accepted) = http1_upstream().await;
+        let pool = pool(addr);
+        for _ in 0..3 {
+            assert_eq!(text(get(&pool).await).await, "0");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.connections_idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_finds_none_idle_dials_a_new_connection() {
+        let (addr, _) = http1_upstream().await;
+        let pool = pool(addr);
+        let first = get(&pool).await;
+        // The first one's body, unread, holds its connection.
+        assert_ne!(text(get(&pool).await).await, "0");
+        assert_eq!(text(first).await, "0");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_past_its_timeout_is_not_handed_out() {
+        let (addr, _) = http1_upstream().await;
+        let pool = pool(addr);
+        let put = Instant::now();
+        pool.put_idle(pool.dialer.dial_http1().await.unwrap());
+        let almost = put + pool.idle_timeout - Duration::from_millis(1);
+        assert!(matches!(pool.checkout(false, almost), Checkout::Idle(_)));
+        pool.put_idle(pool.dialer.dial_http1().await.unwrap());
+        let past = Instant::now() + pool.idle_timeout;
+        assert!(matches!(pool.checkout(false, past), Checkout::Dial(_)));
+        assert_eq!(
+            pool.connections_idle(),
+            0,
+            "a timed-out connection is closed"
+        );
+    }
+
+    /// An HTTP/2 connection to an upstream on 127.0.0.1 that answers every request with "ok".
+    async fn http2_lane(pool: &Pool) -> http2::SendRequest<RequestBody> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|_: Request<Incoming>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+            });
+            let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let _ = server.serve_connection(TokioIo::new(tcp), service).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        pool.dialer.handshake(TokioIo::new(tcp)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_share_an_http2_connection_up_to_streams_per_connection() {
+        // Where the connections opened in the background go: nowhere, so that whenever they
+        // run, they leave the pool as it was.
+        let refused = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = pool(refused.local_addr().unwrap());
+        drop(refused);
+        let lane = http2_lane(&pool).await;
+        pool.add_lane(lane);
+        // Those connections are opened only once this test awaits: each checkout's effect on the
+        // pool is seen as it is.
+        let mut streams = Vec::new();
+        for n in 0..STREAMS_PER_CONNECTION {
+            let Checkout::Stream(sender, in_flight) = pool.checkout(false, Instant::now()) else {
+                panic!("request {n} rides the HTTP/2 connection");
+            };
+            streams.push((sender, in_flight));
+            let state = pool.lock();
+            assert_eq!(
+                state.spares_dialing,
+                MAX_SPARES_DIALING.min(n + 1),
+                "request {n}"
+            );
+            assert_eq!(
+                state.connecting.is_some(),
+                n + 1 >= OPEN_NEXT_AT,
+                "request {n}"
+            );
+        }
+        assert!(matches!(
+            pool.checkout(false, Instant::now()),
+            Checkout::Wait(_)
+        ));
+        // A second connection takes the requests the first has no room for.
+        pool.add_lane(http2_lane(&pool).await);
+        let Checkout::Stream(_, _in_flight) = pool.checkout(false, Instant::now()) else {
+            panic!("the next request rides the second HTTP/2 connection");
+        };
+        assert_eq!(pool.lock().lanes[1].load.in_flight(), 1);
+        // The streams handed out are the connection's own.
+        let (mut sender, _in_flight) = streams.pop().unwrap();
+        let request = Request::get("http://upstream/")
+            .body(RequestBody::empty())
+            .unwrap();
+        assert_eq!(
+            text(sender.send_request(request).await.unwrap()).await,
+            "ok"
+        );
+    }
+}
