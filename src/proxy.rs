@@ -7,17 +7,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use serde::{Deserialize, Deserializer};
 
-use crate::access_log::{AccessRecord, RequestId};
-use crate::auth;
 use crate::body::{ClientBody, Inbound, ResponseBody};
 use crate::drain;
 use crate::error::ProxyError;
-use crate::failover;
 use crate::generation::{Generation, Live};
 use crate::headers;
 use crate::limits;
-use crate::tunnel;
 use crate::usage;
+
+pub mod access_log;
+pub mod auth;
+mod failover;
+mod tunnel;
+
+use access_log::{AccessRecord, RequestId};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
