@@ -27,6 +27,7 @@ mod reload;
 mod routes;
 mod server;
 mod systemd;
+mod tokens;
 mod upstream;
 mod usage;
 mod watch;
@@ -78,7 +79,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::TokenNew { name } => match proxy::auth::new_token(&name) {
+        Command::TokenNew { name } => match tokens::new_token(&name) {
             Ok(text) => {
                 print!("{text}");
                 eprintln!(

@@ -1,16 +1,16 @@
-//! Tokens mode: the proxy holds the OpenAI key, and clients present tokens the proxy issued.
+//! Tokens mode's request check: the proxy holds the OpenAI key, and clients present tokens the
+//! proxy issued.
 //!
 //! In `passthrough` mode (the default) nothing here runs and the client's own key goes upstream.
-//! In `tokens` mode every request must carry a token whose SHA-256 is listed in `tokens_file`;
-//! the token is taken out of the request and the upstream key put in its place, so the upstream
-//! never sees a token and no client ever sees the key. Neither is ever logged, put in an error
-//! body or a `STATUS=` line: errors here name files and tokens by name, never by content.
+//! In `tokens` mode every request must carry a token listed in the generation's token store
+//! (`tokens`); the token is taken out of the request and the upstream key put in its place, so
+//! the upstream never sees a token and no client ever sees the key. Neither is ever logged, put
+//! in an error body or a `STATUS=` line: errors here name tokens by name, never by content.
 
 mod inspect;
 
 pub use inspect::INSPECT_LIMIT;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -21,10 +21,9 @@ use toml::Spanned;
 
 use crate::body::ClientBody;
 use crate::body::ResponseBody;
-use crate::config::{ConfigError, ConfigFile, FileRead, days_from_civil};
 use crate::error::ProxyError;
 use crate::generation::Generation;
-use crate::models::ModelRule;
+use crate::tokens::{SUBPROTOCOL_PREFIX, Token, Tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,50 +49,6 @@ pub struct Config {
     pub project: Option<Spanned<String>>,
 }
 
-/// The upstream key, as the two forms it is sent in. No Debug: it must not be printable.
-struct Key {
-    /// `Bearer KEY`, marked sensitive so that HTTP/2 never puts it in a compression table.
-    bearer: HeaderValue,
-    /// The WebSocket subprotocol form, `openai-insecure-api-key.KEY`.
-    subprotocol: String,
-}
-
-/// One client token, known by its name; the token itself is kept nowhere.
-#[derive(Debug)]
-pub struct Token {
-    pub name: Arc<str>,
-    /// None: any model. Each entry is a model name, or a prefix when it ended in `*`.
-    models: Option<Vec<ModelRule>>,
-    /// Seconds since the Unix epoch after which the token is refused.
-    expires: Option<i64>,
-    /// Its own limits; those it leaves out are `[limits]`'s.
-    pub quota: crate::limits::Quota,
-}
-
-impl Token {
-    pub fn allows(&self, model: &str) -> bool {
-        self.models
-            .as_ref()
-            .is_none_or(|rules| rules.iter().any(|rule| rule.matches(model)))
-    }
-
-    fn restricts_models(&self) -> bool {
-        self.models.is_some()
-    }
-}
-
-/// Everything tokens mode needs, built once per generation.
-pub struct Tokens {
-    key: Key,
-    /// Keyed by SHA-256 of the token. The lookup's timing depends only on the digest of what the
-    /// client sent, and learning bits of SHA-256(guess) tells nothing about which other input
-    /// would hash to a listed digest (preimage resistance); with 256-bit random tokens there is
-    /// no guessing either. So this is as safe as a constant-time comparison against every hash.
-    by_digest: HashMap<[u8; 32], Arc<Token>>,
-    organization: Option<HeaderValue>,
-    project: Option<HeaderValue>,
-}
-
 /// The name of the token a request came with, for its access log line.
 #[derive(Debug, Clone)]
 pub struct TokenName(pub Arc<str>);
@@ -101,166 +56,6 @@ pub struct TokenName(pub Arc<str>);
 /// The token a request was let in with, kept for the rest of its way through the proxy.
 pub type Grant = Option<Arc<Token>>;
 
-/// Builds tokens mode from the config, reading the key file and the tokens file (returned, with
-/// their contents, for the file watcher). Passthrough mode reads nothing.
-pub fn load(
-    config: &Config,
-    file: &ConfigFile,
-) -> Result<(Option<Tokens>, Vec<FileRead>), ConfigError> {
-    if config.mode == Mode::Passthrough {
-        return Ok((None, Vec::new()));
-    }
-    let (Some(key_file), Some(tokens_file)) = (&config.upstream_key_file, &config.tokens_file)
-    else {
-        return Err(ConfigError::File {
-            path: file.path.clone(),
-            message: "[auth] mode = \"tokens\" needs both upstream_key_file and tokens_file".into(),
-        });
-    };
-    let (key, key_read) = file.read_secret_as(key_file, "the key file", parse_key)?;
-    let (tokens_path, tokens_bytes) = file.read_named(tokens_file)?;
-    let by_digest = parse_tokens(tokens_path.clone(), &tokens_bytes)?;
-    let header = |value: &Option<Spanned<String>>| {
-        value
-            .as_ref()
-            .map(|v| {
-                HeaderValue::from_str(v.get_ref())
-                    .map_err(|_| file.error_at(v.span(), "not a valid header value"))
-            })
-            .transpose()
-    };
-    let tokens = Tokens {
-        key,
-        by_digest,
-        organization: header(&config.organization)?,
-        project: header(&config.project)?,
-    };
-    Ok((Some(tokens), vec![key_read, (tokens_path, tokens_bytes)]))
-}
-
-/// The key is the file's one line; what is wrong is said without quoting any of it.
-fn parse_key(bytes: &[u8]) -> Result<Key, &'static str> {
-    let key = crate::keys::key_line(bytes)?;
-    let mut bearer =
-        HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| "it is not a key")?;
-    bearer.set_sensitive(true);
-    Ok(Key {
-        bearer,
-        subprotocol: format!("{SUBPROTOCOL_PREFIX}{key}"),
-    })
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokensFile {
-    #[serde(default)]
-    token: Vec<TokenEntry>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenEntry {
-    name: Spanned<String>,
-    sha256: Spanned<String>,
-    models: Option<Vec<Spanned<String>>>,
-    expires: Option<Spanned<toml::value::Datetime>>,
-    requests_per_minute: Option<crate::limits::Limit>,
-    tokens_per_minute: Option<crate::limits::Limit>,
-    tokens_per_day: Option<crate::limits::Limit>,
-    max_concurrent: Option<crate::limits::Limit>,
-}
-
-/// The tokens file, checked whole: one bad entry refuses the file, with its line and column.
-fn parse_tokens(path: PathBuf, bytes: &[u8]) -> Result<HashMap<[u8; 32], Arc<Token>>, ConfigError> {
-    let text = String::from_utf8(bytes.to_vec()).map_err(|_| ConfigError::File {
-        path: path.clone(),
-        message: "not UTF-8 text".into(),
-    })?;
-    let file = ConfigFile::new(path, text);
-    let entries: TokensFile = file.deserialize()?;
-    let mut by_digest = HashMap::with_capacity(entries.token.len());
-    let mut names = std::collections::HashSet::new();
-    for entry in entries.token {
-        let name = entry.name.get_ref().trim();
-        if name.is_empty() || name.chars().any(char::is_control) {
-            return Err(file.error_at(entry.name.span(), "a token's name is a word or two"));
-        }
-        if !names.insert(name.to_owned()) {
-            return Err(file.error_at(entry.name.span(), format!("{name:?} is named twice")));
-        }
-        let digest = parse_digest(entry.sha256.get_ref())
-            .ok_or_else(|| file.error_at(entry.sha256.span(), "sha256 is 64 hex digits"))?;
-        let models = match entry.models {
-            Some(models) => Some(
-                models
-                    .iter()
-                    .map(|m| ModelRule::parse(m.get_ref()).map_err(|e| file.error_at(m.span(), e)))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            None => None,
-        };
-        let expires = match entry.expires {
-            Some(at) => Some(unix_seconds(at.get_ref()).map_err(|e| file.error_at(at.span(), e))?),
-            None => None,
-        };
-        let token = Token {
-            name: name.into(),
-            models,
-            expires,
-            quota: crate::limits::Quota {
-                requests_per_minute: entry.requests_per_minute,
-                tokens_per_minute: entry.tokens_per_minute,
-                tokens_per_day: entry.tokens_per_day,
-                max_concurrent: entry.max_concurrent,
-            },
-        };
-        if by_digest.insert(digest, Arc::new(token)).is_some() {
-            return Err(file.error_at(entry.sha256.span(), "this sha256 is listed twice"));
-        }
-    }
-    Ok(by_digest)
-}
-
-fn parse_digest(text: &str) -> Option<[u8; 32]> {
-    let text = text.as_bytes();
-    if text.len() != 64 {
-        return None;
-    }
-    let mut digest = [0u8; 32];
-    for (byte, pair) in digest.iter_mut().zip(text.chunks(2)) {
-        let pair = std::str::from_utf8(pair).ok()?;
-        *byte = u8::from_str_radix(pair, 16).ok()?;
-    }
-    Some(digest)
-}
-
-/// A TOML date-time as seconds since the Unix epoch: a date alone is its midnight UTC; a
-/// date-time needs its offset (`Z` for UTC), since the proxy's time zone is nobody's guess.
-fn unix_seconds(at: &toml::value::Datetime) -> Result<i64, String> {
-    use toml::value::Offset;
-    let date = at.date.ok_or("expires is a date, or a date and time")?;
-    let (seconds_of_day, offset_minutes) = match (at.time, at.offset) {
-        (None, _) => (0, 0),
-        (Some(_), None) => return Err("give the time's offset, e.g. 2027-01-01T00:00:00Z".into()),
-        (Some(time), Some(offset)) => (
-            i64::from(time.hour) * 3600
-                + i64::from(time.minute) * 60
-                + i64::from(time.second.unwrap_or(0)),
-            match offset {
-                Offset::Z => 0,
-                Offset::Custom { minutes } => i64::from(minutes),
-            },
-        ),
-    };
-    let days = days_from_civil(
-        i64::from(date.year),
-        i64::from(date.month),
-        i64::from(date.day),
-    );
-    Ok(days * 86_400 + seconds_of_day - offset_minutes * 60)
-}
-
-const SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";
 const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
 const PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
@@ -275,7 +70,7 @@ pub async fn admit(
     let Some(tokens) = &generation.auth else {
         return Ok(None);
     };
-    let token = tokens.verify(&parts.headers)?;
+    let token = verify(tokens, &parts.headers)?;
     parts.extensions.insert(TokenName(token.name.clone()));
     if token.restricts_models() {
         let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
@@ -285,7 +80,7 @@ pub async fn admit(
     if let Some(theirs) = subprotocol_entry(&parts.headers) {
         parts.extensions.insert(TokenSubprotocol(theirs));
     }
-    tokens.rewrite(&mut parts.headers);
+    rewrite(tokens, &mut parts.headers);
     Ok(Some(token))
 }
 
@@ -333,12 +128,12 @@ pub fn hide_key_in_answer(request: &http::Extensions, answer: &mut HeaderMap) {
     }
 }
 
-impl Tokens {
-    /// The token the request carries, as `Authorization: Bearer` or as the WebSocket subprotocol
-    /// (both may come; then both must name the same token).
-    fn verify(&self, headers: &HeaderMap) -> Result<Arc<Token>, ProxyError> {
-        let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
-        let bearer = match authorization.next() {
+/// The token the request carries, as `Authorization: Bearer` or as the WebSocket subprotocol
+/// (both may come; then both must name the same token).
+fn verify(tokens: &Tokens, headers: &HeaderMap) -> Result<Arc<Token>, ProxyError> {
+    let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
+    let bearer =
+        match authorization.next() {
             None => None,
             Some(_) if authorization.next().is_some() => {
                 return Err(ProxyError::InvalidApiKey(
@@ -349,64 +144,58 @@ impl Tokens {
                 ProxyError::InvalidApiKey("send the token as `Authorization: Bearer TOKEN`"),
             )?),
         };
-        let presented = bearer.into_iter().chain(subprotocol_tokens(headers));
-        let mut found: Option<&Arc<Token>> = None;
-        for token in presented {
-            let digest = ring::digest::digest(&ring::digest::SHA256, token);
-            let digest: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
-            let token = self
-                .by_digest
-                .get(&digest)
-                .ok_or(ProxyError::InvalidApiKey(
-                    "this proxy takes only the tokens it issued",
-                ))?;
-            if found.is_some_and(|first| !Arc::ptr_eq(first, token)) {
-                return Err(ProxyError::InvalidApiKey("two different tokens"));
-            }
-            found = Some(token);
-        }
-        let token = found.ok_or(ProxyError::InvalidApiKey(
-            "no token: send the token this proxy issued you as `Authorization: Bearer TOKEN`",
+    let presented = bearer.into_iter().chain(subprotocol_tokens(headers));
+    let mut found: Option<&Arc<Token>> = None;
+    for token in presented {
+        let token = tokens.find(token).ok_or(ProxyError::InvalidApiKey(
+            "this proxy takes only the tokens it issued",
         ))?;
-        if token.expires.is_some_and(|at| now_unix() >= at) {
-            return Err(ProxyError::InvalidApiKey("this token has expired"));
+        if found.is_some_and(|first| !Arc::ptr_eq(first, token)) {
+            return Err(ProxyError::InvalidApiKey("two different tokens"));
         }
-        Ok(token.clone())
+        found = Some(token);
     }
+    let token = found.ok_or(ProxyError::InvalidApiKey(
+        "no token: send the token this proxy issued you as `Authorization: Bearer TOKEN`",
+    ))?;
+    if token.has_expired() {
+        return Err(ProxyError::InvalidApiKey("this token has expired"));
+    }
+    Ok(token.clone())
+}
 
-    /// Puts the upstream key (and organization and project) where the client's token was.
-    fn rewrite(&self, headers: &mut HeaderMap) {
-        headers.insert(header::AUTHORIZATION, self.key.bearer.clone());
-        headers.remove(ORGANIZATION);
-        headers.remove(PROJECT);
-        if let Some(organization) = &self.organization {
-            headers.insert(ORGANIZATION, organization.clone());
-        }
-        if let Some(project) = &self.project {
-            headers.insert(PROJECT, project.clone());
-        }
-        if subprotocol_tokens(headers).next().is_none() {
-            return;
-        }
-        let protocols: Vec<&str> = headers
-            .get_all(SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                if p.starts_with(SUBPROTOCOL_PREFIX) {
-                    self.key.subprotocol.as_str()
-                } else {
-                    p
-                }
-            })
-            .collect();
-        if let Ok(mut value) = HeaderValue::from_str(&protocols.join(", ")) {
-            value.set_sensitive(true);
-            headers.insert(SEC_WEBSOCKET_PROTOCOL, value);
-        }
+/// Puts the upstream key (and organization and project) where the client's token was.
+fn rewrite(tokens: &Tokens, headers: &mut HeaderMap) {
+    headers.insert(header::AUTHORIZATION, tokens.key.bearer.clone());
+    headers.remove(ORGANIZATION);
+    headers.remove(PROJECT);
+    if let Some(organization) = &tokens.organization {
+        headers.insert(ORGANIZATION, organization.clone());
+    }
+    if let Some(project) = &tokens.project {
+        headers.insert(PROJECT, project.clone());
+    }
+    if subprotocol_tokens(headers).next().is_none() {
+        return;
+    }
+    let protocols: Vec<&str> = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            if p.starts_with(SUBPROTOCOL_PREFIX) {
+                tokens.key.subprotocol.as_str()
+            } else {
+                p
+            }
+        })
+        .collect();
+    if let Ok(mut value) = HeaderValue::from_str(&protocols.join(", ")) {
+        value.set_sensitive(true);
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, value);
     }
 }
 
@@ -433,12 +222,6 @@ fn token_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
         .filter(|p| p.starts_with(SUBPROTOCOL_PREFIX.as_bytes()))
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// The token's name, once the request phase has let the request in.
 pub fn token_name(extensions: &http::Extensions) -> Option<Arc<str>> {
     extensions.get::<TokenName>().map(|t| t.0.clone())
@@ -463,124 +246,4 @@ pub async fn filter_model_list(
     body: ResponseBody,
 ) -> Result<http::Response<ResponseBody>, ProxyError> {
     inspect::filter_model_list(grant, parts, body).await
-}
-
-/// `openai-proxy token new NAME`: a new random token on the first line, then the `[[token]]`
-/// table that lets it in. The token is printed once and stored nowhere.
-pub fn new_token(name: &str) -> Result<String, String> {
-    use ring::rand::SecureRandom;
-    let name = name.trim();
-    if name.is_empty() || name.chars().any(char::is_control) {
-        return Err("a token's name is a word or two, e.g. alice or billing-app".into());
-    }
-    let mut random = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut random)
-        .map_err(|_| "the system's random source failed")?;
-    let token = format!("{TOKEN_PREFIX}{}", crate::keys::hex(&random));
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let quoted_name = toml::Value::String(name.to_owned()).to_string();
-    Ok(format!(
-        "{token}\n\n[[token]]\nname = {quoted_name}\nsha256 = \"{}\"\n\
-         # models = [\"gpt-4o-mini\", \"gpt-4.1*\"]\n# expires = 2027-01-01T00:00:00Z\n",
-        crate::keys::hex(digest.as_ref())
-    ))
-}
-
-/// What every token this proxy issues starts with, so that one found lying about is recognised.
-const TOKEN_PREFIX: &str = "op-";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tokens(text: &str) -> Result<HashMap<[u8; 32], Arc<Token>>, ConfigError> {
-        parse_tokens(
-            PathBuf::from("/etc/openai-proxy/tokens.toml"),
-            text.as_bytes(),
-        )
-    }
-
-    const HASH: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
-
-    #[test]
-    fn tokens_file_entries() {
-        let set = tokens(&format!(
-            "[[token]]\nname = \"alice\"\nsha256 = \"{HASH}\"\nmodels = [\"gpt-4o-mini\", \"gpt-4.1*\"]\nexpires = 2027-01-01T00:00:00Z\n"
-        ))
-        .unwrap();
-        let alice = set.values().next().unwrap();
-        assert_eq!(&*alice.name, "alice");
-        assert!(alice.allows("gpt-4o-mini"));
-        assert!(alice.allows("gpt-4.1-nano"));
-        assert!(!alice.allows("gpt-4o"));
-        assert_eq!(alice.expires, Some(1_798_761_600));
-        let digest = ring::digest::digest(&ring::digest::SHA256, b"hello");
-        assert!(set.contains_key(digest.as_ref()));
-    }
-
-    #[test]
-    fn broken_tokens_files_name_line_and_column() {
-        let cases = [
-            ("[[token]]\nname = \"a\"\nsha256 = \"abc\"\n", ":3:10: "),
-            (
-                "[[token]]\nname = \"a\"\nsha256 = \"x\"\ncolour = 1\n",
-                ":4:1: ",
-            ),
-            (
-                &format!("[[token]]\nname = \"a\"\nsha256 = \"{HASH}\"\nmodels = [\"g*pt\"]\n"),
-                ":4:11: ",
-            ),
-            (
-                &format!(
-                    "[[token]]\nname = \"a\"\nsha256 = \"{HASH}\"\n[[token]]\nname = \"b\"\nsha256 = \"{HASH}\"\n"
-                ),
-                ":6:10: ",
-            ),
-            (
-                &format!(
-                    "[[token]]\nname = \"a\"\nsha256 = \"{HASH}\"\nexpires = 2027-01-01T00:00:00\n"
-                ),
-                ":4:11: ",
-            ),
-        ];
-        for (text, at) in cases {
-            let error = tokens(text).unwrap_err().to_string();
-            assert!(
-                error.starts_with(&format!("/etc/openai-proxy/tokens.toml{at}")),
-                "{text}: {error}"
-            );
-        }
-    }
-
-    #[test]
-    fn dates_count_from_the_epoch() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        let at: toml::value::Datetime = "2027-01-01T01:00:00+01:00".parse().unwrap();
-        assert_eq!(unix_seconds(&at), Ok(1_798_761_600));
-    }
-
-    #[test]
-    fn new_tokens_are_listed_by_their_hash() {
-        let out = new_token("alice smith").unwrap();
-        let token = out.lines().next().unwrap();
-        assert!(token.starts_with("op-") && token.len() == 3 + 64, "{token}");
-        let set = tokens(&out[token.len()..]).unwrap();
-        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        assert_eq!(&*set[digest.as_ref()].name, "alice smith");
-        assert_ne!(new_token("alice").unwrap(), new_token("alice").unwrap());
-        assert!(new_token(" ").is_err());
-    }
-
-    #[test]
-    fn a_key_is_one_line() {
-        assert!(parse_key(b"sk-abc\n").is_ok());
-        assert!(parse_key(b"\n").is_err());
-        assert!(parse_key(b"sk-abc\nsk-def\n").is_err());
-        let key = parse_key(b"sk-abc").unwrap();
-        assert_eq!(key.bearer, "Bearer sk-abc");
-        assert!(key.bearer.is_sensitive());
-        assert_eq!(key.subprotocol, "openai-insecure-api-key.sk-abc");
-    }
 }
