@@ -52,7 +52,9 @@ pub struct Answered<'a> {
 /// At most this many tries for one request, over all its upstreams and keys.
 pub const MAX_TRIES: usize = 8;
 
-pub async fn send<'a>(
+/// forward: sends the request to the route's upstreams (and their keys) in turn, as the module
+/// says, and returns the answer that goes to the client.
+pub async fn forward<'a>(
     choice: Choice<'a>,
     mut out: Outgoing<'_>,
     body: &ClientBody,
