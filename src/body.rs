@@ -13,9 +13,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::access_log::AccessRecord;
 use crate::error::ProxyError;
 use crate::http2::OpenStream;
+use crate::proxy::access_log::AccessRecord;
 use crate::upstream::UpstreamBody;
 use crate::usage;
 

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{admin, auth, limits, listeners, logging, proxy, reload, routes, server, upstream};
+use crate::proxy::auth;
+use crate::{admin, limits, listeners, logging, proxy, reload, routes, server, upstream};
 
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 

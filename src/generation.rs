@@ -30,7 +30,7 @@ pub struct Generation {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub http2: http2::Builder<TokioExecutor>,
     /// Tokens mode's key and tokens; None in passthrough mode.
-    pub auth: Option<crate::auth::Tokens>,
+    pub auth: Option<crate::tokens::Tokens>,
     /// Per-token limits, over counters that every generation shares.
     pub limits: crate::limits::Limiter,
     /// The config file and every file it names, with a fingerprint of their contents as loaded:
@@ -86,7 +86,7 @@ impl Generation {
             previous.map(|p| &p.routes),
         )?;
         contents.extend(read);
-        let (auth, read) = crate::auth::load(&config.auth, &file)?;
+        let (auth, read) = crate::tokens::load(&config.auth, &file)?;
         contents.extend(read);
         let limits = crate::limits::Limiter::build(
             &config.limits,

@@ -22,12 +22,12 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
-use crate::access_log::RequestId;
 use crate::body::{Inbound, ResponseBody};
 use crate::error::ProxyError;
 use crate::framing::{self, BODY_READ, Broken, Decoder, Framing, MAX_HEADERS, Noted, Spans, span};
 use crate::headers;
 use crate::proxy;
+use crate::proxy::access_log::RequestId;
 
 /// A client connection's byte stream: TCP, or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}

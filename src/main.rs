@@ -1,16 +1,13 @@
 //! openai-proxy: the daemon's life, start to exit. Each step lives in the module named for it.
 #![deny(unsafe_code)]
 
-mod access_log;
 mod admin;
-mod auth;
 mod body;
 mod cli;
 mod config;
 mod descriptors;
 mod drain;
 mod error;
-mod failover;
 mod framing;
 mod generation;
 mod handover;
@@ -30,7 +27,7 @@ mod reload;
 mod routes;
 mod server;
 mod systemd;
-mod tunnel;
+mod tokens;
 mod upstream;
 mod usage;
 mod watch;
@@ -82,7 +79,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::TokenNew { name } => match auth::new_token(&name) {
+        Command::TokenNew { name } => match tokens::new_token(&name) {
             Ok(text) => {
                 print!("{text}");
                 eprintln!(

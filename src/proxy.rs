@@ -1,23 +1,54 @@
-//! One request's way through the proxy: admit it, forward it, relay the answer.
+//! One request's way through the proxy, in phases named as pingora's `ProxyHttp` names them.
+//! `handle` runs them in this order; a feature plugs into the one phase that owns its concern:
+//!
+//! 1. request_filter (`admit`): whether the request is let in at all. The method, the target,
+//!    the path (`[proxy] allowed_path_prefixes`) and the declared body size; in tokens mode the
+//!    presented token, checked against the generation's token store (`crate::tokens`) by `auth`,
+//!    which also puts the upstream key where the token was; then the token's place under its
+//!    limits (`crate::limits`). Whatever refuses a request belongs here.
+//! 2. upstream_peer (`peer`): which upstreams may answer: the route (`crate::routes`), by path
+//!    and, where a route names models, by the model the request names.
+//! 3. upstream_request_filter (`rewrite`): the request as it goes upstream: hop-by-hop fields,
+//!    `Host`, `Expect`, the client's identity (`X-Forwarded-For`), and a streamed chat request
+//!    asked for its usage (`crate::usage::stream_options`).
+//! 4. forward (`failover`): the request sent to the route's upstreams and keys in turn until
+//!    one answers; the upstream key of each is placed here.
+//! 5. response_filter (`respond`): the answer as it goes back: its header fields, the usage
+//!    meter (`crate::usage`) on its body, the model list cut to a token's models, and the
+//!    WebSocket tunnel (`tunnel`) of an upgrade.
+//! 6. logging (`access_log`): the access record, handed to the response body (or the tunnel)
+//!    and written when the response ends; as it drops it settles the token's limits with the
+//!    usage seen and counts the request in the metrics (`crate::metrics`).
+//!
+//! An error in phases 1 to 5 ends the request with the proxy's own answer (`ProxyError`);
+//! logging runs for every request. `Ctx` carries what an early phase tells a later one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, Version, header};
 use serde::{Deserialize, Deserializer};
 
-use crate::access_log::{AccessRecord, RequestId};
-use crate::auth;
 use crate::body::{ClientBody, Inbound, ResponseBody};
 use crate::drain;
 use crate::error::ProxyError;
-use crate::failover;
 use crate::generation::{Generation, Live};
 use crate::headers;
-use crate::limits;
-use crate::tunnel;
-use crate::usage;
+use crate::http1::OnUpgrade;
+
+pub mod access_log;
+mod admit;
+pub mod auth;
+mod failover;
+mod peer;
+mod respond;
+mod rewrite;
+mod tunnel;
+
+use access_log::{AccessRecord, RequestId};
+use auth::Grant;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -162,38 +193,13 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
         generation.number,
         generation.config.log.access_log,
     );
-    let bytes_in = record.bytes_in.clone();
     let client_version = request.version();
     let (mut parts, body) = request.into_parts();
     let body = ClientBody::new(body);
-    let mut body_unread = false;
-    let forwarded = forward(
-        &generation,
-        conn,
-        &mut parts,
-        body.clone(),
-        bytes_in,
-        &mut record.permit,
-    )
-    .await;
-    record.token = auth::token_name(&parts.extensions);
-    record.upstream = parts
-        .extensions
-        .get::<crate::routes::UpstreamName>()
-        .map(|n| n.0.clone());
-    let mut response = match forwarded {
-        Ok(response) => response,
-        Err(error) => {
-            // Debug, not Display: the details (an upstream address) are for the log only.
-            tracing::debug!(request_id = %id, ?error, "answered by the proxy");
-            body_unread = matches!(
-                error,
-                ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_)
-            );
-            // Like nginx's lingering close: the client may still be sending.
-            body.discard_rest(DISCARD_TIME);
-            error.into_response(ResponseBody::whole)
-        }
+    let forwarded = phases(&generation, conn, &mut parts, &body, &mut record).await;
+    let (mut response, body_unread) = match forwarded {
+        Ok(response) => (response, false),
+        Err(error) => answer_error(id, error, &body),
     };
     if (conn.drain.is_draining() || body_unread) && client_version < Version::HTTP_2 {
         // This HTTP/1 connection ends after the response (where the next request would start
@@ -205,211 +211,63 @@ pub async fn handle(conn: &Arc<Connection>, request: Request<Inbound>) -> Respon
     response
         .headers_mut()
         .insert(RequestId::HEADER, id.header_value());
-    record.stream = crate::metrics::Open::stream_if_sse(response.headers());
-    record.status = response.status().as_u16();
-    record.time_to_headers = record.started.elapsed();
-    response.body_mut().set_record(record);
+    access_log::logging(record, &parts, &mut response);
     response
+}
+
+/// What one request's phases hand on to the next ones, as pingora's `CTX`.
+pub struct Ctx {
+    /// The token the request was let in with (tokens mode).
+    grant: Grant,
+    /// The client's side of an upgrade, for the tunnel once the upstream has switched too.
+    client_upgrade: Option<OnUpgrade>,
+    /// The answer is the model list, to be cut to the token's models.
+    model_list: bool,
+}
+
+/// The phases from request_filter to response_filter, in order; the first error ends them.
+async fn phases(
+    generation: &Generation,
+    conn: &Arc<Connection>,
+    parts: &mut Parts,
+    body: &ClientBody,
+    record: &mut AccessRecord,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let grant = admit::request_filter(generation, parts, body, &mut record.permit).await?;
+    let choice = peer::upstream_peer(generation, parts, body).await?;
+    let mut ctx = Ctx {
+        grant,
+        client_upgrade: None,
+        model_list: false,
+    };
+    let bytes_in = record.bytes_in.clone();
+    let outgoing =
+        rewrite::upstream_request_filter(generation, conn, parts, body, &mut ctx, bytes_in).await?;
+    let answered = failover::forward(choice, outgoing, body).await?;
+    respond::response_filter(generation, conn, parts, answered, ctx).await
+}
+
+/// The proxy's own answer to a request that a phase ended, and whether the request's body was
+/// left unread.
+fn answer_error(
+    id: RequestId,
+    error: ProxyError,
+    body: &ClientBody,
+) -> (Response<ResponseBody>, bool) {
+    // Debug, not Display: the details (an upstream address) are for the log only.
+    tracing::debug!(request_id = %id, ?error, "answered by the proxy");
+    let body_unread = matches!(
+        error,
+        ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_)
+    );
+    // Like nginx's lingering close: the client may still be sending.
+    body.discard_rest(DISCARD_TIME);
+    (error.into_response(ResponseBody::whole), body_unread)
 }
 
 /// How long the proxy keeps reading a request body it answered early, so that the client gets
 /// the answer rather than a reset.
 const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
-
-fn admit(generation: &Generation, request: &http::request::Parts) -> Result<(), ProxyError> {
-    if request.method == Method::CONNECT {
-        return Err(ProxyError::ConnectRefused);
-    }
-    // HTTP/2 always carries :scheme and :authority; in HTTP/1 they mean a forward-proxy request.
-    if request.version < Version::HTTP_2 && request.uri.authority().is_some() {
-        return Err(ProxyError::AbsoluteFormRefused);
-    }
-    let path = request.uri.path();
-    let allowed = &generation.config.proxy.allowed_path_prefixes;
-    if !allowed.iter().any(|p| path.starts_with(&p.0)) || has_dot_segment(path) {
-        return Err(ProxyError::PathNotAllowed(path.to_owned()));
-    }
-    let limit = generation.config.server.max_request_body.0;
-    let declared = request
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
-    match declared {
-        Some(None) => Err(ProxyError::Malformed("invalid Content-Length")),
-        Some(Some(length)) if length > limit => Err(ProxyError::BodyTooLarge { limit }),
-        _ => Ok(()),
-    }
-}
-
-async fn forward(
-    generation: &Generation,
-    conn: &Arc<Connection>,
-    parts: &mut http::request::Parts,
-    body: ClientBody,
-    bytes_in: Arc<std::sync::atomic::AtomicU64>,
-    permit: &mut Option<limits::Permit>,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    admit(generation, parts)?;
-    let grant = auth::admit(generation, parts, &body).await?;
-    if let Some(token) = &grant {
-        *permit = Some(generation.limits.admit(&token.name, &token.quota).await?);
-    }
-    ask_for_stream_usage(generation, parts, &body).await?;
-    let model_list = auth::wants_model_list(&grant, parts);
-    let routes = &generation.routes;
-    let model = match routes.reads_model() {
-        true => auth::request_model(generation, parts, &body).await?,
-        false => None,
-    };
-    let choice = routes.pick(parts.uri.path(), model.as_deref());
-    // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
-    // other request with Upgrade fields goes as a plain request, without them.
-    let client_upgrade = parts.extensions.remove::<crate::http1::OnUpgrade>();
-    let upgrade = client_upgrade.is_some();
-
-    let headers = upstream_headers(generation, conn, parts, upgrade);
-    let outgoing = failover::Outgoing {
-        method: &parts.method,
-        uri: &parts.uri,
-        headers,
-        upgrade,
-        own_key: grant.is_some(),
-        body_limit: generation.config.server.max_request_body.0,
-        bytes_in,
-    };
-    let answered = failover::send(choice, outgoing, &body).await?;
-    let (response, upgraded) = (answered.response, answered.upgraded);
-    let idle = answered.named.upstream.config().idle_timeout.0;
-
-    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    let tunnel = match (client_upgrade, upgraded) {
-        (Some(client), Some(upgraded)) => Some(open_tunnel(client, upgraded, conn, idle, parts)),
-        _ => None,
-    };
-    let (mut response_parts, body) = response.into_parts();
-    answered.named.mark(
-        answered.tried,
-        &mut parts.extensions,
-        &mut response_parts.headers,
-    );
-    let request_extensions = &parts.extensions;
-    let (method, path) = (&parts.method, parts.uri.path());
-    let mut parts = response_parts;
-    headers::strip_hop_by_hop(&mut parts.headers, switched && upgrade);
-    if grant.is_some() {
-        auth::hide_key_in_answer(request_extensions, &mut parts.headers);
-    }
-    mark_event_stream(&mut parts.headers);
-    let meter = match reads_usage(generation) {
-        true => usage::Meter::for_answer(method, path, parts.status, &parts.headers),
-        false => None,
-    };
-    let mut body = ResponseBody::upstream(body, idle);
-    body.send_record_to(tunnel);
-    body.meter(meter);
-    if model_list {
-        return auth::filter_model_list(&grant, parts, body).await;
-    }
-    Ok(Response::from_parts(parts, body))
-}
-
-/// Whether anything reads an answer's token figures: the access log, or in tokens mode the
-/// usage records, limits and token metrics. Without a reader the answer is not scanned.
-fn reads_usage(generation: &Generation) -> bool {
-    generation.config.log.access_log || generation.auth.is_some()
-}
-
-/// The client's header fields as they go upstream: hop-by-hop fields, `Expect` and `Host` out,
-/// and the client's identity added or taken out as the config says.
-fn upstream_headers(
-    generation: &Generation,
-    conn: &Connection,
-    parts: &mut http::request::Parts,
-    upgrade: bool,
-) -> http::HeaderMap {
-    let mut headers = std::mem::take(&mut parts.headers);
-    headers::strip_hop_by_hop(&mut headers, upgrade);
-    // The client's `Expect: 100-continue` is answered on its connection; not the upstream's to answer.
-    headers.remove(header::EXPECT);
-    if generation.config.proxy.forward_client_identity {
-        append_forwarded_for(&mut headers, conn.client);
-    } else {
-        headers::strip_client_identity(&mut headers);
-    }
-    // Upstream::send sets it: Host over HTTP/1.1, :authority over HTTP/2.
-    headers.remove(header::HOST);
-    headers
-}
-
-/// An event stream's answer tells an nginx in front of us not to buffer it.
-fn mark_event_stream(headers: &mut http::HeaderMap) {
-    let streaming = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if streaming {
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    }
-}
-
-/// Starts a WebSocket tunnel; the request's access record goes to it through the returned
-/// sender, and is written when the tunnel closes, with a Realtime session's usage.
-fn open_tunnel(
-    client: crate::http1::OnUpgrade,
-    upgraded: crate::upstream::http1::Upgraded,
-    conn: &Arc<Connection>,
-    idle: std::time::Duration,
-    request: &http::request::Parts,
-) -> tokio::sync::oneshot::Sender<AccessRecord> {
-    let (sender, record) = tokio::sync::oneshot::channel();
-    let meter = usage::Session::for_path(request.uri.path());
-    // The tunnel holds the connection, which keeps counting against max_connections.
-    let tunnel = tunnel::splice(client, upgraded, conn.clone(), idle, (record, meter));
-    tokio::spawn(tunnel);
-    sender
-}
-
-/// `[limits] stream_usage`: a streamed chat request is read ahead (as far as a token's model
-/// check reads) and, if it lacks `stream_options.include_usage`, sent with it. A body larger
-/// than that goes as it came.
-async fn ask_for_stream_usage(
-    generation: &Generation,
-    parts: &mut http::request::Parts,
-    body: &ClientBody,
-) -> Result<(), ProxyError> {
-    if !(generation.config.limits.stream_usage
-        && usage::stream_options::applies(&parts.method, parts.uri.path()))
-    {
-        return Ok(());
-    }
-    let limit = generation.config.server.max_request_body.0;
-    let idle = generation.upstream.config().idle_timeout.0;
-    let (read, whole) = body
-        .read_ahead(limit.min(auth::INSPECT_LIMIT), idle)
-        .await
-        .map_err(|e| e.to_proxy_error())?;
-    if let Some(asking) = whole
-        .then(|| usage::stream_options::with_include_usage(&read))
-        .flatten()
-    {
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(asking.len()));
-        body.replace_read(asking);
-    }
-    Ok(())
-}
-
-fn append_forwarded_for(headers: &mut http::HeaderMap, client: SocketAddr) {
-    let name = header::HeaderName::from_static("x-forwarded-for");
-    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {}", client.ip()),
-        None => client.ip().to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
-    }
-}
 
 #[cfg(test)]
 mod tests {

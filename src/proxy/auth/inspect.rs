@@ -15,11 +15,12 @@ use http::{HeaderValue, Method, header};
 use http_body_util::BodyExt;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 
-use super::{Grant, Token};
+use super::Grant;
 use crate::body::{ClientBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::headers;
+use crate::tokens::Token;
 
 /// The most of a request body read to find its model: 32 MiB, so that an audio file at OpenAI's
 /// own 25 MB limit still fits in a multipart body. Only for tokens limited to some models.

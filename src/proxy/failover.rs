@@ -49,10 +49,15 @@ pub struct Answered<'a> {
     pub upgraded: Option<Upgraded>,
 }
 
+/// What one try came to: the upstream's response (and its side of an upgrade), or why none.
+type Tried = Result<(Response<UpstreamBody>, Option<Upgraded>), ProxyError>;
+
 /// At most this many tries for one request, over all its upstreams and keys.
 pub const MAX_TRIES: usize = 8;
 
-pub async fn send<'a>(
+/// forward: sends the request to the route's upstreams (and their keys) in turn, as the module
+/// says, and returns the answer that goes to the client.
+pub async fn forward<'a>(
     choice: Choice<'a>,
     mut out: Outgoing<'_>,
     body: &ClientBody,
@@ -90,12 +95,7 @@ pub async fn send<'a>(
             };
             let key = key.map(|(_, key)| key);
             let result = send_one(named, &out, headers, body, key).await;
-            let answered = failed_before_answering(&result).is_none()
-                || matches!(&result, Ok((r, _)) if r.status() == StatusCode::TOO_MANY_REQUESTS);
-            if named.breaker.record(answered) {
-                tracing::warn!(upstream = %named.name, "the upstream failed repeatedly: it rests");
-                RESTING_CHANGED.notify_one();
-            }
+            record_health(named, &result);
             // Judged even when nothing follows, so that a key that got a 429 rests all the same;
             // a request with nowhere else to go is not (an upstream's 429 is then just relayed).
             let judged = match may_retry {
@@ -133,6 +133,17 @@ pub async fn send<'a>(
     ))
 }
 
+/// Counts a try for or against its upstream's breaker: an upstream that answered, if only
+/// with a 429, is up.
+fn record_health(named: &Named, result: &Tried) {
+    let answered = failed_before_answering(result).is_none()
+        || matches!(result, Ok((r, _)) if r.status() == StatusCode::TOO_MANY_REQUESTS);
+    if named.breaker.record(answered) {
+        tracing::warn!(upstream = %named.name, "the upstream failed repeatedly: it rests");
+        RESTING_CHANGED.notify_one();
+    }
+}
+
 /// The key for the next try on `named` (None: `[auth]`'s, without rotation); None outright
 /// when every key rests and another upstream can take the request. With nowhere else to go,
 /// a resting key is used all the same.
@@ -163,11 +174,7 @@ enum Next {
 
 /// Whether a try's result is the client's answer; a key that got a 429 rests, one that got a
 /// 401 is set aside.
-fn judge(
-    named: &Named,
-    key: Option<&Key>,
-    result: &Result<(Response<UpstreamBody>, Option<Upgraded>), ProxyError>,
-) -> Next {
+fn judge(named: &Named, key: Option<&Key>, result: &Tried) -> Next {
     if let (Some(key), Ok((response, _))) = (key, result) {
         match response.status() {
             StatusCode::TOO_MANY_REQUESTS => {
@@ -215,9 +222,7 @@ async fn read_whole(
 }
 
 /// Why a try is not the client's answer, if it is not.
-fn failed_before_answering(
-    result: &Result<(Response<UpstreamBody>, Option<Upgraded>), ProxyError>,
-) -> Option<String> {
+fn failed_before_answering(result: &Tried) -> Option<String> {
     match result {
         Ok((response, _)) => matches!(
             response.status(),
@@ -243,7 +248,7 @@ async fn send_one(
     headers: HeaderMap,
     body: ClientBody,
     key: Option<&Key>,
-) -> Result<(Response<UpstreamBody>, Option<Upgraded>), ProxyError> {
+) -> Tried {
     let upstream = &named.upstream;
     let idle = upstream.config().idle_timeout.0;
     let (body, body_failed) = if out.upgrade {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Uri};
 use tokio::time::Instant;
 
-use crate::body::BodyError;
+use crate::body::{BodyError, ResponseBody};
 use crate::usage::{Reading, Usage};
 
 /// Our id for a request, sent back in `x-proxy-request-id` and written in the access log.
@@ -59,6 +59,24 @@ impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)
     }
+}
+
+/// logging: the record, completed from the request and its answer, goes with the response body,
+/// which writes it when the response ends (or hands it on to a WebSocket tunnel).
+pub fn logging(
+    mut record: AccessRecord,
+    request: &http::request::Parts,
+    response: &mut http::Response<ResponseBody>,
+) {
+    record.token = super::auth::token_name(&request.extensions);
+    record.upstream = request
+        .extensions
+        .get::<crate::routes::UpstreamName>()
+        .map(|n| n.0.clone());
+    record.stream = crate::metrics::Open::stream_if_sse(response.headers());
+    record.status = response.status().as_u16();
+    record.time_to_headers = record.started.elapsed();
+    response.body_mut().set_record(record);
 }
 
 pub struct AccessRecord {

@@ -13,9 +13,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::access_log::AccessRecord;
+use super::Connection;
+use super::access_log::AccessRecord;
 use crate::http1::OnUpgrade;
-use crate::proxy::Connection;
 use crate::upstream::http1::Upgraded;
 use crate::usage;
 

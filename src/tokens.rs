@@ -1,61 +1,31 @@
-//! Tokens mode: the proxy holds the OpenAI key, and clients present tokens the proxy issued.
+//! The token store of tokens mode: the upstream key, and the tokens listed in `tokens_file`,
+//! known by the SHA-256 of each token and by their names.
 //!
-//! In `passthrough` mode (the default) nothing here runs and the client's own key goes upstream.
-//! In `tokens` mode every request must carry a token whose SHA-256 is listed in `tokens_file`;
-//! the token is taken out of the request and the upstream key put in its place, so the upstream
-//! never sees a token and no client ever sees the key. Neither is ever logged, put in an error
-//! body or a `STATUS=` line: errors here name files and tokens by name, never by content.
-
-mod inspect;
-
-pub use inspect::INSPECT_LIMIT;
+//! Built once per generation from `[auth]`; what a request presents is checked against it by
+//! the proxy's request filter (`proxy::auth`). Neither the key nor a token is ever logged, put in
+//! an error or a `STATUS=` line: errors here name files and tokens by name, never by content.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use http::header::{self, SEC_WEBSOCKET_PROTOCOL};
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::HeaderValue;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::body::ClientBody;
-use crate::body::ResponseBody;
 use crate::config::{ConfigError, ConfigFile, FileRead, days_from_civil};
-use crate::error::ProxyError;
-use crate::generation::Generation;
 use crate::models::ModelRule;
+use crate::proxy::auth::{Config, Mode};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// The client's own key goes upstream unchanged.
-    #[default]
-    Passthrough,
-    /// The proxy's key goes upstream; clients send tokens from `tokens_file`.
-    Tokens,
-}
-
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub mode: Mode,
-    /// One line: the OpenAI key. Relative: in `$CREDENTIALS_DIRECTORY` when systemd passes
-    /// credentials, else next to the config.
-    pub upstream_key_file: Option<Spanned<PathBuf>>,
-    /// `[[token]]` tables; relative to the config's directory.
-    pub tokens_file: Option<Spanned<PathBuf>>,
-    /// Sent upstream as OpenAI-Organization and OpenAI-Project, in place of any the client sent.
-    pub organization: Option<Spanned<String>>,
-    pub project: Option<Spanned<String>>,
-}
+/// How a browser passes a key or token: as the WebSocket subprotocol `PREFIX` + key.
+pub const SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";
 
 /// The upstream key, as the two forms it is sent in. No Debug: it must not be printable.
-struct Key {
+pub struct Key {
     /// `Bearer KEY`, marked sensitive so that HTTP/2 never puts it in a compression table.
-    bearer: HeaderValue,
+    pub bearer: HeaderValue,
     /// The WebSocket subprotocol form, `openai-insecure-api-key.KEY`.
-    subprotocol: String,
+    pub subprotocol: String,
 }
 
 /// One client token, known by its name; the token itself is kept nowhere.
@@ -77,29 +47,36 @@ impl Token {
             .is_none_or(|rules| rules.iter().any(|rule| rule.matches(model)))
     }
 
-    fn restricts_models(&self) -> bool {
+    pub fn restricts_models(&self) -> bool {
         self.models.is_some()
+    }
+
+    pub fn has_expired(&self) -> bool {
+        self.expires.is_some_and(|at| now_unix() >= at)
     }
 }
 
 /// Everything tokens mode needs, built once per generation.
 pub struct Tokens {
-    key: Key,
+    pub key: Key,
     /// Keyed by SHA-256 of the token. The lookup's timing depends only on the digest of what the
     /// client sent, and learning bits of SHA-256(guess) tells nothing about which other input
     /// would hash to a listed digest (preimage resistance); with 256-bit random tokens there is
     /// no guessing either. So this is as safe as a constant-time comparison against every hash.
     by_digest: HashMap<[u8; 32], Arc<Token>>,
-    organization: Option<HeaderValue>,
-    project: Option<HeaderValue>,
+    /// Sent upstream as OpenAI-Organization and OpenAI-Project.
+    pub organization: Option<HeaderValue>,
+    pub project: Option<HeaderValue>,
 }
 
-/// The name of the token a request came with, for its access log line.
-#[derive(Debug, Clone)]
-pub struct TokenName(pub Arc<str>);
-
-/// The token a request was let in with, kept for the rest of its way through the proxy.
-pub type Grant = Option<Arc<Token>>;
+impl Tokens {
+    /// The listed token that `presented` is, if it is one.
+    pub fn find(&self, presented: &[u8]) -> Option<&Arc<Token>> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, presented);
+        let digest: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
+        self.by_digest.get(&digest)
+    }
+}
 
 /// Builds tokens mode from the config, reading the key file and the tokens file (returned, with
 /// their contents, for the file watcher). Passthrough mode reads nothing.
@@ -260,209 +237,10 @@ fn unix_seconds(at: &toml::value::Datetime) -> Result<i64, String> {
     Ok(days * 86_400 + seconds_of_day - offset_minutes * 60)
 }
 
-const SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";
-const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
-const PROJECT: HeaderName = HeaderName::from_static("openai-project");
-
-/// The request phase of tokens mode: lets the request in on a valid token or refuses it (401),
-/// refuses a model the token may not use (403), and puts the upstream key where the token was.
-/// Passthrough mode lets everything by untouched.
-pub async fn admit(
-    generation: &Generation,
-    parts: &mut http::request::Parts,
-    body: &ClientBody,
-) -> Result<Grant, ProxyError> {
-    let Some(tokens) = &generation.auth else {
-        return Ok(None);
-    };
-    let token = tokens.verify(&parts.headers)?;
-    parts.extensions.insert(TokenName(token.name.clone()));
-    if token.restricts_models() {
-        let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
-        let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
-        inspect::check_models(generation, &token, parts, body).await?;
-    }
-    if let Some(theirs) = subprotocol_entry(&parts.headers) {
-        parts.extensions.insert(TokenSubprotocol(theirs));
-    }
-    tokens.rewrite(&mut parts.headers);
-    Ok(Some(token))
-}
-
-/// The model a request names, for routes that choose an upstream by model: the first found
-/// where tokens mode looks. None for an upgrade, a file upload or a body too large to read.
-pub async fn request_model(
-    generation: &Generation,
-    parts: &http::request::Parts,
-    body: &ClientBody,
-) -> Result<Option<String>, ProxyError> {
-    let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
-    let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
-    let (models, _) = inspect::request_models(generation, parts, body).await?;
-    Ok(models.into_iter().next())
-}
-
-/// The subprotocol entry a client sent its token in, as it sent it.
-#[derive(Clone)]
-struct TokenSubprotocol(HeaderValue);
-
-fn subprotocol_entry(headers: &HeaderMap) -> Option<HeaderValue> {
-    token_subprotocols(headers)
-        .next()
-        .and_then(|entry| HeaderValue::from_bytes(entry).ok())
-}
-
-/// An upstream that selects the subprotocol carrying the key would show the key to the client:
-/// the answer names the client's own entry (its token) instead, or no subprotocol at all.
-pub fn hide_key_in_answer(request: &http::Extensions, answer: &mut HeaderMap) {
-    let prefix = SUBPROTOCOL_PREFIX.as_bytes();
-    let names_key = answer
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .any(|v| v.as_bytes().windows(prefix.len()).any(|w| w == prefix));
-    if !names_key {
-        return;
-    }
-    match request.get::<TokenSubprotocol>() {
-        Some(TokenSubprotocol(theirs)) => {
-            answer.insert(SEC_WEBSOCKET_PROTOCOL, theirs.clone());
-        }
-        None => {
-            answer.remove(SEC_WEBSOCKET_PROTOCOL);
-        }
-    }
-}
-
-impl Tokens {
-    /// The token the request carries, as `Authorization: Bearer` or as the WebSocket subprotocol
-    /// (both may come; then both must name the same token).
-    fn verify(&self, headers: &HeaderMap) -> Result<Arc<Token>, ProxyError> {
-        let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
-        let bearer = match authorization.next() {
-            None => None,
-            Some(_) if authorization.next().is_some() => {
-                return Err(ProxyError::InvalidApiKey(
-                    "more than one Authorization field",
-                ));
-            }
-            Some(value) => Some(bearer_token(value.as_bytes()).ok_or(
-                ProxyError::InvalidApiKey("send the token as `Authorization: Bearer TOKEN`"),
-            )?),
-        };
-        let presented = bearer.into_iter().chain(subprotocol_tokens(headers));
-        let mut found: Option<&Arc<Token>> = None;
-        for token in presented {
-            let digest = ring::digest::digest(&ring::digest::SHA256, token);
-            let digest: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
-            let token = self
-                .by_digest
-                .get(&digest)
-                .ok_or(ProxyError::InvalidApiKey(
-                    "this proxy takes only the tokens it issued",
-                ))?;
-            if found.is_some_and(|first| !Arc::ptr_eq(first, token)) {
-                return Err(ProxyError::InvalidApiKey("two different tokens"));
-            }
-            found = Some(token);
-        }
-        let token = found.ok_or(ProxyError::InvalidApiKey(
-            "no token: send the token this proxy issued you as `Authorization: Bearer TOKEN`",
-        ))?;
-        if token.expires.is_some_and(|at| now_unix() >= at) {
-            return Err(ProxyError::InvalidApiKey("this token has expired"));
-        }
-        Ok(token.clone())
-    }
-
-    /// Puts the upstream key (and organization and project) where the client's token was.
-    fn rewrite(&self, headers: &mut HeaderMap) {
-        headers.insert(header::AUTHORIZATION, self.key.bearer.clone());
-        headers.remove(ORGANIZATION);
-        headers.remove(PROJECT);
-        if let Some(organization) = &self.organization {
-            headers.insert(ORGANIZATION, organization.clone());
-        }
-        if let Some(project) = &self.project {
-            headers.insert(PROJECT, project.clone());
-        }
-        if subprotocol_tokens(headers).next().is_none() {
-            return;
-        }
-        let protocols: Vec<&str> = headers
-            .get_all(SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                if p.starts_with(SUBPROTOCOL_PREFIX) {
-                    self.key.subprotocol.as_str()
-                } else {
-                    p
-                }
-            })
-            .collect();
-        if let Ok(mut value) = HeaderValue::from_str(&protocols.join(", ")) {
-            value.set_sensitive(true);
-            headers.insert(SEC_WEBSOCKET_PROTOCOL, value);
-        }
-    }
-}
-
-/// The token in an `Authorization: Bearer TOKEN` value; the scheme's case does not matter.
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    value
-        .get(..7)
-        .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
-        .map(|_| value[7..].trim_ascii())
-}
-
-/// The tokens a browser sends as `openai-insecure-api-key.TOKEN` subprotocols.
-fn subprotocol_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    token_subprotocols(headers).map(|entry| &entry[SUBPROTOCOL_PREFIX.len()..])
-}
-
-/// The subprotocol entries that carry a token (`openai-insecure-api-key.TOKEN`), whole.
-fn token_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|p| p.starts_with(SUBPROTOCOL_PREFIX.as_bytes()))
-}
-
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// The token's name, once the request phase has let the request in.
-pub fn token_name(extensions: &http::Extensions) -> Option<Arc<str>> {
-    extensions.get::<TokenName>().map(|t| t.0.clone())
-}
-
-/// Whether the answer to this request is the model list, to be cut to the token's models; asks
-/// the upstream for it unencoded, so that it can be read.
-pub fn wants_model_list(grant: &Grant, parts: &mut http::request::Parts) -> bool {
-    let wanted = grant.as_ref().is_some_and(|t| t.restricts_models())
-        && parts.method == Method::GET
-        && parts.uri.path().trim_end_matches('/') == "/v1/models";
-    if wanted {
-        parts.headers.remove(header::ACCEPT_ENCODING);
-    }
-    wanted
-}
-
-/// `GET /v1/models` with only the models the token may use.
-pub async fn filter_model_list(
-    grant: &Grant,
-    parts: http::response::Parts,
-    body: ResponseBody,
-) -> Result<http::Response<ResponseBody>, ProxyError> {
-    inspect::filter_model_list(grant, parts, body).await
 }
 
 /// `openai-proxy token new NAME`: a new random token on the first line, then the `[[token]]`
