@@ -20,11 +20,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::body::ClientBody;
-use crate::body::ResponseBody;
 use crate::config::{ConfigError, ConfigFile, FileRead, days_from_civil};
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::models::ModelRule;
+use crate::proxy::ResponseBody;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -278,7 +278,7 @@ pub async fn admit(
     let token = tokens.verify(&parts.headers)?;
     parts.extensions.insert(TokenName(token.name.clone()));
     if token.restricts_models() {
-        let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
+        let upgrade = parts.extensions.get::<crate::http::OnUpgrade>().is_some();
         let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
         inspect::check_models(generation, &token, parts, body).await?;
     }
@@ -296,7 +296,7 @@ pub async fn request_model(
     parts: &http::request::Parts,
     body: &ClientBody,
 ) -> Result<Option<String>, ProxyError> {
-    let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
+    let upgrade = parts.extensions.get::<crate::http::OnUpgrade>().is_some();
     let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
     let (models, _) = inspect::request_models(generation, parts, body).await?;
     Ok(models.into_iter().next())

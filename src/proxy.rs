@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::access_log::{AccessRecord, RequestId};
 use crate::auth;
-use crate::body::{ClientBody, Inbound, ResponseBody};
+use crate::body::{ClientBody, Inbound};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::failover;
@@ -18,6 +18,11 @@ use crate::headers;
 use crate::limits;
 use crate::tunnel;
 use crate::usage;
+
+mod response_body;
+
+pub use crate::http::{Activity, Stage};
+pub use response_body::ResponseBody;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -110,43 +115,6 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.counter.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The stage an HTTP/1.1 connection is at. Set as it moves on (a relaxed store), read only when
-/// a drain cuts the connection, to say what kept it.
-#[derive(Debug, Default)]
-pub struct Activity(std::sync::atomic::AtomicU8);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Stage {
-    /// Waiting for a request to begin.
-    Idle,
-    /// Reading a request head.
-    Head,
-    /// Waiting for the upstream's response head (the request body may still be flowing).
-    Upstream,
-    /// Relaying the response to the client.
-    Response,
-    /// Speaking HTTP/2: streams in flight.
-    Http2,
-}
-
-impl Activity {
-    pub fn set(&self, stage: Stage) {
-        self.0
-            .store(stage as u8, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn describe(&self) -> &'static str {
-        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => "the next request to begin",
-            1 => "the rest of a request head",
-            2 => "the upstream's response",
-            3 => "the rest of its response",
-            _ => "its HTTP/2 streams",
-        }
     }
 }
 
@@ -264,7 +232,7 @@ async fn forward(
     let choice = routes.pick(parts.uri.path(), model.as_deref());
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
     // other request with Upgrade fields goes as a plain request, without them.
-    let client_upgrade = parts.extensions.remove::<crate::http1::OnUpgrade>();
+    let client_upgrade = parts.extensions.remove::<crate::http::OnUpgrade>();
     let upgrade = client_upgrade.is_some();
 
     let headers = upstream_headers(generation, conn, parts, upgrade);
@@ -355,7 +323,7 @@ fn mark_event_stream(headers: &mut http::HeaderMap) {
 /// Starts a WebSocket tunnel; the request's access record goes to it through the returned
 /// sender, and is written when the tunnel closes, with a Realtime session's usage.
 fn open_tunnel(
-    client: crate::http1::OnUpgrade,
+    client: crate::http::OnUpgrade,
     upgraded: crate::upstream::http1::Upgraded,
     conn: &Arc<Connection>,
     idle: std::time::Duration,

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::access_log::AccessRecord;
-use crate::http1::OnUpgrade;
+use crate::http::OnUpgrade;
 use crate::proxy::Connection;
 use crate::upstream::http1::Upgraded;
 use crate::usage;

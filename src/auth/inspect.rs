@@ -16,10 +16,11 @@ use http_body_util::BodyExt;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 
 use super::{Grant, Token};
-use crate::body::{ClientBody, ResponseBody};
+use crate::body::ClientBody;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::headers;
+use crate::proxy::ResponseBody;
 
 /// The most of a request body read to find its model: 32 MiB, so that an audio file at OpenAI's
 /// own 25 MB limit still fits in a multipart body. Only for tokens limited to some models.
