@@ -21,6 +21,8 @@ pub mod head;
 pub mod http2;
 mod io;
 pub mod server;
+#[cfg(test)]
+mod tests;
 mod wire;
 
 pub use encode::{Encoder, Outlet, pump};
