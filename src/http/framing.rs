@@ -417,7 +417,7 @@ pub(crate) mod tests {
         assert!(!Decoder::new(Framing::Length(3)).ends_at_close());
     }
 
-    /// Shared with the response side's properties (src/upstream/http1.rs) and the codec's tests.
+    /// Shared with the response side's properties (src/upstream/http1.rs).
     pub(crate) mod properties {
         use super::*;
         use proptest::prelude::*;
