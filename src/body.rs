@@ -1,10 +1,11 @@
-//! Bodies as they stream through: counted, size-limited and watched for silence, never buffered.
+//! Request bodies as they stream through: counted, size-limited and watched for silence, never
+//! buffered.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,10 +15,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ProxyError;
-use crate::http2::OpenStream;
-use crate::proxy::access_log::AccessRecord;
-use crate::upstream::UpstreamBody;
-use crate::usage;
+use crate::http::{IncomingBody, ReadError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -28,9 +26,7 @@ pub enum BodyError {
     #[error("{0}")]
     Stream(#[from] hyper::Error),
     #[error("{0}")]
-    Read(#[from] crate::http1::BodyReadError),
-    #[error("{0}")]
-    Upstream(#[from] crate::upstream::http1::ReadError),
+    Read(#[from] ReadError),
 }
 
 impl BodyError {
@@ -44,15 +40,15 @@ impl BodyError {
 
 /// Fails a body that stays silent for longer than its idle timeout. The deadline is moved lazily:
 /// a frame only records the time, and the timer is re-armed when it fires early.
-struct IdleTimer {
-    limit: Duration,
+pub struct IdleTimer {
+    pub limit: Duration,
     last_activity: Instant,
     /// Made the first time the body has to wait: most bodies never do, and then cost no timer.
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl IdleTimer {
-    fn new(limit: Duration) -> Self {
+    pub fn new(limit: Duration) -> Self {
         Self {
             limit,
             last_activity: Instant::now(),
@@ -60,11 +56,11 @@ impl IdleTimer {
         }
     }
 
-    fn touch(&mut self) {
+    pub fn touch(&mut self) {
         self.last_activity = Instant::now();
     }
 
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         let deadline = self.last_activity + self.limit;
         let sleep = self
             .sleep
@@ -84,7 +80,7 @@ impl IdleTimer {
 
 /// A client's request body as it arrives: off an HTTP/1.1 connection, or an HTTP/2 stream.
 pub enum Inbound {
-    Http1(crate::http1::IncomingBody),
+    Http1(IncomingBody),
     Http2(Incoming),
     /// What the proxy read ahead to look at (`ClientBody::read_ahead`), then the rest.
     ReadAhead(Box<ReadAhead>),
@@ -376,161 +372,5 @@ impl Body for RequestBody {
             .as_ref()
             .and_then(|shared| shared.lock().as_ref().map(Body::size_hint));
         hint.unwrap_or_else(|| SizeHint::with_exact(0))
-    }
-}
-
-/// What goes back to the client: the upstream's body as it arrives, or one the proxy made.
-/// It carries the request's access record, written when the body ends or is dropped.
-pub struct ResponseBody {
-    kind: ResponseKind,
-    record: Option<AccessRecord>,
-    /// Over HTTP/2, the stream it is sent on, counted open for as long as the body lives.
-    stream: Option<OpenStream>,
-    /// Reads the upstream's usage figures as the body passes, for the record.
-    meter: Option<Box<usage::Meter>>,
-    /// Where the record goes instead: a WebSocket tunnel, which writes it when it closes.
-    record_to: Option<oneshot::Sender<AccessRecord>>,
-}
-
-enum ResponseKind {
-    Whole(Option<Bytes>),
-    Upstream {
-        inner: UpstreamBody,
-        idle: IdleTimer,
-    },
-}
-
-impl ResponseBody {
-    pub fn whole(bytes: Bytes) -> Self {
-        Self {
-            kind: ResponseKind::Whole((!bytes.is_empty()).then_some(bytes)),
-            record: None,
-            stream: None,
-            meter: None,
-            record_to: None,
-        }
-    }
-
-    pub fn upstream(inner: UpstreamBody, idle: Duration) -> Self {
-        Self {
-            kind: ResponseKind::Upstream {
-                inner,
-                idle: IdleTimer::new(idle),
-            },
-            record: None,
-            stream: None,
-            meter: None,
-            record_to: None,
-        }
-    }
-
-    pub fn hold_stream(&mut self, stream: OpenStream) {
-        self.stream = Some(stream);
-    }
-
-    pub fn set_record(&mut self, record: AccessRecord) {
-        match self.record_to.take() {
-            // A tunnel that never opened drops the receiver: the record is written now.
-            Some(tunnel) => drop(tunnel.send(record)),
-            None => self.record = Some(record),
-        }
-    }
-
-    pub fn meter(&mut self, meter: Option<Box<usage::Meter>>) {
-        self.meter = meter;
-    }
-
-    pub fn send_record_to(&mut self, tunnel: Option<oneshot::Sender<AccessRecord>>) {
-        self.record_to = tunnel;
-    }
-
-    /// Puts what the meter read into the record, before the record is written.
-    fn read_meter(&mut self) {
-        if let (Some(mut meter), Some(record)) = (self.meter.take(), self.record.as_mut()) {
-            record.note_usage(meter.finish());
-        }
-    }
-
-    fn count(&mut self, bytes: usize) {
-        if let Some(record) = self.record.as_mut() {
-            record.bytes_out += bytes as u64;
-        }
-    }
-
-    fn finish(&mut self) {
-        self.kind = ResponseKind::Whole(None);
-        self.read_meter();
-        // Dropping the record writes the access log line.
-        self.record = None;
-    }
-}
-
-impl Drop for ResponseBody {
-    /// A body dropped before its end (the client went, or its last frame was known to be the
-    /// last) still has its usage written.
-    fn drop(&mut self) {
-        self.read_meter();
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.get_mut();
-        let polled = match &mut this.kind {
-            ResponseKind::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseKind::Upstream { inner, idle, .. } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    idle.touch();
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending if idle.poll_expired(cx) => {
-                    Poll::Ready(Some(Err(BodyError::Idle(idle.limit))))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        };
-        let polled = ready!(polled);
-        match &polled {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    this.count(data.len());
-                    if let Some(meter) = this.meter.as_mut() {
-                        meter.pass(data);
-                    }
-                }
-            }
-            Some(Err(e)) => {
-                if let Some(record) = this.record.as_mut() {
-                    record.note_cut(e);
-                }
-                this.finish();
-            }
-            None => this.finish(),
-        }
-        Poll::Ready(polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            ResponseKind::Whole(bytes) => bytes.is_none(),
-            ResponseKind::Upstream { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            ResponseKind::Whole(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
-            ResponseKind::Upstream { inner, .. } => inner.size_hint(),
-        }
     }
 }

@@ -134,9 +134,9 @@ impl Generation {
             .is_some_and(|t| t.listen.iter().any(|a| *a.get_ref() == addr))
     }
 
-    pub fn http1_settings(&self) -> crate::http1::Settings {
+    pub fn http1_settings(&self) -> crate::http::Settings {
         let server = &self.config.server;
-        crate::http1::Settings {
+        crate::http::Settings {
             header_read_timeout: server.header_read_timeout.0,
             keepalive_timeout: server.keepalive_timeout.0,
             max_header_size: usize::try_from(server.max_header_size.0).unwrap_or(usize::MAX),

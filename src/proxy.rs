@@ -31,12 +31,12 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response, Version, header};
 use serde::{Deserialize, Deserializer};
 
-use crate::body::{ClientBody, Inbound, ResponseBody};
+use crate::body::{ClientBody, Inbound};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
 use crate::headers;
-use crate::http1::OnUpgrade;
+use crate::http::OnUpgrade;
 
 pub mod access_log;
 mod admit;
@@ -49,6 +49,11 @@ mod tunnel;
 
 use access_log::{AccessRecord, RequestId};
 use auth::Grant;
+
+mod response_body;
+
+pub use crate::http::{Activity, Stage};
+pub use response_body::ResponseBody;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -141,43 +146,6 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.counter.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The stage an HTTP/1.1 connection is at. Set as it moves on (a relaxed store), read only when
-/// a drain cuts the connection, to say what kept it.
-#[derive(Debug, Default)]
-pub struct Activity(std::sync::atomic::AtomicU8);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Stage {
-    /// Waiting for a request to begin.
-    Idle,
-    /// Reading a request head.
-    Head,
-    /// Waiting for the upstream's response head (the request body may still be flowing).
-    Upstream,
-    /// Relaying the response to the client.
-    Response,
-    /// Speaking HTTP/2: streams in flight.
-    Http2,
-}
-
-impl Activity {
-    pub fn set(&self, stage: Stage) {
-        self.0
-            .store(stage as u8, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn describe(&self) -> &'static str {
-        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => "the next request to begin",
-            1 => "the rest of a request head",
-            2 => "the upstream's response",
-            3 => "the rest of its response",
-            _ => "its HTTP/2 streams",
-        }
     }
 }
 

@@ -11,13 +11,16 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::proxy::access_log::RequestId;
 use crate::body::Inbound;
 use crate::config::{self, ByteSize, Timeout};
 use crate::drain;
+use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
-use crate::http1::{self, ClientIo, Rewind};
-use crate::http2::{self, Streams};
-use crate::proxy;
+use crate::http::http2::{self, Streams};
+use crate::http::server::{self as http1, Handler};
+use crate::http::{Activity, BoxIo, IncomingBody, Rewind};
+use crate::proxy::{self, ResponseBody};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -149,7 +152,7 @@ async fn serve_connection(
     // One await of serve_http, not one per branch: a task is as large as its largest state, and
     // each await point of a future holds a slot of its own. The common case, an HTTP/1.1
     // connection waiting for its next request, should be small; so is the TLS handshake boxed.
-    let (io, h2, cleartext): (ClientIo, bool, bool) = match tls {
+    let (io, h2, cleartext): (BoxIo, bool, bool) = match tls {
         Some(acceptor) => {
             match tokio::time::timeout_at(first_request, Box::pin(acceptor.accept(stream))).await {
                 Ok(Ok(stream)) => {
@@ -173,7 +176,7 @@ async fn serve_connection(
 
 /// HTTP/2 when TLS negotiated it or a cleartext client opens with its preface; HTTP/1.1 otherwise.
 async fn serve_http(
-    io: ClientIo,
+    io: BoxIo,
     h2: bool,
     cleartext: bool,
     first_request: tokio::time::Instant,
@@ -200,7 +203,7 @@ async fn serve_http(
 }
 
 async fn serve_http2(
-    io: Rewind<ClientIo>,
+    io: Rewind<BoxIo>,
     first_request: tokio::time::Instant,
     generation: &Generation,
     conn: Arc<proxy::Connection>,
@@ -249,5 +252,37 @@ async fn serve_http2(
     };
     if let Err(error) = result {
         tracing::debug!(%client, %error, "connection ended with an error");
+    }
+}
+
+/// The proxy answers the requests of its client connections.
+impl Handler for Arc<proxy::Connection> {
+    type Body = ResponseBody;
+
+    fn call(
+        &self,
+        request: http::Request<IncomingBody>,
+    ) -> impl Future<Output = http::Response<ResponseBody>> + Send {
+        proxy::handle(self, request.map(Inbound::Http1))
+    }
+
+    fn refuse(&self, error: ProxyError) -> http::Response<ResponseBody> {
+        let mut response = error.into_response(ResponseBody::whole);
+        response
+            .headers_mut()
+            .insert(RequestId::HEADER, RequestId::next().header_value());
+        response
+    }
+
+    fn client(&self) -> SocketAddr {
+        self.client
+    }
+
+    fn drain(&self) -> &drain::Watch {
+        &self.drain
+    }
+
+    fn activity(&self) -> &Activity {
+        &self.activity
     }
 }

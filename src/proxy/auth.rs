@@ -20,7 +20,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::body::ClientBody;
-use crate::body::ResponseBody;
+use crate::proxy::ResponseBody;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::tokens::{SUBPROTOCOL_PREFIX, Token, Tokens};
@@ -73,7 +73,7 @@ pub async fn admit(
     let token = verify(tokens, &parts.headers)?;
     parts.extensions.insert(TokenName(token.name.clone()));
     if token.restricts_models() {
-        let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
+        let upgrade = parts.extensions.get::<crate::http::OnUpgrade>().is_some();
         let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
         inspect::check_models(generation, &token, parts, body).await?;
     }
@@ -91,7 +91,7 @@ pub async fn request_model(
     parts: &http::request::Parts,
     body: &ClientBody,
 ) -> Result<Option<String>, ProxyError> {
-    let upgrade = parts.extensions.get::<crate::http1::OnUpgrade>().is_some();
+    let upgrade = parts.extensions.get::<crate::http::OnUpgrade>().is_some();
     let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
     let (models, _) = inspect::request_models(generation, parts, body).await?;
     Ok(models.into_iter().next())

@@ -8,7 +8,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use super::access_log::AccessRecord;
 use super::failover::Answered;
 use super::{Connection, Ctx, auth, tunnel};
-use crate::body::ResponseBody;
+use crate::proxy::ResponseBody;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::headers;
@@ -75,7 +75,7 @@ fn mark_event_stream(headers: &mut http::HeaderMap) {
 /// Starts a WebSocket tunnel; the request's access record goes to it through the returned
 /// sender, and is written when the tunnel closes, with a Realtime session's usage.
 fn open_tunnel(
-    client: crate::http1::OnUpgrade,
+    client: crate::http::OnUpgrade,
     upgraded: crate::upstream::http1::Upgraded,
     conn: &Arc<Connection>,
     idle: std::time::Duration,

@@ -30,7 +30,7 @@ pub async fn upstream_request_filter<'p>(
     ctx.model_list = auth::wants_model_list(&ctx.grant, parts);
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
     // other request with Upgrade fields goes as a plain request, without them.
-    ctx.client_upgrade = parts.extensions.remove::<crate::http1::OnUpgrade>();
+    ctx.client_upgrade = parts.extensions.remove::<crate::http::OnUpgrade>();
     let upgrade = ctx.client_upgrade.is_some();
     let headers = upstream_headers(generation, conn, parts, upgrade);
     Ok(Outgoing {

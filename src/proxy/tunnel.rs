@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::Connection;
 use super::access_log::AccessRecord;
-use crate::http1::OnUpgrade;
+use crate::http::OnUpgrade;
 use crate::upstream::http1::Upgraded;
 use crate::usage;
 

@@ -16,7 +16,8 @@ use http_body_util::BodyExt;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 
 use super::Grant;
-use crate::body::{ClientBody, ResponseBody};
+use crate::body::ClientBody;
+use crate::proxy::ResponseBody;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::headers;

@@ -1,83 +1,14 @@
-//! HTTP/1.1 message heads and bodies, read the same way on both sides of the proxy: requests off
-//! client connections, responses off upstream connections.
+//! How HTTP/1.1 bodies are delimited, and read, the same way on both sides of the proxy:
+//! requests off client connections, responses off upstream connections.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
+use http::{HeaderMap, StatusCode, Version, header};
 use hyper::body::SizeHint;
 use tokio::io::AsyncRead;
-
-/// At most this many header fields in a head (hyper's limit too).
-pub const MAX_HEADERS: usize = 100;
-
-/// Where each field of a parsed head lies in its buffer. The fields are taken once the head has
-/// been split off the buffer and frozen, so that their values are slices of it, not copies; and
-/// the head is parsed once, where it lies, rather than first searched for its end.
-pub struct Spans {
-    at: [[u32; 4]; MAX_HEADERS],
-    len: usize,
-}
-
-/// Which of the fields that shape a hop a head has, noted in passing: most have none but
-/// Content-Length, and looking each one up afterwards would hash every name again.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Noted {
-    /// Content-Length or Transfer-Encoding.
-    pub framed: bool,
-    pub connection: bool,
-    pub expect: bool,
-    pub upgrade: bool,
-}
-
-impl Spans {
-    /// `fields` as httparse found them in `buf`.
-    pub fn new(buf: &[u8], fields: &[httparse::Header<'_>]) -> Result<Self, &'static str> {
-        let mut at = [[0; 4]; MAX_HEADERS];
-        for (slot, field) in at.iter_mut().zip(fields) {
-            let name = span(buf, field.name.as_bytes())?;
-            let value = span(buf, field.value)?;
-            *slot = [name.0, name.1, value.0, value.1];
-        }
-        Ok(Self {
-            at,
-            len: fields.len(),
-        })
-    }
-
-    /// The fields, taken from `head`: the bytes `new` saw, frozen.
-    pub fn header_map(&self, head: &Bytes) -> Result<(HeaderMap, Noted), &'static str> {
-        let mut map = HeaderMap::with_capacity(self.len);
-        let mut noted = Noted::default();
-        for &[name_from, name_to, value_from, value_to] in &self.at[..self.len] {
-            let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
-                .map_err(|_| "invalid header name")?;
-            let value =
-                HeaderValue::from_maybe_shared(head.slice(value_from as usize..value_to as usize))
-                    .map_err(|_| "invalid header value")?;
-            noted.framed |= name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING;
-            noted.connection |= name == header::CONNECTION;
-            noted.expect |= name == header::EXPECT;
-            noted.upgrade |= name == header::UPGRADE;
-            map.append(name, value);
-        }
-        Ok((map, noted))
-    }
-}
-
-/// Where `part`, a slice of `buf`, lies in it.
-pub fn span(buf: &[u8], part: &[u8]) -> Result<(u32, u32), &'static str> {
-    let from = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-    let to = from + part.len();
-    if to > buf.len() {
-        return Err("a field outside its head");
-    }
-    let from = u32::try_from(from).map_err(|_| "head too large")?;
-    let to = u32::try_from(to).map_err(|_| "head too large")?;
-    Ok((from, to))
-}
 
 /// How a message's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,14 +33,6 @@ pub fn bodiless(head_request: bool, status: StatusCode) -> bool {
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
-}
-
-/// Appends one header field line to a head being written.
-pub fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Where the body ends, by its framing fields; `Empty` when there are none. Anything ambiguous
@@ -296,11 +219,60 @@ impl Decoder {
 }
 
 /// How reading a body off a connection failed.
+#[derive(Debug)]
 pub enum Broken {
     /// The connection ended before the body did.
     Truncated,
     Framing(&'static str),
     Io(io::Error),
+}
+
+/// Whose connection a body is read off: its errors name that side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A request body, off a client connection.
+    Client,
+    /// A response body, off an upstream connection.
+    Upstream,
+}
+
+/// Reading a body off a connection failed: the one error of both sides' body readers.
+#[derive(Debug)]
+pub struct ReadError {
+    pub peer: Peer,
+    pub broken: Broken,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.peer, &self.broken) {
+            (Peer::Client, Broken::Truncated) => {
+                f.write_str("the client closed the connection mid-body")
+            }
+            (Peer::Upstream, Broken::Truncated) => {
+                f.write_str("the upstream closed the connection mid-body")
+            }
+            (Peer::Client, Broken::Framing(what)) => {
+                write!(f, "malformed chunked encoding: {what}")
+            }
+            (Peer::Upstream, Broken::Framing(what)) => {
+                write!(f, "malformed response body from the upstream: {what}")
+            }
+            (Peer::Client, Broken::Io(error)) => write!(f, "reading the request body: {error}"),
+            (Peer::Upstream, Broken::Io(error)) => {
+                write!(f, "reading the response body: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.broken {
+            Broken::Io(error) => Some(error),
+            _ => None,
+        }
+    }
 }
 
 /// The next piece of a body read straight off a connection: decoded from what `buf` holds,
