@@ -7,11 +7,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::StatusCode;
 use tokio_tungstenite::tungstenite::Message;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -47,14 +45,6 @@ fn replace_binary(bin: &Path, contents: &[u8]) {
     std::fs::write(&new, contents).unwrap();
     std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&new, bin).unwrap();
-}
-
-async fn status(client: &HttpClient, url: &str) -> Option<StatusCode> {
-    let request = Request::get(url).body(Full::new(Bytes::new())).unwrap();
-    let response = client.request(request).await.ok()?;
-    let status = response.status();
-    response.into_body().collect().await.ok()?;
-    Some(status)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
