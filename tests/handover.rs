@@ -74,10 +74,7 @@ async fn a_reload_after_the_binary_was_replaced_hands_over_while_the_old_process
         let seen = proxy.notify.messages().len();
         let (reloaded, words) = reload_command(&proxy).await;
         assert!(reloaded && words.contains("handed over to PID"), "{words}");
-        let named = proxy
-            .notify
-            .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
-        let new_pid = main_pid(&proxy.notify.messages()[named]);
+        let (named, new_pid) = proxy.notify.wait_main_pid(seen, 10 * SECOND);
         let _successor = Successor(new_pid);
         assert_ne!(new_pid, old_pid);
         // The successor's own READY=1, once it knows it is the main process.
@@ -207,10 +204,7 @@ async fn handovers_asked_for_at_once_leave_one_successor() {
         for signal in ["USR2", "HUP", "USR2", "HUP"] {
             proxy.signal(signal);
         }
-        let named = proxy
-            .notify
-            .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
-        let successor = main_pid(&proxy.notify.messages()[named]);
+        let (named, successor) = proxy.notify.wait_main_pid(seen, 10 * SECOND);
         let _successor = Successor(successor);
         proxy.wait_ready(named + 1);
         assert_eq!(proxy.wait_exit(10 * SECOND).code(), Some(0));

@@ -623,17 +623,7 @@ async fn a_handover_passes_the_days_counts_to_the_successor() {
 
         let seen = proxy.notify.messages().len();
         proxy.signal("USR2");
-        let named = proxy
-            .notify
-            .wait_for(seen, Duration::from_secs(40), "MAINPID=", |m| {
-                m.contains("MAINPID=")
-            });
-        let message = proxy.notify.messages()[named].clone();
-        let pid = message
-            .lines()
-            .find_map(|l| l.strip_prefix("MAINPID="))
-            .and_then(|pid| pid.parse().ok())
-            .expect("the successor's PID");
+        let (named, pid) = proxy.notify.wait_main_pid(seen, Duration::from_secs(40));
         let _successor = Successor(pid);
         proxy.wait_ready(named + 1);
 

@@ -541,10 +541,7 @@ async fn a_handover_passes_the_admin_socket_to_the_successor() {
         let response = start_stream(&client, &proxy, 200).await;
         let seen = proxy.notify.messages().len();
         proxy.signal("USR2");
-        let named = proxy
-            .notify
-            .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
-        let new_pid = main_pid(&proxy.notify.messages()[named]);
+        let (named, new_pid) = proxy.notify.wait_main_pid(seen, 10 * SECOND);
         let _successor = Successor(new_pid);
         proxy.wait_ready(named + 1);
         // The same admin address, answered by the successor alone: ready, not draining.

@@ -251,18 +251,29 @@ async fn upstream_route(
         alpn,
         connection,
     });
-    let header = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let number =
-        |name: &str, default: u64| header(name).and_then(|v| v.parse().ok()).unwrap_or(default);
-    // A key the test says to refuse: 429 with Retry-After (or 401), as OpenAI answers.
+    let headers = parts.headers;
+    if let Some(refusal) = refusal_for_key(&headers) {
+        return refusal;
+    }
+    if let Some(delay) = header(&headers, "x-test-delay-headers-ms") {
+        tokio::time::sleep(Duration::from_millis(delay.parse().unwrap())).await;
+    }
+    canned_answer(&path, &headers, body, sent)
+}
+
+/// A request header as text, if it is there.
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// A key the test says to refuse: 429 with Retry-After (or 401), as OpenAI answers.
+fn refusal_for_key(headers: &HeaderMap) -> Option<Response<UpBody>> {
     let key_is = |name: &str| {
-        header(name).is_some_and(|key| header("authorization") == Some(format!("Bearer {key}")))
+        header(headers, name)
+            .is_some_and(|key| header(headers, "authorization") == Some(format!("Bearer {key}")))
     };
     if key_is("x-test-429-for-key") {
         let mut response = json_response(
@@ -273,48 +284,28 @@ async fn upstream_route(
         response
             .headers_mut()
             .insert("retry-after", http::HeaderValue::from_static("30"));
-        return response;
+        return Some(response);
     }
     if key_is("x-test-401-for-key") {
-        return json_response(
+        return Some(json_response(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
                 "param": null, "code": "invalid_api_key"}}),
-        );
+        ));
     }
-    if let Some(delay) = header("x-test-delay-headers-ms") {
-        tokio::time::sleep(Duration::from_millis(delay.parse().unwrap())).await;
-    }
-    match path.as_str() {
-        "/v1/chat/completions" => {
-            let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let model = request["model"]
-                .as_str()
-                .unwrap_or("gpt-4o-mini")
-                .to_owned();
-            if request["stream"].as_bool() == Some(true) {
-                let events = number("x-test-events", 5);
-                let gap = Duration::from_millis(number("x-test-gap-ms", 20));
-                let id = header("x-test-stream").unwrap_or_default();
-                sse_response(model, events, gap, id, sent)
-            } else {
-                json_response(
-                    StatusCode::OK,
-                    serde_json::json!({
-                        "id": "chatcmpl-test", "object": "chat.completion", "created": 1_700_000_000,
-                        "model": model,
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": "Hello from the fake upstream."}}],
-                        // The test's own usage object (x-test-usage, JSON), else a small one.
-                        "usage": header("x-test-usage")
-                            .and_then(|usage| serde_json::from_str(&usage).ok())
-                            .unwrap_or(serde_json::json!(
-                                {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
-                            ))
-                    }),
-                )
-            }
-        }
+    None
+}
+
+/// What the fake OpenAI answers at `path`: chat completions (JSON or SSE), embeddings, file
+/// uploads, the model list, errors, and odd heads; anything else echoes its path and size.
+fn canned_answer(
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    sent: Arc<Mutex<HashMap<String, Vec<Instant>>>>,
+) -> Response<UpBody> {
+    match path {
+        "/v1/chat/completions" => chat_completion(headers, &body, sent),
         "/v1/embeddings" => json_response(
             StatusCode::OK,
             serde_json::json!({
@@ -379,6 +370,45 @@ async fn upstream_route(
             StatusCode::OK,
             serde_json::json!({"path": path, "bytes": body.len()}),
         ),
+    }
+}
+
+/// A chat completion: an SSE stream of `x-test-events` events `x-test-gap-ms` apart when the
+/// request asks to stream, else one JSON answer with `x-test-usage` as its usage, if given.
+fn chat_completion(
+    headers: &HeaderMap,
+    body: &[u8],
+    sent: Arc<Mutex<HashMap<String, Vec<Instant>>>>,
+) -> Response<UpBody> {
+    let header = |name: &str| header(headers, name);
+    let number =
+        |name: &str, default: u64| header(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let model = request["model"]
+        .as_str()
+        .unwrap_or("gpt-4o-mini")
+        .to_owned();
+    if request["stream"].as_bool() == Some(true) {
+        let events = number("x-test-events", 5);
+        let gap = Duration::from_millis(number("x-test-gap-ms", 20));
+        let id = header("x-test-stream").unwrap_or_default();
+        sse_response(model, events, gap, id, sent)
+    } else {
+        json_response(
+            StatusCode::OK,
+            serde_json::json!({
+                "id": "chatcmpl-test", "object": "chat.completion", "created": 1_700_000_000,
+                "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "Hello from the fake upstream."}}],
+                // The test's own usage object (x-test-usage, JSON), else a small one.
+                "usage": header("x-test-usage")
+                    .and_then(|usage| serde_json::from_str(&usage).ok())
+                    .unwrap_or(serde_json::json!(
+                        {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+                    ))
+            }),
+        )
     }
 }
 

@@ -38,6 +38,13 @@ impl NotifySocket {
             .clone()
     }
 
+    /// Waits for a message after the first `skip` naming a new main process (a handover's
+    /// successor); returns its index and the PID.
+    pub fn wait_main_pid(&self, skip: usize, timeout: Duration) -> (usize, u32) {
+        let named = self.wait_for(skip, timeout, "MAINPID=", |m| m.contains("MAINPID="));
+        (named, main_pid(&self.messages()[named]))
+    }
+
     /// Waits until some message after the first `skip` satisfies `f`; returns its index.
     pub fn wait_for(
         &self,
