@@ -65,6 +65,16 @@ pub struct FakeUpstream {
     server: TlsServer,
 }
 
+/// The last request an upstream recorded; fails if there is none.
+pub fn last_of<T: Clone>(recorded: &Mutex<Vec<T>>) -> T {
+    recorded
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("the upstream received a request")
+}
+
 /// A response body of the fake upstreams.
 pub type UpBody = BoxBody<Bytes, Infallible>;
 
@@ -181,10 +191,7 @@ impl FakeUpstream {
     }
 
     pub fn last(&self) -> Received {
-        self.received()
-            .last()
-            .cloned()
-            .expect("the upstream received a request")
+        last_of(&self.received)
     }
 
     /// `[upstreams.NAME]` pointing here, under the base path `base`.

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use super::{Pki, TlsServer, eventually, find};
+use super::{Pki, TlsServer, eventually, find, last_of};
 
 /// How long a raw upstream waits for the proxy.
 const WAIT: Duration = Duration::from_secs(10);
@@ -249,10 +249,7 @@ impl RawUpstream {
     }
 
     pub fn last(&self) -> Seen {
-        self.seen()
-            .last()
-            .cloned()
-            .expect("the upstream received a request")
+        last_of(&self.seen)
     }
 
     pub async fn wait_ended(&self, index: usize, what: &str) {
