@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -19,75 +18,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 const USER: &str = "egress-user";
 const PASSWORD: &str = "egress-PASSWORD-7f3a";
-
-/// A loopback port free a moment ago, for the daemons that cannot be given port 0.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// An egress proxy daemon run by the test, its output kept, killed when dropped.
-struct Daemon {
-    child: Child,
-    port: u16,
-    output: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    async fn spawn(mut command: Command, port: u16) -> Self {
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("the daemon starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
-        let stderr = child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
-        for pipe in [stdout, stderr].into_iter().flatten() {
-            let sink = output.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    sink.lock().unwrap().push(line);
-                }
-            });
-        }
-        let daemon = Self {
-            child,
-            port,
-            output,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon listens on {port}: {}",
-                daemon.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        daemon
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// tinyproxy with Basic auth, letting CONNECT through to `connect_port` alone.
 async fn tinyproxy(dir: &Path, connect_port: u16) -> Daemon {
@@ -124,29 +54,20 @@ async fn microsocks() -> Daemon {
 }
 
 /// A TLS front for `behind` (tinyproxy), making it an `https://` proxy; counts its handshakes.
-async fn tls_front(pki: &Pki, behind: u16) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+async fn tls_front(pki: &Pki, behind: u16) -> (u16, Arc<AtomicUsize>, TlsServer) {
     let handshakes = Arc::new(AtomicUsize::new(0));
     let counted = handshakes.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, counted) = (acceptor.clone(), counted.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                counted.fetch_add(1, Ordering::Relaxed);
-                let Ok(mut plain) = tokio::net::TcpStream::connect(("127.0.0.1", behind)).await
-                else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-            });
+    let front = TlsServer::start(pki.server.clone(), move |mut tls, _| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let Ok(mut plain) = tokio::net::TcpStream::connect(("127.0.0.1", behind)).await else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
         }
-    });
-    (port, handshakes, task)
+    })
+    .await;
+    (front.addr.port(), handshakes, front)
 }
 
 /// The proxy with its upstream at `url_host` (the fake upstream's port) reached through `proxy`,
@@ -158,14 +79,11 @@ fn start_through(
     proxy: &str,
     password: &str,
 ) -> Proxy {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let password_path = dir.path().join("egress-password");
-    std::fs::write(&password_path, format!("{password}\n")).unwrap();
-    std::fs::set_permissions(&password_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, through_config(upstream, pki, url_host, proxy)).unwrap();
-    Proxy::spawn(dir, config_path, ProxyOptions::default())
+    write_with_mode(&password_path, &format!("{password}\n"), 0o600);
+    let config = through_config(upstream, pki, url_host, proxy);
+    Proxy::start_in(dir, &config, ProxyOptions::default())
 }
 
 fn through_config(upstream: &FakeUpstream, pki: &Pki, url_host: &str, proxy: &str) -> String {
@@ -176,10 +94,6 @@ fn through_config(upstream: &FakeUpstream, pki: &Pki, url_host: &str, proxy: &st
         upstream.addr.port(),
         pki.ca_pem.display()
     )
-}
-
-fn chat() -> serde_json::Value {
-    serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
 }
 
 /// A chat completion, a stream and a WebSocket through the proxy and its egress proxy, with

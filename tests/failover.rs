@@ -66,10 +66,6 @@ fn start(
     ))
 }
 
-fn chat() -> serde_json::Value {
-    serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_moves_the_request_with_its_body_to_the_next_upstream() {
     bounded(30, async {
@@ -239,22 +235,15 @@ const KEY_C: &str = "sk-proj-KEY-C-0003";
 
 /// Tokens mode with three keys for the default upstream, used in turn.
 fn start_with_keys(upstream: &FakeUpstream, pki: &Pki, token: &Issued) -> Proxy {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    write_key(dir.path(), 0o600);
-    std::fs::write(dir.path().join("tokens.toml"), &token.table).unwrap();
+    let dir = tokens_dir(&token.table);
     for (name, key) in [("key-a", KEY_A), ("key-b", KEY_B), ("key-c", KEY_C)] {
-        let path = dir.path().join(name);
-        std::fs::write(&path, format!("{key}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_with_mode(&dir.path().join(name), &format!("{key}\n"), 0o600);
     }
     let config = basic_config(upstream, pki, TOKENS_AUTH).replace(
         "[upstream]\n",
         "[upstream]\nkey_files = [\"key-a\", \"key-b\", \"key-c\"]\n",
     );
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, config).unwrap();
-    Proxy::spawn(dir, config_path, ProxyOptions::default())
+    Proxy::start_in(dir, &config, ProxyOptions::default())
 }
 
 /// The key a request reached the upstream with.

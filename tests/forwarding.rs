@@ -13,10 +13,6 @@ use http::{Request, StatusCode, Version};
 use http_body_util::Full;
 use tokio_tungstenite::tungstenite::Message;
 
-fn chat() -> serde_json::Value {
-    serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_post_round_trip_with_host_and_sni_of_openai() {
     bounded(30, async {
@@ -103,9 +99,7 @@ async fn upstream_base_path_is_prefixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_sse_event_reaches_the_client_within_50ms() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
         for (client, id) in [(http_client(), "h1"), (http2_client(), "h2")] {
             let arrivals =
                 stream_chat(&client, &proxy.url("/v1/chat/completions"), id, 5, 200).await;
@@ -128,9 +122,7 @@ async fn each_sse_event_reaches_the_client_within_50ms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_proxy() {
     bounded(20, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
         let url = format!(
             "ws://{}/v1/realtime?model=gpt-4o-realtime-preview",
             proxy.http.unwrap()
@@ -218,13 +210,8 @@ async fn hop_by_hop_and_client_identity_headers_are_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_identity_passes_only_when_the_config_asks() {
     bounded(20, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(
-            &upstream,
-            &pki,
-            "[proxy]\nforward_client_identity = true\n",
-        ));
+        let (_pki, upstream, proxy) =
+            proxy_and_upstream("[proxy]\nforward_client_identity = true\n").await;
         let mut request = post_json(&proxy.url("/v1/x"), chat());
         request
             .headers_mut()
@@ -264,9 +251,7 @@ fn raw(addr: std::net::SocketAddr, request: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_an_open_proxy() {
     bounded(20, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
         let addr = proxy.http.unwrap();
         let cases = [
             ("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "403", "proxy_request_refused"),
@@ -359,9 +344,7 @@ async fn slow_upstream_headers_give_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_are_relayed_unchanged() {
     bounded(20, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, _upstream, proxy) = proxy_and_upstream("").await;
         let answer = send(&http_client(), post_json(&proxy.url("/v1/error"), chat())).await;
         assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
@@ -376,9 +359,7 @@ async fn upstream_errors_are_relayed_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_limit_body_gives_413() {
     bounded(20, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, "[server]\nmax_request_body = \"1KiB\"\n"));
+        let (_pki, _upstream, proxy) = proxy_and_upstream("[server]\nmax_request_body = \"1KiB\"\n").await;
         // Declared too large: refused before anything is read or sent.
         let big = Request::post(proxy.url("/v1/files"))
             .header("content-type", "application/octet-stream")
@@ -677,13 +658,7 @@ async fn more_streams_than_one_http2_connection_carries_do_not_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_get_503_and_are_closed() {
     bounded(20, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(
-            &upstream,
-            &pki,
-            "[server]\nmax_connections = 1\n",
-        ));
+        let (_pki, _upstream, proxy) = proxy_and_upstream("[server]\nmax_connections = 1\n").await;
         let addr = proxy.http.unwrap();
         // One keep-alive connection, held by hand so that no client pool opens another.
         let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -7,11 +7,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::StatusCode;
 use tokio_tungstenite::tungstenite::Message;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -49,14 +47,6 @@ fn replace_binary(bin: &Path, contents: &[u8]) {
     std::fs::rename(&new, bin).unwrap();
 }
 
-async fn status(client: &HttpClient, url: &str) -> Option<StatusCode> {
-    let request = Request::get(url).body(Full::new(Bytes::new())).unwrap();
-    let response = client.request(request).await.ok()?;
-    let status = response.status();
-    response.into_body().collect().await.ok()?;
-    Some(status)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_after_the_binary_was_replaced_hands_over_while_the_old_process_finishes() {
     bounded(60, async {
@@ -84,10 +74,7 @@ async fn a_reload_after_the_binary_was_replaced_hands_over_while_the_old_process
         let seen = proxy.notify.messages().len();
         let (reloaded, words) = reload_command(&proxy).await;
         assert!(reloaded && words.contains("handed over to PID"), "{words}");
-        let named = proxy
-            .notify
-            .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
-        let new_pid = main_pid(&proxy.notify.messages()[named]);
+        let (named, new_pid) = proxy.notify.wait_main_pid(seen, 10 * SECOND);
         let _successor = Successor(new_pid);
         assert_ne!(new_pid, old_pid);
         // The successor's own READY=1, once it knows it is the main process.
@@ -217,10 +204,7 @@ async fn handovers_asked_for_at_once_leave_one_successor() {
         for signal in ["USR2", "HUP", "USR2", "HUP"] {
             proxy.signal(signal);
         }
-        let named = proxy
-            .notify
-            .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
-        let successor = main_pid(&proxy.notify.messages()[named]);
+        let (named, successor) = proxy.notify.wait_main_pid(seen, 10 * SECOND);
         let _successor = Successor(successor);
         proxy.wait_ready(named + 1);
         assert_eq!(proxy.wait_exit(10 * SECOND).code(), Some(0));

@@ -71,9 +71,7 @@ async fn requests_that_do_not_parse_get_an_openai_shaped_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_request_body_arrives_whole() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
         // Odd chunk sizes, an extension, upper-case hex and a trailer.
         let (a, rest) = CHAT.split_at(7);
         let (b, c) = rest.split_at(30);
@@ -101,9 +99,7 @@ async fn a_chunked_request_body_arrives_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, _upstream, proxy) = proxy_and_upstream("").await;
         let request = format!(
             "{}{}",
             post("/v1/embeddings", "{}", ""),
@@ -121,9 +117,7 @@ async fn pipelined_requests_are_answered_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_head_and_expect_continue() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, upstream, proxy) = proxy_and_upstream("").await;
 
         // HTTP/1.0 without keep-alive: answered in 1.0 and closed.
         let request = post("/v1/chat/completions", CHAT, "").replace("HTTP/1.1", "HTTP/1.0");
@@ -164,13 +158,8 @@ async fn http10_head_and_expect_continue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_alive_connections_serve_many_requests_then_close_when_idle() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(
-            &upstream,
-            &pki,
-            "[server]\nkeepalive_timeout = \"300ms\"",
-        ));
+        let (_pki, _upstream, proxy) =
+            proxy_and_upstream("[server]\nkeepalive_timeout = \"300ms\"").await;
         let mut stream = connect(&proxy).await;
         for _ in 0..20 {
             stream
@@ -206,9 +195,7 @@ async fn kept_alive_connections_serve_many_requests_then_close_when_idle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_on_a_closing_connection_still_ends_properly() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, _upstream, proxy) = proxy_and_upstream("").await;
         let body = r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#;
         let request = post(
             "/v1/chat/completions",

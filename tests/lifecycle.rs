@@ -26,19 +26,6 @@ fn status_of(m: &str) -> &str {
         .unwrap_or("")
 }
 
-/// A GET through the proxy; the status, or None if the connection failed.
-async fn status(client: &HttpClient, url: &str) -> Option<StatusCode> {
-    let request = Request::get(url).body(Full::new(Bytes::new())).unwrap();
-    match client.request(request).await {
-        Ok(response) => {
-            let status = response.status();
-            response.into_body().collect().await.ok()?;
-            Some(status)
-        }
-        Err(_) => None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifies_ready_reloading_stopping_and_watchdog() {
     bounded(30, async {
@@ -504,9 +491,7 @@ async fn listeners_are_added_kept_and_removed_by_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_streams_and_closes_keep_alive() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let mut proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, upstream, mut proxy) = proxy_and_upstream("").await;
         let url = proxy.url("/v1/chat/completions");
         let stream_url = url.clone();
         let stream =
@@ -667,7 +652,7 @@ async fn sockets_passed_by_systemd_are_adopted_and_stale_ones_dropped() {
         // This connection reaches the socket before the proxy exists: it waits in the backlog.
         let client = http_client();
         let url = format!("http://127.0.0.1:{kept}/v1/models");
-        let answered = eventually_async(10 * SECOND, || status(&client, &url)).await;
+        let answered = eventually_async(10 * SECOND, "an answer", || status(&client, &url)).await;
         assert_eq!(answered, StatusCode::OK);
         let messages = proxy.notify.messages();
         assert!(messages.iter().any(|m| is_ready(m)), "{messages:?}");
@@ -695,21 +680,6 @@ async fn sockets_passed_by_systemd_are_adopted_and_stale_ones_dropped() {
         );
     })
     .await;
-}
-
-/// Retries an async check until it yields Some, failing after `timeout`.
-async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(
-    timeout: Duration,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -964,7 +934,7 @@ async fn a_config_written_piece_by_piece_is_loaded_only_whole() {
         );
         let client = http_client();
         let url = proxy.url("/whole/x");
-        eventually_async(10 * SECOND, || async {
+        eventually_async(10 * SECOND, "a 200", || async {
             (status(&client, &url).await == Some(StatusCode::OK)).then_some(())
         })
         .await;
@@ -1034,9 +1004,7 @@ async fn a_busy_neighbour_file_delays_no_reload_and_sighup_is_not_reloaded_twice
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stray_signals_do_not_kill_and_quit_drains() {
     bounded(30, async {
-        let pki = Pki::new();
-        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-        let mut proxy = Proxy::start(&basic_config(&upstream, &pki, ""));
+        let (_pki, _upstream, mut proxy) = proxy_and_upstream("").await;
         let client = http_client();
         for signal in ["USR1", "ALRM"] {
             let before = proxy.logs().matches("signal ignored").count();

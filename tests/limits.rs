@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::net::TcpStream as StdTcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,23 +15,7 @@ use http_body_util::{BodyExt, Full};
 /// The proxy in tokens mode before the fake upstream, with `limits` after the [auth] table and
 /// these `[[token]]` tables.
 fn start_limited(upstream: &FakeUpstream, pki: &Pki, limits: &str, tokens: &str) -> Proxy {
-    start_limited_with(upstream, pki, limits, tokens, ProxyOptions::default())
-}
-
-fn start_limited_with(
-    upstream: &FakeUpstream,
-    pki: &Pki,
-    limits: &str,
-    tokens: &str,
-    options: ProxyOptions,
-) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    write_key(dir.path(), 0o600);
-    std::fs::write(dir.path().join("tokens.toml"), tokens).unwrap();
-    let config_path = dir.path().join("config.toml");
-    let extra = format!("{TOKENS_AUTH}\n{limits}\n");
-    std::fs::write(&config_path, basic_config(upstream, pki, &extra)).unwrap();
-    Proxy::spawn(dir, config_path, options)
+    start_tokens_with(upstream, pki, limits, tokens, ProxyOptions::default())
 }
 
 /// Options that give the proxy `dir` as its state directory, as systemd's StateDirectory= does.
@@ -47,15 +30,6 @@ fn in_state(dir: &Path) -> ProxyOptions {
 /// A token's `[[token]]` table with these limit lines added.
 fn with_limits(issued: &Issued, lines: &str) -> String {
     format!("{}{lines}\n", issued.table)
-}
-
-fn chat(url: &str, token: &str) -> Request<Full<Bytes>> {
-    let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
-    Request::post(url)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
 }
 
 /// A 429 from the proxy itself, in OpenAI's shape, naming `limit`.
@@ -100,11 +74,11 @@ async fn requests_per_minute_refuses_with_openai_headers_and_nothing_upstream() 
         let url = proxy.url("/v1/chat/completions");
         wait_for_room_in_minute(Duration::from_secs(15));
         for _ in 0..2 {
-            let answer = send(&client, chat(&url, &alice.token)).await;
+            let answer = send(&client, chat_with_token(&url, &alice.token)).await;
             assert_eq!(answer.status, StatusCode::OK);
         }
         let before = upstream.received().len();
-        let refused = send(&client, chat(&url, &alice.token)).await;
+        let refused = send(&client, chat_with_token(&url, &alice.token)).await;
         assert_limited(&refused, "requests per minute");
         assert_eq!(upstream.received().len(), before, "nothing went upstream");
         let h = &refused.headers;
@@ -123,15 +97,15 @@ async fn requests_per_minute_refuses_with_openai_headers_and_nothing_upstream() 
             .wait_for(seen, Duration::from_secs(5), "generation 2", |m| {
                 m.contains("READY=1") && m.contains("generation 2")
             });
-        let refused = send(&client, chat(&url, &alice.token)).await;
+        let refused = send(&client, chat_with_token(&url, &alice.token)).await;
         assert_limited(&refused, "requests per minute");
 
         // Bob's own limit (3) stands over the default (2); he is counted apart from alice.
         for _ in 0..3 {
-            let answer = send(&client, chat(&url, &bob.token)).await;
+            let answer = send(&client, chat_with_token(&url, &bob.token)).await;
             assert_eq!(answer.status, StatusCode::OK);
         }
-        let refused = send(&client, chat(&url, &bob.token)).await;
+        let refused = send(&client, chat_with_token(&url, &bob.token)).await;
         assert_limited(&refused, "requests per minute");
         assert_eq!(refused.headers["x-ratelimit-limit-requests"], "3");
     })
@@ -164,7 +138,7 @@ async fn max_concurrent_counts_streams_and_websockets_until_they_end() {
         let response = client.request(stream).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         let before = upstream.received().len();
-        let refused = send(&client, chat(&url, &carol.token)).await;
+        let refused = send(&client, chat_with_token(&url, &carol.token)).await;
         assert_limited(&refused, "max_concurrent");
         assert_eq!(refused.headers["retry-after"], "1");
         assert_eq!(upstream.received().len(), before, "nothing went upstream");
@@ -186,7 +160,7 @@ async fn max_concurrent_counts_streams_and_websockets_until_they_end() {
             format!("Bearer {}", carol.token).parse().unwrap(),
         );
         let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        let refused = send(&client, chat(&url, &carol.token)).await;
+        let refused = send(&client, chat_with_token(&url, &carol.token)).await;
         assert_limited(&refused, "max_concurrent");
         ws.close(None).await.unwrap();
         let answer = eventually_ok(&client, &url, &carol.token).await;
@@ -200,7 +174,7 @@ async fn max_concurrent_counts_streams_and_websockets_until_they_end() {
 async fn eventually_ok(client: &HttpClient, url: &str, token: &str) -> Answer {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let answer = send(client, chat(url, token)).await;
+        let answer = send(client, chat_with_token(url, token)).await;
         if answer.status != StatusCode::TOO_MANY_REQUESTS {
             return answer;
         }
@@ -214,7 +188,7 @@ async fn eventually_ok(client: &HttpClient, url: &str, token: &str) -> Answer {
 /// after the client read it, so one more request may pass before the charge is seen.
 async fn until_refused(client: &HttpClient, url: &str, token: &str) -> Answer {
     for _ in 0..20 {
-        let answer = send(client, chat(url, token)).await;
+        let answer = send(client, chat_with_token(url, token)).await;
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
             return answer;
         }
@@ -239,7 +213,7 @@ async fn tokens_per_minute_is_charged_from_the_upstreams_usage() {
         let client = http_client();
         let url = proxy.url("/v1/chat/completions");
         wait_for_room_in_minute(Duration::from_secs(15));
-        let first = send(&client, chat(&url, &dave.token)).await;
+        let first = send(&client, chat_with_token(&url, &dave.token)).await;
         assert_eq!(first.status, StatusCode::OK);
         let refused = until_refused(&client, &url, &dave.token).await;
         assert!(upstream.received().len() <= 2, "at most one more went up");
@@ -260,7 +234,7 @@ async fn the_days_quota_survives_a_restart() {
         let state = tempfile::tempdir().unwrap();
         let start = || {
             let limits = "[limits]\ntokens_per_day = 11\n";
-            start_limited_with(&upstream, &pki, limits, &erin.table, in_state(state.path()))
+            start_tokens_with(&upstream, &pki, limits, &erin.table, in_state(state.path()))
         };
         let client = http_client();
         let mut proxy = start();
@@ -274,7 +248,7 @@ async fn the_days_quota_survives_a_restart() {
 
         let proxy = start();
         let url = proxy.url("/v1/chat/completions");
-        let refused = send(&client, chat(&url, &erin.token)).await;
+        let refused = send(&client, chat_with_token(&url, &erin.token)).await;
         assert_limited(&refused, "tokens per day");
         assert_eq!(upstream.received().len(), went_up, "nothing more went up");
         let reset = refused.headers["x-ratelimit-reset-tokens"]
@@ -292,16 +266,9 @@ async fn the_days_quota_survives_a_restart() {
 fn check_fails(dir: &Path, config: &str, tokens: &str) -> String {
     write_key(dir, 0o600);
     std::fs::write(dir.join("tokens.toml"), tokens).unwrap();
-    let path = dir.join("config.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = std::process::Command::new(BIN)
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{out:?}");
-    String::from_utf8(out.stderr).unwrap()
+    let (passed, words) = check_in(dir, config);
+    assert!(!passed, "{words}");
+    words
 }
 
 #[test]
@@ -344,60 +311,31 @@ fn broken_limits_are_refused_with_their_place() {
 // "deny".
 
 /// A redis-server of its own, without persistence, killed when dropped.
-struct Redis {
-    port: u16,
-    child: Child,
-}
+struct Redis(Daemon);
 
 impl Redis {
-    fn start() -> Self {
-        let port = {
-            let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            free.local_addr().unwrap().port()
-        };
-        Self::start_on(port)
+    async fn start() -> Self {
+        Self::start_on(free_port()).await
     }
 
-    fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
+    async fn start_on(port: u16) -> Self {
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian's redis-server package)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while StdTcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { port, child }
+            .args(["--save", "", "--appendonly", "no"]);
+        Self(Daemon::spawn(command, port).await)
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis://127.0.0.1:{}/0", self.0.port)
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.0.signal(signal);
     }
 
-    fn kill(mut self) -> u16 {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.port
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill(self) -> u16 {
+        self.0.kill()
     }
 }
 
@@ -429,7 +367,11 @@ async fn logged_once(proxy: &Proxy, text: &str) {
 
 /// A chat request of `token`'s through `proxy`, and its answer.
 async fn ask(client: &HttpClient, proxy: &Proxy, token: &str) -> Answer {
-    send(client, chat(&proxy.url("/v1/chat/completions"), token)).await
+    send(
+        client,
+        chat_with_token(&proxy.url("/v1/chat/completions"), token),
+    )
+    .await
 }
 
 /// A redis-server, the fake upstream, and a token of `name` limited by these `[limits]` lines
@@ -444,7 +386,7 @@ struct RedisSetup {
 
 impl RedisSetup {
     async fn new(name: &str, limits: &str) -> Self {
-        let redis = Redis::start();
+        let redis = Redis::start().await;
         let pki = Pki::new();
         let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
         let limits = format!("[limits]\nbackend = \"{}\"\n{limits}\n", redis.url());
@@ -514,7 +456,7 @@ async fn redis_killed_with_allow_lets_requests_through_and_is_logged_once() {
             });
 
         // Back (empty): counting again, and the recovery is logged once.
-        let _redis = Redis::start_on(port);
+        let _redis = Redis::start_on(port).await;
         let refused = until_status(&client, &proxy, token, StatusCode::TOO_MANY_REQUESTS).await;
         assert_limited(&refused, "requests per minute");
         logged_once(&proxy, "reachable again").await;
@@ -667,7 +609,7 @@ async fn a_handover_passes_the_days_counts_to_the_successor() {
         let frank = issue("frank");
         let state = tempfile::tempdir().unwrap();
         let limits = "[limits]\ntokens_per_day = 11\n";
-        let mut proxy = start_limited_with(
+        let mut proxy = start_tokens_with(
             &upstream,
             &pki,
             limits,
@@ -681,22 +623,12 @@ async fn a_handover_passes_the_days_counts_to_the_successor() {
 
         let seen = proxy.notify.messages().len();
         proxy.signal("USR2");
-        let named = proxy
-            .notify
-            .wait_for(seen, Duration::from_secs(40), "MAINPID=", |m| {
-                m.contains("MAINPID=")
-            });
-        let message = proxy.notify.messages()[named].clone();
-        let pid = message
-            .lines()
-            .find_map(|l| l.strip_prefix("MAINPID="))
-            .and_then(|pid| pid.parse().ok())
-            .expect("the successor's PID");
+        let (named, pid) = proxy.notify.wait_main_pid(seen, Duration::from_secs(40));
         let _successor = Successor(pid);
         proxy.wait_ready(named + 1);
 
         // A new connection reaches the successor, which knows the day's tokens are spent.
-        let refused = send(&http_client(), chat(&url, &frank.token)).await;
+        let refused = send(&http_client(), chat_with_token(&url, &frank.token)).await;
         assert_limited(&refused, "tokens per day");
         assert_eq!(upstream.received().len(), went_up, "nothing more went up");
     })

@@ -4,7 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,13 +92,6 @@ fn promtool_check(text: &str) {
     );
 }
 
-fn chat(url: &str) -> Request<Full<Bytes>> {
-    post_json(
-        url,
-        serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
-    )
-}
-
 /// A streamed completion of `events` events; returns the response once its headers are in.
 async fn start_stream(
     client: &HttpClient,
@@ -132,7 +125,7 @@ async fn counters_match_the_traffic_sent() {
         let client = http_client();
         let (mut sent_in, mut got_out) = (0usize, 0usize);
         for _ in 0..5 {
-            let request = chat(&proxy.url("/v1/chat/completions"));
+            let request = post_json(&proxy.url("/v1/chat/completions"), chat());
             sent_in += request
                 .body()
                 .clone()
@@ -270,25 +263,6 @@ async fn counters_match_the_traffic_sent() {
         assert!(open.contains("# TYPE openai_proxy_build info\n"), "{open}");
     })
     .await;
-}
-
-/// Polls an async check until it returns Some, failing after `timeout`.
-async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(
-    timeout: Duration,
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -464,13 +438,12 @@ fn write_temp(config: &str) -> tempfile::TempDir {
 
 /// A Prometheus server of the test's own, scraping `target` every second.
 struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
+    daemon: Daemon,
     _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
-    fn start(target: SocketAddr) -> Self {
+    async fn start(target: SocketAddr) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
@@ -480,30 +453,28 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let addr = free_port();
-        let child = Command::new("prometheus")
+        let port = free_port();
+        let mut command = Command::new("prometheus");
+        command
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
             ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("log")).unwrap(),
-            ))
-            .spawn()
-            .expect("prometheus (Debian's prometheus package) is installed");
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"));
         Self {
-            child,
-            addr,
+            daemon: Daemon::spawn(command, port).await,
             _dir: dir,
         }
     }
 
     /// The value of an instant PromQL query whose answer is one number, if it has one yet.
     async fn query(&self, promql: &str) -> Option<f64> {
-        let url = format!("http://{}/api/v1/query?query={}", self.addr, encode(promql));
+        let url = format!(
+            "http://127.0.0.1:{}/api/v1/query?query={}",
+            self.daemon.port,
+            encode(promql)
+        );
         let request = Request::get(url).body(Full::new(Bytes::new())).unwrap();
         let answer = http_client().request(request).await.ok()?;
         let body = answer.into_body().collect().await.ok()?.to_bytes();
@@ -512,20 +483,8 @@ impl Prometheus {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("log")).unwrap_or_default()
+        self.daemon.output()
     }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
 }
 
 fn encode(text: &str) -> String {
@@ -543,10 +502,14 @@ fn encode(text: &str) -> String {
 async fn prometheus_scrapes_the_admin_listener() {
     bounded(90, async {
         let (_pki, _upstream, proxy, admin) = proxy_with_admin().await;
-        let prometheus = Prometheus::start(admin);
+        let prometheus = Prometheus::start(admin).await;
         let client = http_client();
         for _ in 0..7 {
-            let answer = send(&client, chat(&proxy.url("/v1/chat/completions"))).await;
+            let answer = send(
+                &client,
+                post_json(&proxy.url("/v1/chat/completions"), chat()),
+            )
+            .await;
             assert_eq!(answer.status, StatusCode::OK);
         }
         let query = r#"sum(openai_proxy_requests_total{route="/v1/",status_class="2xx"})"#;
@@ -578,10 +541,7 @@ async fn a_handover_passes_the_admin_socket_to_the_successor() {
         let response = start_stream(&client, &proxy, 200).await;
         let seen = proxy.notify.messages().len();
         proxy.signal("USR2");
-        let named = proxy
-            .notify
-            .wait_for(seen, 10 * SECOND, "MAINPID=", |m| m.contains("MAINPID="));
-        let new_pid = main_pid(&proxy.notify.messages()[named]);
+        let (named, new_pid) = proxy.notify.wait_main_pid(seen, 10 * SECOND);
         let _successor = Successor(new_pid);
         proxy.wait_ready(named + 1);
         // The same admin address, answered by the successor alone: ready, not draining.
@@ -649,7 +609,11 @@ async fn a_down_upstream_counts_connect_failures_and_shows_in_status() {
         let admin = admin_addr(&proxy, 0).await;
         let client = http_client();
         for _ in 0..3 {
-            let answer = send(&client, chat(&proxy.url("/v1/chat/completions"))).await;
+            let answer = send(
+                &client,
+                post_json(&proxy.url("/v1/chat/completions"), chat()),
+            )
+            .await;
             assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
         }
         let text = metrics(admin).await;
@@ -675,13 +639,8 @@ async fn tokens_proxy_with_admin(
     extra: &str,
     tokens: &str,
 ) -> (Proxy, SocketAddr) {
-    let dir = tempfile::tempdir().unwrap();
-    write_key(dir.path(), 0o600);
-    std::fs::write(dir.path().join("tokens.toml"), tokens).unwrap();
-    let config_path = dir.path().join("config.toml");
-    let extra = format!("{TOKENS_AUTH}\n{extra}\n[admin]\nlisten = [\"127.0.0.1:0\"]\n");
-    std::fs::write(&config_path, basic_config(upstream, pki, &extra)).unwrap();
-    let proxy = Proxy::spawn(dir, config_path, ProxyOptions::default());
+    let extra = format!("{extra}\n[admin]\nlisten = [\"127.0.0.1:0\"]\n");
+    let proxy = start_tokens_with(upstream, pki, &extra, tokens, ProxyOptions::default());
     let admin = admin_addr(&proxy, 0).await;
     (proxy, admin)
 }
@@ -692,13 +651,10 @@ const USAGE: &str = r#"{"prompt_tokens": 120, "completion_tokens": 45, "total_to
     "completion_tokens_details": {"reasoning_tokens": 30}}"#;
 
 async fn chat_as(client: &HttpClient, proxy: &Proxy, token: &str, model: &str) -> Answer {
-    let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
-    let request = Request::post(proxy.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {token}"))
-        .header("x-test-usage", USAGE.replace('\n', ""))
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
+    let url = proxy.url("/v1/chat/completions");
+    let mut request = post_json_as(&url, chat_for(model), Some(token));
+    let usage = USAGE.replace('\n', "").parse().unwrap();
+    request.headers_mut().insert("x-test-usage", usage);
     send(client, request).await
 }
 
@@ -777,7 +733,11 @@ async fn a_failover_counts_its_retry_and_the_request_under_the_upstream_that_ans
             second.named_toml(&pki, "second", "/alt")
         ));
         let admin = admin_addr(&proxy, 0).await;
-        let answer = send(&http_client(), chat(&proxy.url("/v1/unavailable"))).await;
+        let answer = send(
+            &http_client(),
+            post_json(&proxy.url("/v1/unavailable"), chat()),
+        )
+        .await;
         assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
         assert_eq!(answer.headers["x-openai-proxy-upstream"], "second");
 

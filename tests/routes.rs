@@ -18,10 +18,6 @@ fn named_toml(name: &str, upstream: &FakeUpstream, pki: &Pki, extra: &str) -> St
 const ROUTES: &str = "[[route]]\nmodels = [\"gpt-4o*\"]\nupstreams = [\"second\"]\n\
                       [[route]]\npaths = [\"/v1/embeddings\"]\nupstreams = [\"second\"]\n";
 
-fn chat(model: &str) -> serde_json::Value {
-    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
-}
-
 /// Sends `request` and checks which upstream the proxy says answered.
 async fn answered_by(client: &HttpClient, request: Request<Full<Bytes>>, name: &str) {
     let answer = send(client, request).await;
@@ -45,8 +41,13 @@ async fn requests_reach_the_upstream_their_route_names() {
         let chat_url = proxy.url("/v1/chat/completions");
 
         // By model: a JSON body's model, after a long messages array too.
-        answered_by(&client, post_json(&chat_url, chat("gpt-4o-mini")), "second").await;
-        let mut long = chat("gpt-3.5-turbo");
+        answered_by(
+            &client,
+            post_json(&chat_url, chat_for("gpt-4o-mini")),
+            "second",
+        )
+        .await;
+        let mut long = chat_for("gpt-3.5-turbo");
         long["messages"] = serde_json::json!(vec![
             serde_json::json!({"role": "user", "content": "x".repeat(1000)});
             50
@@ -55,7 +56,7 @@ async fn requests_reach_the_upstream_their_route_names() {
         answered_by(&client, post_json(&chat_url, long), "second").await;
         answered_by(
             &client,
-            post_json(&chat_url, chat("gpt-3.5-turbo")),
+            post_json(&chat_url, chat_for("gpt-3.5-turbo")),
             "default",
         )
         .await;
@@ -125,24 +126,15 @@ async fn the_key_goes_in_the_upstreams_key_header() {
         let default = FakeUpstream::start(&pki, Alpn::Both).await;
         let azure = FakeUpstream::start(&pki, Alpn::Both).await;
         let alice = issue("alice");
-        let dir = tempfile::tempdir().unwrap();
-        write_key(dir.path(), 0o600);
-        std::fs::write(dir.path().join("tokens.toml"), &alice.table).unwrap();
         let config = format!(
             "{}{}[[route]]\npaths = [\"/v1/embeddings\"]\nupstreams = [\"azure\"]\n",
             basic_config(&default, &pki, TOKENS_AUTH),
             named_toml("azure", &azure, &pki, "key_header = \"api-key\"\n")
         );
-        let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let proxy = Proxy::spawn(dir, config_path, ProxyOptions::default());
+        let proxy = Proxy::start_in(tokens_dir(&alice.table), &config, ProxyOptions::default());
         let client = http_client();
         let with_token = |path: &str, body: serde_json::Value| {
-            Request::post(proxy.url(path))
-                .header("content-type", "application/json")
-                .header("authorization", format!("Bearer {}", alice.token))
-                .body(Full::new(Bytes::from(body.to_string())))
-                .unwrap()
+            post_json_as(&proxy.url(path), body, Some(&alice.token))
         };
         let embeddings = serde_json::json!({"model": "text-embedding-3-small", "input": "hi"});
         answered_by(&client, with_token("/v1/embeddings", embeddings), "azure").await;
@@ -151,7 +143,7 @@ async fn the_key_goes_in_the_upstreams_key_header() {
         assert!(seen.headers.get("authorization").is_none());
         answered_by(
             &client,
-            with_token("/v1/chat/completions", chat("gpt-4o")),
+            with_token("/v1/chat/completions", chat_for("gpt-4o")),
             "default",
         )
         .await;

@@ -184,10 +184,6 @@ fn training_file(dir: &Path) -> (PathBuf, Vec<u8>) {
     (path, text.into_bytes())
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 /// The parts of a multipart/form-data body as (part headers, content), checked to be well formed
 /// from the first boundary to the closing one.
 fn multipart_parts(content_type: &str, body: &[u8]) -> Vec<(String, Vec<u8>)> {

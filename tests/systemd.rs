@@ -32,8 +32,6 @@ const CONFIG: &str = "/etc/openai-proxy/config.toml";
 /// Outside /tmp, which the unit's PrivateTmp= (and the namespace) hide, and world-readable for
 /// the dynamic user.
 const CA_FILE: &str = "/etc/openai-proxy/test-upstream-ca.pem";
-/// What `post_json` and `stream_chat` send as the client's API key.
-const API_KEY: &str = "sk-test-SECRET-KEY-123";
 const PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// The private /tmp and /var/tmp keep systemd's boot-time cleanup away from the machine's own;
 /// the private journal directory keeps this boot's logs (and so the step 5 checks) to itself.
@@ -81,17 +79,46 @@ async fn the_package_lives_its_whole_life_under_a_real_systemd() {
     }
     let mut guard = Guard::default();
     // The release build with fat LTO takes minutes on two shared cores; the rest about one.
-    bounded(40 * 60, life(&mut guard)).await;
+    bounded(40 * 60, async {
+        preconditions();
+        let debs = build_debs().await;
+        eprintln!("booting systemd in a private pid+mount namespace");
+        let ns = guard.boot().await;
+        install(&ns, &debs, &mut guard).await;
+        let mut life = Life::new(ns, &debs).await;
+        life.start_and_ready().await;
+        life.reload().await;
+        life.broken_reload().await;
+        life.restart_under_load().await;
+        life.journal_holds_the_access_log().await;
+        life.upgrade_under_load().await;
+        eprintln!(
+            "step 7: a new binary that cannot start: the reload fails, the old process serves"
+        );
+        failed_handover(&life.ns, &life.client, &life.pid, life.a).await;
+        life.low_port_drop_in().await;
+        eprintln!("step 8: tokens mode, the OpenAI key given as a systemd credential");
+        tokens_with_a_credential(&life.ns, &life.client, &life.upstream, life.low).await;
+        life.remove_and_purge(&mut guard).await;
+    })
+    .await;
     guard.passed = true;
 }
 
-async fn life(guard: &mut Guard) {
-    preconditions();
+/// The package, built twice: version 1, and the same build as version `bumped`, for the upgrade.
+struct Debs {
+    _dir: tempfile::TempDir,
+    v1: PathBuf,
+    v2: PathBuf,
+    bumped: String,
+}
 
+/// Builds the two packages with cargo-deb and checks the first with lintian.
+async fn build_debs() -> Debs {
     eprintln!("building the .deb (release build)");
-    let debs = tempfile::tempdir().unwrap();
-    let v1 = debs.path().join("openai-proxy_1.deb");
-    let v2 = debs.path().join("openai-proxy_2.deb");
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("openai-proxy_1.deb");
+    let v2 = dir.path().join("openai-proxy_2.deb");
     let version = env!("CARGO_PKG_VERSION");
     cargo_deb(&["deb", "--output", path_str(&v1)]).await;
     let bumped = format!("{version}-2");
@@ -105,365 +132,470 @@ async fn life(guard: &mut Guard) {
     ])
     .await;
     lintian_is_clean(&v1).await;
+    Debs {
+        _dir: dir,
+        v1,
+        v2,
+        bumped,
+    }
+}
 
-    eprintln!("booting systemd in a private pid+mount namespace");
-    let ns = guard.boot().await;
-
+/// Installs version 1 with dpkg in the namespace and checks what it installed.
+async fn install(ns: &Ns, debs: &Debs, guard: &mut Guard) {
     eprintln!("installing the package");
     // The package files live under this machine's /tmp, which the namespace hides: copy them in.
-    ns.copy_in(&v1, "/var/tmp/openai-proxy_1.deb").await;
-    ns.copy_in(&v2, "/var/tmp/openai-proxy_2.deb").await;
+    ns.copy_in(&debs.v1, "/var/tmp/openai-proxy_1.deb").await;
+    ns.copy_in(&debs.v2, "/var/tmp/openai-proxy_2.deb").await;
     guard.installed = true;
     ok(
         &ns.run(&["dpkg", "-i", "/var/tmp/openai-proxy_1.deb"]).await,
         "dpkg -i",
     );
-    installed_as_specified(&ns).await;
+    installed_as_specified(ns).await;
+}
 
-    // The fake OpenAI, and the config that points the packaged proxy at it.
-    let pki = Pki::new();
-    let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
-    std::fs::copy(&pki.ca_pem, CA_FILE).unwrap();
-    set_mode(CA_FILE, 0o644);
-    let a = free_port();
-    let b = std::iter::repeat_with(free_port).find(|&b| b != a).unwrap();
-    let gen1 = config(a, None, "", upstream.addr);
-    let gen2 = config(
-        a,
-        Some(b),
-        "[proxy]\nallowed_path_prefixes = [\"/v1/\", \"/v2/\"]\n",
-        upstream.addr,
-    );
-    let client = http_client();
-    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+/// `http://127.0.0.1:PORT/PATH`, where the packaged proxy listens.
+fn local_url(port: u16, path: &str) -> String {
+    format!("http://127.0.0.1:{port}{path}")
+}
 
-    // The install started it with the shipped config; stop it, so that step 1 is a real start.
-    ok(
-        &ns.run(&["systemctl", "stop", UNIT]).await,
-        "systemctl stop",
-    );
-    std::fs::write(CONFIG, &gen1).unwrap();
+/// What the steps share: the booted namespace, the fake OpenAI and the configs pointing the
+/// packaged proxy at it, and what earlier steps saw.
+struct Life {
+    ns: Ns,
+    client: HttpClient,
+    _pki: Pki,
+    upstream: FakeUpstream,
+    /// The listening ports: `a` from the start, `b` added by generation 2, `low` below 1024.
+    a: u16,
+    b: u16,
+    low: u16,
+    gen2: String,
+    /// The version the upgrade installs.
+    bumped: String,
+    /// The service's main process.
+    pid: String,
+    first_request_id: String,
+    gen2_request_id: String,
+    /// Requests answered 200 so far by the proxy, as the access log must hold them.
+    served: usize,
+    /// The longest a request waited during the restart, to compare with the upgrade.
+    restart_slowest: Duration,
+}
 
-    eprintln!("step 1: systemctl start returns after READY; status; a request reaches upstream");
-    ok(
-        &ns.run(&["systemctl", "start", UNIT]).await,
-        "systemctl start",
-    );
-    // No retry: when start has returned, READY=1 was sent, so the listener must answer.
-    let answer = send(&client, post_json(&url(a, "/v1/chat/completions"), chat())).await;
-    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
-    assert_eq!(answer.json()["object"], "chat.completion");
-    let first_request_id = answer.headers["x-proxy-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let seen = upstream.last();
-    assert!(seen.uri.ends_with("/v1/chat/completions"), "{}", seen.uri);
-    assert_eq!(seen.sni.as_deref(), Some("api.openai.com"));
-    assert_eq!(seen.headers["authorization"], format!("Bearer {API_KEY}"));
-    let props = ns.props().await;
-    assert_eq!(props.get("ActiveState"), "active");
-    assert_eq!(props.get("SubState"), "running");
-    let expected_status = format!(
-        "listening on http://127.0.0.1:{a}; upstream https://127.0.0.1:{} (Host api.openai.com)",
-        upstream.addr.port()
-    );
-    let status_text = props.get("StatusText");
-    assert!(
-        status_text.starts_with("generation 1 loaded ") && status_text.ends_with(&expected_status),
-        "StatusText={status_text}"
-    );
-    let status = ns
-        .run(&["systemctl", "status", "--no-pager", "--full", UNIT])
-        .await;
-    let shown = stdout(&status);
-    assert!(
-        shown.contains(&format!("Status: \"{status_text}\"")),
-        "systemctl status does not show our STATUS line:\n{shown}"
-    );
-    assert_eq!(
-        props.get("NFileDescriptorStore"),
-        "1",
-        "the listener is in the fd store"
-    );
-    let pid = props.get("MainPID").to_owned();
-    runs_confined(&ns, &pid).await;
-
-    eprintln!("step 2: reload with a changed valid config");
-    // Nothing serves /v2/ yet: the proxy itself answers 404.
-    let answer = send(&client, post_json(&url(a, "/v2/models"), chat())).await;
-    assert_eq!(answer.status, StatusCode::NOT_FOUND);
-    std::fs::write(CONFIG, &gen2).unwrap();
-    ok(
-        &ns.run(&["systemctl", "reload", UNIT]).await,
-        "systemctl reload",
-    );
-    // On 252 the reload job may end when `kill -HUP` returns, a moment before the new
-    // generation is in: wait for the proxy to say it is.
-    let props = ns
-        .props_until("generation 2 is in", |p| {
-            p.get("StatusText").starts_with("generation 2 ")
-        })
-        .await;
-    let mut gen2_request_id = String::new();
-    for port in [a, b] {
-        let answer = send(&client, post_json(&url(port, "/v2/models"), chat())).await;
-        assert_eq!(
-            answer.status,
-            StatusCode::OK,
-            "port {port}: {:?}",
-            answer.body
+impl Life {
+    /// Starts the fake OpenAI, writes its CA where the service can read it, and the two
+    /// generations of config; stops the service the install started, so that step 1 is a
+    /// real start.
+    async fn new(ns: Ns, debs: &Debs) -> Self {
+        let pki = Pki::new();
+        let upstream = FakeUpstream::start(&pki, Alpn::Both).await;
+        std::fs::copy(&pki.ca_pem, CA_FILE).unwrap();
+        set_mode(Path::new(CA_FILE), 0o644);
+        let a = free_port();
+        let b = std::iter::repeat_with(free_port).find(|&b| b != a).unwrap();
+        let gen1 = config(a, None, "", upstream.addr);
+        let gen2 = config(
+            a,
+            Some(b),
+            "[proxy]\nallowed_path_prefixes = [\"/v1/\", \"/v2/\"]\n",
+            upstream.addr,
         );
-        assert_eq!(answer.json()["path"], "/v2/models");
-        gen2_request_id = answer.headers["x-proxy-request-id"]
+        ok(
+            &ns.run(&["systemctl", "stop", UNIT]).await,
+            "systemctl stop",
+        );
+        std::fs::write(CONFIG, &gen1).unwrap();
+        Self {
+            ns,
+            client: http_client(),
+            _pki: pki,
+            upstream,
+            a,
+            b,
+            low: 0,
+            gen2,
+            bumped: debs.bumped.clone(),
+            pid: String::new(),
+            first_request_id: String::new(),
+            gen2_request_id: String::new(),
+            served: 0,
+            restart_slowest: Duration::ZERO,
+        }
+    }
+
+    async fn start_and_ready(&mut self) {
+        eprintln!(
+            "step 1: systemctl start returns after READY; status; a request reaches upstream"
+        );
+        let (ns, client, a) = (self.ns, &self.client, self.a);
+        ok(
+            &ns.run(&["systemctl", "start", UNIT]).await,
+            "systemctl start",
+        );
+        // No retry: when start has returned, READY=1 was sent, so the listener must answer.
+        let answer = send(
+            client,
+            post_json(&local_url(a, "/v1/chat/completions"), chat()),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        assert_eq!(answer.json()["object"], "chat.completion");
+        self.first_request_id = answer.headers["x-proxy-request-id"]
             .to_str()
             .unwrap()
             .to_owned();
-    }
-    nothing_failed(&props, &pid);
-    assert!(
-        props
-            .get("StatusText")
-            .contains(&format!("http://127.0.0.1:{b}"))
-    );
-    assert_eq!(
-        props.get("NFileDescriptorStore"),
-        "2",
-        "the new listener went to the fd store"
-    );
-
-    eprintln!("step 3: reload with a broken config fails, and the old config serves");
-    let broken = format!("{gen2}\n[server]\nmax_request_body = 0\n");
-    let broken_line = broken.lines().count();
-    std::fs::write(CONFIG, &broken).unwrap();
-    let reload = ns.run(&["systemctl", "reload", UNIT]).await;
-    assert!(
-        !reload.status.success(),
-        "reload of a broken config succeeded"
-    );
-    assert!(stderr(&reload).contains("failed"), "{}", stderr(&reload));
-    let why = format!("{CONFIG}:{broken_line}:20: a size limit must be more than 0");
-    let journal = ns.run(&["journalctl", "--no-pager", "-u", UNIT]).await;
-    assert!(
-        stdout(&journal).contains(&why),
-        "the journal does not say why:\n{}",
-        stdout(&journal)
-    );
-    let props = ns.props().await;
-    nothing_failed(&props, &pid);
-    assert!(
-        props.get("StatusText").starts_with("generation 2 "),
-        "{}",
-        props.get("StatusText")
-    );
-    let answer = send(&client, post_json(&url(a, "/v2/models"), chat())).await;
-    assert_eq!(
-        answer.status,
-        StatusCode::OK,
-        "the old config no longer serves"
-    );
-    std::fs::write(CONFIG, &gen2).unwrap();
-
-    eprintln!("step 4: systemctl restart under load, with an SSE stream in flight");
-    let old_pid = pid;
-    let served_before = access_entries(&ns).await.len();
-    let restart = under_load(&ns, &client, &upstream, a, "restart", || async {
-        ok(
-            &ns.run(&["systemctl", "restart", UNIT]).await,
-            "systemctl restart",
+        let seen = self.upstream.last();
+        assert!(seen.uri.ends_with("/v1/chat/completions"), "{}", seen.uri);
+        assert_eq!(seen.sni.as_deref(), Some("api.openai.com"));
+        assert_eq!(
+            seen.headers["authorization"],
+            format!("Bearer {CLIENT_KEY}")
         );
-    })
-    .await;
-    let props = ns.props().await;
-    let pid = props.get("MainPID").to_owned();
-    assert_ne!(pid, old_pid, "systemctl restart started a new process");
-    assert_eq!(props.get("ActiveState"), "active");
-    handed_over(&ns, &old_pid, &pid, 2, "systemd").await;
-
-    eprintln!("step 5: the journal holds the access log, and no API key");
-    let expected = served_before + restart.served + 1;
-    let entries = ns
-        .journal_until("every request in the access log", |entries| {
-            (access(entries).count() >= expected).then_some(())
-        })
-        .await;
-    let by_id = |id: &str| {
-        access(&entries)
-            .find(|e| field(e, "REQUEST_ID") == id)
-            .unwrap_or_else(|| panic!("request {id} is not in the access log"))
-            .clone()
-    };
-    let first = by_id(&first_request_id);
-    for (name, value) in [
-        ("METHOD", "POST"),
-        ("PATH", "/v1/chat/completions"),
-        ("STATUS", "200"),
-        ("GENERATION", "1"),
-        ("SYSLOG_IDENTIFIER", "openai-proxy"),
-        ("_SYSTEMD_UNIT", UNIT),
-    ] {
-        assert_eq!(field(&first, name), value, "{name} in {first:#}");
-    }
-    for name in ["BYTES_IN", "BYTES_OUT", "TTFB_MS", "DURATION_MS"] {
-        let n: f64 = field(&first, name)
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} in {first:#}"));
-        assert!(n > 0.0, "{name} in {first:#}");
-    }
-    assert!(
-        field(&first, "CLIENT").starts_with("127.0.0.1:"),
-        "{first:#}"
-    );
-    assert_eq!(field(&by_id(&gen2_request_id), "GENERATION"), "2");
-    let everything = ns.run(&["journalctl", "--no-pager", "-o", "json"]).await;
-    let everything = stdout(&everything);
-    assert!(
-        everything.contains(&first_request_id),
-        "the whole journal was read"
-    );
-    assert!(
-        !everything.contains(API_KEY),
-        "an API key reached the journal"
-    );
-    assert!(
-        !everything.contains("SECRET"),
-        "part of an API key reached the journal"
-    );
-
-    eprintln!("step 6: an upgrade under load hands over: no new request waits for old streams");
-    let old_pid = pid;
-    let mut ws = Realtime::open(a).await;
-    let run = under_load(&ns, &client, &upstream, a, "upgrade", || async {
-        ok(
-            &ns.run(&["dpkg", "-i", "/var/tmp/openai-proxy_2.deb"]).await,
-            "dpkg -i (upgrade)",
+        let props = ns.props().await;
+        assert_eq!(props.get("ActiveState"), "active");
+        assert_eq!(props.get("SubState"), "running");
+        let expected_status = format!(
+            "listening on http://127.0.0.1:{a}; upstream https://127.0.0.1:{} (Host api.openai.com)",
+            self.upstream.addr.port()
         );
-    })
-    .await;
-    ws.echo("the WebSocket opened before the upgrade goes on")
+        let status_text = props.get("StatusText");
+        assert!(
+            status_text.starts_with("generation 1 loaded ")
+                && status_text.ends_with(&expected_status),
+            "StatusText={status_text}"
+        );
+        let status = ns
+            .run(&["systemctl", "status", "--no-pager", "--full", UNIT])
+            .await;
+        let shown = stdout(&status);
+        assert!(
+            shown.contains(&format!("Status: \"{status_text}\"")),
+            "systemctl status does not show our STATUS line:\n{shown}"
+        );
+        assert_eq!(
+            props.get("NFileDescriptorStore"),
+            "1",
+            "the listener is in the fd store"
+        );
+        self.pid = props.get("MainPID").to_owned();
+        runs_confined(&ns, &self.pid).await;
+    }
+
+    async fn reload(&mut self) {
+        eprintln!("step 2: reload with a changed valid config");
+        let (ns, client, a, b) = (self.ns, &self.client, self.a, self.b);
+        // Nothing serves /v2/ yet: the proxy itself answers 404.
+        let answer = send(client, post_json(&local_url(a, "/v2/models"), chat())).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND);
+        std::fs::write(CONFIG, &self.gen2).unwrap();
+        ok(
+            &ns.run(&["systemctl", "reload", UNIT]).await,
+            "systemctl reload",
+        );
+        // On 252 the reload job may end when `kill -HUP` returns, a moment before the new
+        // generation is in: wait for the proxy to say it is.
+        let props = ns
+            .props_until("generation 2 is in", |p| {
+                p.get("StatusText").starts_with("generation 2 ")
+            })
+            .await;
+        for port in [a, b] {
+            let answer = send(client, post_json(&local_url(port, "/v2/models"), chat())).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "port {port}: {:?}",
+                answer.body
+            );
+            assert_eq!(answer.json()["path"], "/v2/models");
+            self.gen2_request_id = answer.headers["x-proxy-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+        }
+        nothing_failed(&props, &self.pid);
+        assert!(
+            props
+                .get("StatusText")
+                .contains(&format!("http://127.0.0.1:{b}"))
+        );
+        assert_eq!(
+            props.get("NFileDescriptorStore"),
+            "2",
+            "the new listener went to the fd store"
+        );
+    }
+
+    async fn broken_reload(&mut self) {
+        eprintln!("step 3: reload with a broken config fails, and the old config serves");
+        let ns = self.ns;
+        let broken = format!("{}\n[server]\nmax_request_body = 0\n", self.gen2);
+        let broken_line = broken.lines().count();
+        std::fs::write(CONFIG, &broken).unwrap();
+        let reload = ns.run(&["systemctl", "reload", UNIT]).await;
+        assert!(
+            !reload.status.success(),
+            "reload of a broken config succeeded"
+        );
+        assert!(stderr(&reload).contains("failed"), "{}", stderr(&reload));
+        let why = format!("{CONFIG}:{broken_line}:20: a size limit must be more than 0");
+        let journal = ns.run(&["journalctl", "--no-pager", "-u", UNIT]).await;
+        assert!(
+            stdout(&journal).contains(&why),
+            "the journal does not say why:\n{}",
+            stdout(&journal)
+        );
+        let props = ns.props().await;
+        nothing_failed(&props, &self.pid);
+        assert!(
+            props.get("StatusText").starts_with("generation 2 "),
+            "{}",
+            props.get("StatusText")
+        );
+        let url = local_url(self.a, "/v2/models");
+        let answer = send(&self.client, post_json(&url, chat())).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "the old config no longer serves"
+        );
+        std::fs::write(CONFIG, &self.gen2).unwrap();
+    }
+
+    async fn restart_under_load(&mut self) {
+        eprintln!("step 4: systemctl restart under load, with an SSE stream in flight");
+        let ns = self.ns;
+        let old_pid = self.pid.clone();
+        let served_before = access_entries(&ns).await.len();
+        let restart = under_load(
+            &ns,
+            &self.client,
+            &self.upstream,
+            self.a,
+            "restart",
+            || async {
+                ok(
+                    &ns.run(&["systemctl", "restart", UNIT]).await,
+                    "systemctl restart",
+                );
+            },
+        )
         .await;
-    ws.close().await;
-    assert!(
-        run.slowest_during < Duration::from_secs(2),
-        "a request sent during the upgrade waited {:?} (restart: {:?})",
-        run.slowest_during,
-        restart.slowest_during
-    );
-    let installed = ns
-        .run(&["dpkg-query", "-W", "-f", "${Version}", PACKAGE])
-        .await;
-    assert_eq!(stdout(&installed), bumped);
-    assert_eq!(
-        std::fs::read_to_string(CONFIG).unwrap(),
-        gen2,
-        "the upgrade kept the edit"
-    );
-    let leftovers: Vec<String> = std::fs::read_dir("/etc/openai-proxy")
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.contains(".dpkg-"))
-        .collect();
-    assert!(leftovers.is_empty(), "dpkg left {leftovers:?}");
-    let props = ns.props().await;
-    let pid = props.get("MainPID").to_owned();
-    assert_ne!(pid, old_pid, "the upgrade handed over to a new process");
-    assert_eq!(props.get("ActiveState"), "active");
-    assert_eq!(props.get("NRestarts"), "0", "a handover, not a restart");
-    handed_over(&ns, &old_pid, &pid, 2, "predecessor").await;
-    let exe = ns.run(&["readlink", &format!("/proc/{pid}/exe")]).await;
-    assert_eq!(
-        stdout(&exe),
-        "/usr/bin/openai-proxy",
-        "the new process runs the new binary"
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let count = ns.run(&["pgrep", "-c", "-x", "openai-proxy"]).await;
-        if stdout(&count).trim() == "1" {
-            break;
+        let props = ns.props().await;
+        let pid = props.get("MainPID").to_owned();
+        assert_ne!(pid, old_pid, "systemctl restart started a new process");
+        assert_eq!(props.get("ActiveState"), "active");
+        handed_over(&ns, &old_pid, &pid, 2, "systemd").await;
+        self.pid = pid;
+        self.served = served_before + restart.served;
+        self.restart_slowest = restart.slowest_during;
+    }
+
+    async fn journal_holds_the_access_log(&self) {
+        eprintln!("step 5: the journal holds the access log, and no API key");
+        let ns = self.ns;
+        let expected = self.served + 1;
+        let entries = ns
+            .journal_until("every request in the access log", |entries| {
+                (access(entries).count() >= expected).then_some(())
+            })
+            .await;
+        let by_id = |id: &str| {
+            access(&entries)
+                .find(|e| field(e, "REQUEST_ID") == id)
+                .unwrap_or_else(|| panic!("request {id} is not in the access log"))
+                .clone()
+        };
+        let first = by_id(&self.first_request_id);
+        for (name, value) in [
+            ("METHOD", "POST"),
+            ("PATH", "/v1/chat/completions"),
+            ("STATUS", "200"),
+            ("GENERATION", "1"),
+            ("SYSLOG_IDENTIFIER", "openai-proxy"),
+            ("_SYSTEMD_UNIT", UNIT),
+        ] {
+            assert_eq!(field(&first, name), value, "{name} in {first:#}");
+        }
+        for name in ["BYTES_IN", "BYTES_OUT", "TTFB_MS", "DURATION_MS"] {
+            let n: f64 = field(&first, name)
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} in {first:#}"));
+            assert!(n > 0.0, "{name} in {first:#}");
         }
         assert!(
-            Instant::now() < deadline,
-            "the old process did not leave: {}",
-            stdout(&count)
+            field(&first, "CLIENT").starts_with("127.0.0.1:"),
+            "{first:#}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(props.get("NFileDescriptorStore"), "2");
-
-    eprintln!("step 7: a new binary that cannot start: the reload fails, the old process serves");
-    failed_handover(&ns, &client, &pid, a).await;
-
-    eprintln!("  the man page's drop-in for a port below 1024");
-    let low = free_low_port();
-    let drop_in = "/run/systemd/system/openai-proxy.service.d";
-    let settings = [
-        "[Service]",
-        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
-        "PrivateUsers=no",
-    ];
-    let script = format!(
-        "mkdir -p {drop_in} && printf '%s\\n' {} > {drop_in}/low-port.conf",
-        settings.map(|line| format!("'{line}'")).join(" ")
-    );
-    ok(&ns.run(&["sh", "-c", &script]).await, "writing the drop-in");
-    ok(
-        &ns.run(&["systemctl", "daemon-reload"]).await,
-        "daemon-reload",
-    );
-    std::fs::write(CONFIG, config(low, None, "", upstream.addr)).unwrap();
-    ok(
-        &ns.run(&["systemctl", "restart", UNIT]).await,
-        "restart on a low port",
-    );
-    let answer = send(
-        &client,
-        post_json(&url(low, "/v1/chat/completions"), chat()),
-    )
-    .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::OK,
-        "port {low}: {:?}",
-        answer.body
-    );
-    // The new process let go of the two stored sockets its config no longer lists.
-    assert_eq!(ns.props().await.get("NFileDescriptorStore"), "1");
-
-    eprintln!("step 8: tokens mode, the OpenAI key given as a systemd credential");
-    tokens_with_a_credential(&ns, &client, &upstream, low).await;
-
-    ok(&ns.run(&["dpkg", "-r", PACKAGE]).await, "dpkg -r");
-    let active = ns.run(&["systemctl", "is-active", UNIT]).await;
-    assert_eq!(stdout(&active), "inactive", "dpkg -r stops the service");
-    for port in [a, b, low] {
-        let refused = std::net::TcpStream::connect(("127.0.0.1", port));
+        assert_eq!(field(&by_id(&self.gen2_request_id), "GENERATION"), "2");
+        let everything = ns.run(&["journalctl", "--no-pager", "-o", "json"]).await;
+        let everything = stdout(&everything);
         assert!(
-            refused.is_err(),
-            "port {port} still accepts after dpkg -r: no socket is left"
+            everything.contains(&self.first_request_id),
+            "the whole journal was read"
+        );
+        assert!(
+            !everything.contains(CLIENT_KEY),
+            "an API key reached the journal"
+        );
+        assert!(
+            !everything.contains("SECRET"),
+            "part of an API key reached the journal"
         );
     }
-    assert!(!Path::new("/usr/bin/openai-proxy").exists());
-    assert!(Path::new(CONFIG).exists(), "dpkg -r keeps the conffile");
-    std::fs::remove_file(CA_FILE).unwrap();
-    ok(&ns.run(&["dpkg", "-P", PACKAGE]).await, "dpkg -P");
-    guard.installed = false;
-    assert!(
-        !Path::new("/etc/openai-proxy").exists(),
-        "dpkg -P removes the config"
-    );
-    assert!(
-        !Path::new("/etc/systemd/system/multi-user.target.wants")
-            .join(UNIT)
-            .exists()
-    );
-    let gone = ns.run(&["dpkg-query", "-W", PACKAGE]).await;
-    assert!(
-        !gone.status.success(),
-        "the package is still known: {}",
-        stdout(&gone)
-    );
+
+    async fn upgrade_under_load(&mut self) {
+        eprintln!("step 6: an upgrade under load hands over: no new request waits for old streams");
+        let ns = self.ns;
+        let old_pid = self.pid.clone();
+        let mut ws = Realtime::open(self.a).await;
+        let run = under_load(
+            &ns,
+            &self.client,
+            &self.upstream,
+            self.a,
+            "upgrade",
+            || async {
+                ok(
+                    &ns.run(&["dpkg", "-i", "/var/tmp/openai-proxy_2.deb"]).await,
+                    "dpkg -i (upgrade)",
+                );
+            },
+        )
+        .await;
+        ws.echo("the WebSocket opened before the upgrade goes on")
+            .await;
+        ws.close().await;
+        assert!(
+            run.slowest_during < Duration::from_secs(2),
+            "a request sent during the upgrade waited {:?} (restart: {:?})",
+            run.slowest_during,
+            self.restart_slowest
+        );
+        let installed = ns
+            .run(&["dpkg-query", "-W", "-f", "${Version}", PACKAGE])
+            .await;
+        assert_eq!(stdout(&installed), self.bumped);
+        assert_eq!(
+            std::fs::read_to_string(CONFIG).unwrap(),
+            self.gen2,
+            "the upgrade kept the edit"
+        );
+        let leftovers: Vec<String> = std::fs::read_dir("/etc/openai-proxy")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".dpkg-"))
+            .collect();
+        assert!(leftovers.is_empty(), "dpkg left {leftovers:?}");
+        let props = ns.props().await;
+        let pid = props.get("MainPID").to_owned();
+        assert_ne!(pid, old_pid, "the upgrade handed over to a new process");
+        assert_eq!(props.get("ActiveState"), "active");
+        assert_eq!(props.get("NRestarts"), "0", "a handover, not a restart");
+        handed_over(&ns, &old_pid, &pid, 2, "predecessor").await;
+        let exe = ns.run(&["readlink", &format!("/proc/{pid}/exe")]).await;
+        assert_eq!(
+            stdout(&exe),
+            "/usr/bin/openai-proxy",
+            "the new process runs the new binary"
+        );
+        self.old_process_leaves().await;
+        assert_eq!(props.get("NFileDescriptorStore"), "2");
+        self.pid = pid;
+    }
+
+    /// Waits until one openai-proxy process is left in the namespace.
+    async fn old_process_leaves(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let count = self.ns.run(&["pgrep", "-c", "-x", "openai-proxy"]).await;
+            if stdout(&count).trim() == "1" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old process did not leave: {}",
+                stdout(&count)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn low_port_drop_in(&mut self) {
+        eprintln!("  the man page's drop-in for a port below 1024");
+        let ns = self.ns;
+        let low = free_low_port();
+        let drop_in = "/run/systemd/system/openai-proxy.service.d";
+        let settings = [
+            "[Service]",
+            "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+            "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+            "PrivateUsers=no",
+        ];
+        let script = format!(
+            "mkdir -p {drop_in} && printf '%s\\n' {} > {drop_in}/low-port.conf",
+            settings.map(|line| format!("'{line}'")).join(" ")
+        );
+        ok(&ns.run(&["sh", "-c", &script]).await, "writing the drop-in");
+        ok(
+            &ns.run(&["systemctl", "daemon-reload"]).await,
+            "daemon-reload",
+        );
+        std::fs::write(CONFIG, config(low, None, "", self.upstream.addr)).unwrap();
+        ok(
+            &ns.run(&["systemctl", "restart", UNIT]).await,
+            "restart on a low port",
+        );
+        let answer = send(
+            &self.client,
+            post_json(&local_url(low, "/v1/chat/completions"), chat()),
+        )
+        .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "port {low}: {:?}",
+            answer.body
+        );
+        // The new process let go of the two stored sockets its config no longer lists.
+        assert_eq!(ns.props().await.get("NFileDescriptorStore"), "1");
+        self.low = low;
+    }
+
+    async fn remove_and_purge(&self, guard: &mut Guard) {
+        let ns = self.ns;
+        ok(&ns.run(&["dpkg", "-r", PACKAGE]).await, "dpkg -r");
+        let active = ns.run(&["systemctl", "is-active", UNIT]).await;
+        assert_eq!(stdout(&active), "inactive", "dpkg -r stops the service");
+        for port in [self.a, self.b, self.low] {
+            let refused = std::net::TcpStream::connect(("127.0.0.1", port));
+            assert!(
+                refused.is_err(),
+                "port {port} still accepts after dpkg -r: no socket is left"
+            );
+        }
+        assert!(!Path::new("/usr/bin/openai-proxy").exists());
+        assert!(Path::new(CONFIG).exists(), "dpkg -r keeps the conffile");
+        std::fs::remove_file(CA_FILE).unwrap();
+        ok(&ns.run(&["dpkg", "-P", PACKAGE]).await, "dpkg -P");
+        guard.installed = false;
+        assert!(
+            !Path::new("/etc/openai-proxy").exists(),
+            "dpkg -P removes the config"
+        );
+        assert!(
+            !Path::new("/etc/systemd/system/multi-user.target.wants")
+                .join(UNIT)
+                .exists()
+        );
+        let gone = ns.run(&["dpkg-query", "-W", PACKAGE]).await;
+        assert!(
+            !gone.status.success(),
+            "the package is still known: {}",
+            stdout(&gone)
+        );
+    }
 }
 
 /// The package installs and starts as specified, and its unit passes `systemd-analyze`.
@@ -621,15 +753,13 @@ async fn tokens_with_a_credential(
     const KEY: &str = "sk-proj-CREDENTIAL-KEY-77";
     let key_file = "/etc/openai-proxy/openai-key";
     let tokens_file = "/etc/openai-proxy/tokens.toml";
-    std::fs::write(key_file, format!("{KEY}\n")).unwrap();
-    set_mode(key_file, 0o600);
+    write_with_mode(Path::new(key_file), &format!("{KEY}\n"), 0o600);
     let issued = ok(
         &ns.run(&["openai-proxy", "token", "new", "alice"]).await,
         "openai-proxy token new",
     );
     let (token, table) = issued.split_once('\n').unwrap();
-    std::fs::write(tokens_file, table).unwrap();
-    set_mode(tokens_file, 0o644);
+    write_with_mode(Path::new(tokens_file), table, 0o644);
     let drop_in = "/run/systemd/system/openai-proxy.service.d/credential.conf";
     let script =
         format!("printf '%s\\n' '[Service]' 'LoadCredential=openai-key:{key_file}' > {drop_in}");
@@ -649,13 +779,7 @@ async fn tokens_with_a_credential(
     );
 
     let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
-    let with = |bearer: &str| {
-        let mut request = post_json(&url, chat());
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {bearer}").parse().unwrap());
-        request
-    };
+    let with = |bearer: &str| post_json_as(&url, chat(), Some(bearer));
     let answer = send(client, with(token)).await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     assert_eq!(
@@ -663,7 +787,7 @@ async fn tokens_with_a_credential(
         format!("Bearer {KEY}")
     );
     let before = upstream.received().len();
-    let answer = send(client, with(API_KEY)).await;
+    let answer = send(client, with(CLIENT_KEY)).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{:?}", answer.body);
     assert_eq!(upstream.received().len(), before, "nothing went upstream");
     let journal = stdout(&ns.run(&["journalctl", "--no-pager", "-o", "json"]).await);
@@ -902,7 +1026,7 @@ impl Load {
                             .await
                             .map_err(|e| format!("{e:?}"))?;
                         let body = body.to_bytes();
-                        if status != StatusCode::OK || !contains(&body, b"chat.completion") {
+                        if status != StatusCode::OK || find(&body, b"chat.completion").is_none() {
                             return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
                         }
                         Ok(())
@@ -937,14 +1061,6 @@ impl Load {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn chat() -> serde_json::Value {
-    serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
-}
-
 fn config(a: u16, b: Option<u16>, extra: &str, upstream: SocketAddr) -> String {
     let listen = match b {
         Some(b) => format!("\"127.0.0.1:{a}\", \"127.0.0.1:{b}\""),
@@ -959,24 +1075,11 @@ fn config(a: u16, b: Option<u16>, extra: &str, upstream: SocketAddr) -> String {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A port below 1024 that nothing listens on (binding it needs root, which the test has).
 fn free_low_port() -> u16 {
     (900..1024)
         .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
         .expect("a free port in 900..1024")
-}
-
-fn set_mode(path: &str, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn is_root() -> bool {

@@ -47,17 +47,6 @@ fn assert_model_outcome(
     }
 }
 
-fn chat_request(url: &str, token: Option<&str>, model: &str) -> Request<Full<Bytes>> {
-    let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
-    let mut request = Request::post(url).header("content-type", "application/json");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    request
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
-}
-
 fn assert_error(answer: &Answer, status: StatusCode, code: &str) {
     assert_eq!(
         answer.status,
@@ -86,10 +75,10 @@ async fn the_upstream_gets_the_key_and_never_the_token() {
         let alice = issue("alice");
         let (_pki, upstream, proxy) = setup(&alice.table, &[]).await;
         for (i, client) in [http_client(), http2_client()].iter().enumerate() {
-            let mut request = chat_request(
+            let mut request = post_json_as(
                 &proxy.url("/v1/chat/completions"),
+                chat_for("gpt-4o-mini"),
                 Some(&alice.token),
-                "gpt-4o-mini",
             );
             request
                 .headers_mut()
@@ -150,7 +139,7 @@ async fn a_missing_unknown_or_expired_token_gets_401_and_nothing_goes_upstream()
             ("the key itself", Some(UPSTREAM_KEY)),
         ];
         for (what, token) in cases {
-            let answer = send(&client, chat_request(&url, token, "gpt-4o-mini")).await;
+            let answer = send(&client, post_json_as(&url, chat_for("gpt-4o-mini"), token)).await;
             assert_error(&answer, StatusCode::UNAUTHORIZED, "invalid_api_key");
             if let Some(token) = token {
                 assert!(
@@ -173,7 +162,11 @@ async fn a_missing_unknown_or_expired_token_gets_401_and_nothing_goes_upstream()
             "nothing reached the upstream"
         );
         // And the valid token is let in: the refusals above were about the tokens.
-        let answer = send(&client, chat_request(&url, Some(&alice.token), "gpt-4o")).await;
+        let answer = send(
+            &client,
+            post_json_as(&url, chat_for("gpt-4o"), Some(&alice.token)),
+        )
+        .await;
         assert_eq!(answer.status, StatusCode::OK);
     })
     .await;
@@ -353,7 +346,7 @@ async fn a_token_removed_from_the_file_is_refused_within_a_second() {
         let url = proxy.url("/v1/chat/completions");
         let client = http_client();
         let status = |token: &str| {
-            let request = chat_request(&url, Some(token), "gpt-4o-mini");
+            let request = post_json_as(&url, chat_for("gpt-4o-mini"), Some(token));
             let client = client.clone();
             async move { send(&client, request).await.status }
         };
@@ -575,7 +568,7 @@ async fn the_key_and_the_tokens_never_reach_the_log_even_at_trace_level() {
                 (&carol.token, "gpt-4o", StatusCode::FORBIDDEN),
                 (&nobody.token, "gpt-4o", StatusCode::UNAUTHORIZED),
             ] {
-                let answer = send(&client, chat_request(&url, Some(token), model)).await;
+                let answer = send(&client, post_json_as(&url, chat_for(model), Some(token))).await;
                 assert_eq!(answer.status, status);
             }
         }

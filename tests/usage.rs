@@ -14,10 +14,8 @@ use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_tungstenite::tungstenite::Message;
 
 /// What the scripted upstream answers every request with: these chunks, in turn.
@@ -51,41 +49,24 @@ impl Script {
 struct Scripted {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: TlsServer,
 }
 
 impl Scripted {
     async fn start(pki: &Pki, script: Script) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
         let received = Arc::new(Mutex::new(Vec::new()));
         let kept = received.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (acceptor, kept, script) = (acceptor.clone(), kept.clone(), script.clone());
-                tokio::spawn(async move {
-                    let Ok(stream) = acceptor.accept(stream).await else {
-                        return;
-                    };
-                    let service =
-                        service_fn(move |request| answer(request, kept.clone(), script.clone()));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let server = TlsServer::start(pki.server.clone(), move |stream, _| {
+            let (kept, script) = (kept.clone(), script.clone());
+            serve_http(stream, move |request| {
+                answer(request, kept.clone(), script.clone())
+            })
+        })
+        .await;
         Self {
-            addr,
+            addr: server.addr,
             received,
-            task,
+            _server: server,
         }
     }
 
@@ -106,7 +87,7 @@ async fn answer(
     request: Request<hyper::body::Incoming>,
     kept: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
     script: Script,
-) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+) -> Response<UpBody> {
     let (parts, body) = request.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     kept.lock().unwrap().push((parts.headers, body));
@@ -125,9 +106,9 @@ async fn answer(
     if let Some(encoding) = script.encoding {
         response = response.header("content-encoding", encoding);
     }
-    Ok(response
+    response
         .body(BodyExt::boxed(StreamBody::new(stream)))
-        .unwrap())
+        .unwrap()
 }
 
 /// The fields of the access log line of request `id`, once it is written.
