@@ -78,10 +78,50 @@ impl IdleTimer {
     }
 }
 
+/// A body read off an HTTP/1.1 connection or an HTTP/2 stream, as it comes.
+pub enum Either<H1, H2> {
+    Http1(H1),
+    Http2(H2),
+}
+
+impl<H1, H2> Body for Either<H1, H2>
+where
+    H1: Body<Data = Bytes> + Unpin,
+    H2: Body<Data = Bytes> + Unpin,
+    BodyError: From<H1::Error> + From<H2::Error>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(body) => body.is_end_stream(),
+            Self::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Http1(body) => body.size_hint(),
+            Self::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
 /// A client's request body as it arrives: off an HTTP/1.1 connection, or an HTTP/2 stream.
 pub enum Inbound {
-    Http1(IncomingBody),
-    Http2(Incoming),
+    /// As it arrives, off the client's connection.
+    Direct(Either<IncomingBody, Incoming>),
     /// What the proxy read ahead to look at (`ClientBody::read_ahead`), then the rest.
     ReadAhead(Box<ReadAhead>),
 }
@@ -102,8 +142,7 @@ impl Body for Inbound {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Self::Direct(body) => Pin::new(body).poll_frame(cx),
             Self::ReadAhead(ahead) => match ahead.frames.pop_front() {
                 Some(frame) => Poll::Ready(Some(Ok(frame))),
                 None => match ahead.rest.as_mut() {
@@ -116,8 +155,7 @@ impl Body for Inbound {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Http1(body) => body.is_end_stream(),
-            Self::Http2(body) => body.is_end_stream(),
+            Self::Direct(body) => body.is_end_stream(),
             Self::ReadAhead(ahead) => {
                 ahead.frames.is_empty() && ahead.rest.as_ref().is_none_or(Body::is_end_stream)
             }
@@ -126,8 +164,7 @@ impl Body for Inbound {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Http1(body) => body.size_hint(),
-            Self::Http2(body) => body.size_hint(),
+            Self::Direct(body) => body.size_hint(),
             Self::ReadAhead(ahead) => {
                 let read: u64 = ahead
                     .frames

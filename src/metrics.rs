@@ -518,43 +518,51 @@ fn write_requests(w: &mut Writer, routes: &[Arc<Route>]) {
             }
         }
     }
-    let histograms: [(&str, &str, Field<Histogram>); 2] = [
+    let families: [(&str, &str, PerRoute); 4] = [
         (
             "openai_proxy_request_duration_seconds",
             "Time from a request's arrival to the end of its response, streams included.",
-            |r| &r.duration,
+            PerRoute::Histogram(|r| &r.duration),
         ),
         (
             "openai_proxy_time_to_first_byte_seconds",
             "Time from a request's arrival to its response headers.",
-            |r| &r.ttfb,
+            PerRoute::Histogram(|r| &r.ttfb),
         ),
-    ];
-    for (name, help, of) in histograms {
-        w.family(name, Kind::Histogram, help);
-        for route in routes {
-            w.histogram(name, route, of);
-        }
-    }
-    let bytes: [(&str, &str, Field<AtomicU64>); 2] = [
         (
             "openai_proxy_received_bytes",
             "Request body bytes received from clients.",
-            |r| &r.bytes_in,
+            PerRoute::Counter(|r| &r.bytes_in),
         ),
         (
             "openai_proxy_sent_bytes",
             "Response body bytes sent to clients.",
-            |r| &r.bytes_out,
+            PerRoute::Counter(|r| &r.bytes_out),
         ),
     ];
-    for (name, help, of) in bytes {
-        w.family(name, Kind::Counter, help);
+    for (name, help, series) in families {
+        let kind = match series {
+            PerRoute::Histogram(_) => Kind::Histogram,
+            PerRoute::Counter(_) => Kind::Counter,
+        };
+        w.family(name, kind, help);
         for route in routes {
-            let value = route.total(of);
-            w.sample(&format!("{name}_total"), &[("route", &route.name)], value);
+            match series {
+                PerRoute::Histogram(of) => w.histogram(name, route, of),
+                PerRoute::Counter(of) => {
+                    let labels = [("route", &*route.name)];
+                    w.sample(&format!("{name}_total"), &labels, route.total(of));
+                }
+            }
         }
     }
+}
+
+/// A family with one series per route: a histogram, or a counter (`NAME_total`).
+#[derive(Clone, Copy)]
+enum PerRoute {
+    Histogram(Field<Histogram>),
+    Counter(Field<AtomicU64>),
 }
 
 fn write_connections(w: &mut Writer, registry: &Registry, facts: &Facts) {

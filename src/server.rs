@@ -11,8 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::proxy::access_log::RequestId;
-use crate::body::Inbound;
+use crate::body::{Either, Inbound};
 use crate::config::{self, ByteSize, Timeout};
 use crate::drain;
 use crate::error::ProxyError;
@@ -20,6 +19,7 @@ use crate::generation::{Generation, Live};
 use crate::http::http2::{self, Streams};
 use crate::http::server::{self as http1, Handler};
 use crate::http::{Activity, BoxIo, IncomingBody, Rewind};
+use crate::proxy::access_log::RequestId;
 use crate::proxy::{self, ResponseBody};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -217,7 +217,7 @@ async fn serve_http2(
         let conn = conn.clone();
         let stream = counted.open();
         async move {
-            let request = request.map(Inbound::Http2);
+            let request = request.map(|body| Inbound::Direct(Either::Http2(body)));
             let mut response = proxy::handle(&conn, request).await;
             response.body_mut().hold_stream(stream);
             Ok::<_, Infallible>(response)
@@ -263,7 +263,10 @@ impl Handler for Arc<proxy::Connection> {
         &self,
         request: http::Request<IncomingBody>,
     ) -> impl Future<Output = http::Response<ResponseBody>> + Send {
-        proxy::handle(self, request.map(Inbound::Http1))
+        proxy::handle(
+            self,
+            request.map(|body| Inbound::Direct(Either::Http1(body))),
+        )
     }
 
     fn refuse(&self, error: ProxyError) -> http::Response<ResponseBody> {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Uri};
 use tokio::time::Instant;
 
-use crate::body::BodyError;
 use super::ResponseBody;
+use crate::body::BodyError;
 use crate::usage::{Reading, Usage};
 
 /// Our id for a request, sent back in `x-proxy-request-id` and written in the access log.

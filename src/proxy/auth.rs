@@ -20,9 +20,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::body::ClientBody;
-use crate::proxy::ResponseBody;
 use crate::error::ProxyError;
 use crate::generation::Generation;
+use crate::proxy::ResponseBody;
 use crate::tokens::{SUBPROTOCOL_PREFIX, Token, Tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -8,10 +8,10 @@ use http::{HeaderValue, Response, StatusCode, header};
 use super::access_log::AccessRecord;
 use super::failover::Answered;
 use super::{Connection, Ctx, auth, tunnel};
-use crate::proxy::ResponseBody;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::headers;
+use crate::proxy::ResponseBody;
 use crate::usage;
 
 /// Opens the WebSocket tunnel of an upgrade, names the upstream, rewrites the header fields

@@ -9,9 +9,9 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
-use crate::proxy::access_log::AccessRecord;
 use crate::body::{BodyError, IdleTimer};
 use crate::http::http2::OpenStream;
+use crate::proxy::access_log::AccessRecord;
 use crate::upstream::UpstreamBody;
 use crate::usage;
 

@@ -1,5 +1,4 @@
-//! Response bodies from the upstream, and `Either`, a body from an HTTP/1.1 or an HTTP/2 source
-//! that relays whichever it has, its errors as `BodyError`s.
+//! Response bodies from the upstream.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,47 +8,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::http1;
 use super::load::InFlight;
-use crate::body::BodyError;
-
-/// A body read off an HTTP/1.1 connection or an HTTP/2 stream, as it comes.
-pub enum Either<H1, H2> {
-    Http1(H1),
-    Http2(H2),
-}
-
-impl<H1, H2> Body for Either<H1, H2>
-where
-    H1: Body<Data = Bytes> + Unpin,
-    H2: Body<Data = Bytes> + Unpin,
-    BodyError: From<H1::Error> + From<H2::Error>,
-{
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Http1(body) => body.is_end_stream(),
-            Self::Http2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Http1(body) => body.size_hint(),
-            Self::Http2(body) => body.size_hint(),
-        }
-    }
-}
+use crate::body::{BodyError, Either};
 
 /// A response body from the upstream, holding its connection (HTTP/1.1) or its share of one
 /// (HTTP/2) until it ends or is dropped.

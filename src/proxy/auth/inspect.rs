@@ -17,10 +17,10 @@ use serde::de::{IgnoredAny, MapAccess, Visitor};
 
 use super::Grant;
 use crate::body::ClientBody;
-use crate::proxy::ResponseBody;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::headers;
+use crate::proxy::ResponseBody;
 use crate::tokens::Token;
 
 /// The most of a request body read to find its model: 32 MiB, so that an audio file at OpenAI's
