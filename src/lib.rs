@@ -1,0 +1,50 @@
+//! openai-proxy: a reverse proxy for the OpenAI API, run as a systemd daemon.
+//!
+//! The modules stand in layers, bottom to top; a module imports only from layers below it:
+//! - leaves: `config` (the TOML and every section of it, plain data), `error`, `headers`,
+//!   `drain`, `workers`, `metrics`, `outcome`, `usage`, `keys`, `models`, `cli`;
+//! - HTTP: `framing`, `body`, `http1`, `http2`;
+//! - the upstream side: `upstream`, `routes`, `failover`, `limits`, `auth`;
+//! - `generation`: one loaded config with everything built from it;
+//! - one request's way through: `proxy`, `tunnel`, `access_log`;
+//! - serving: `server`, `admin`;
+//! - `daemon`: the process's life (listeners, handover, systemd, reload, logging).
+//!
+//! `.ci/layers.py` checks that no two top-level modules import each other through any path.
+#![deny(unsafe_code)]
+
+mod access_log;
+mod admin;
+pub mod auth;
+mod body;
+pub mod cli;
+mod config;
+pub mod daemon;
+mod descriptors;
+mod drain;
+mod error;
+mod failover;
+mod framing;
+mod generation;
+mod handover;
+mod headers;
+mod http1;
+mod http2;
+mod inherited;
+mod keys;
+pub mod limits;
+mod listeners;
+mod logging;
+mod metrics;
+mod models;
+pub mod outcome;
+mod proxy;
+mod reload;
+mod routes;
+mod server;
+mod systemd;
+mod tunnel;
+mod upstream;
+mod usage;
+mod watch;
+mod workers;
