@@ -7,39 +7,25 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Deserialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use toml::Spanned;
 
-use crate::config::{ConfigError, ConfigFile, FileRead};
+use crate::config::{ConfigError, ConfigFile, FileRead, tls};
 use crate::drain::{self, Drain};
 use crate::generation::{Generation, Live};
 use crate::inherited::InheritedListener;
 use crate::workers::Workers;
 use crate::{admin, server, systemd};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// TLS listeners (ALPN h2 and http/1.1).
-    pub listen: Vec<Spanned<SocketAddr>>,
-    /// PEM: the certificate, then any intermediates.
-    pub cert_file: Spanned<PathBuf>,
-    /// PEM: PKCS#8, PKCS#1 or SEC1.
-    pub key_file: Spanned<PathBuf>,
-}
-
 /// The TLS acceptor for the listeners, and the files it was made from.
 pub fn tls_acceptor(
-    config: &TlsConfig,
+    config: &tls::Config,
     file: &ConfigFile,
 ) -> Result<(tokio_rustls::TlsAcceptor, Vec<FileRead>), ConfigError> {
     let (cert_path, cert_pem) = file.read_named(&config.cert_file)?;

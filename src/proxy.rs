@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
-use serde::{Deserialize, Deserializer};
 
 use crate::access_log::{AccessRecord, RequestId};
 use crate::auth;
 use crate::body::{ClientBody, Inbound, ResponseBody};
+use crate::config::proxy::has_dot_segment;
 use crate::drain;
 use crate::error::ProxyError;
 use crate::failover;
@@ -18,65 +18,6 @@ use crate::headers;
 use crate::limits;
 use crate::tunnel;
 use crate::usage;
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Only paths under these prefixes are forwarded; anything else is answered 404 here.
-    pub allowed_path_prefixes: Vec<PathPrefix>,
-    /// Pass X-Forwarded-For, Forwarded, Via and the like upstream, and add the client's address
-    /// to X-Forwarded-For. Off: the upstream learns nothing about the client.
-    pub forward_client_identity: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            allowed_path_prefixes: vec![PathPrefix("/v1/".into())],
-            forward_client_identity: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathPrefix(String);
-
-impl PathPrefix {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for PathPrefix {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        if !text.starts_with('/') {
-            return Err(serde::de::Error::custom(format!(
-                "{text:?}: a path prefix starts with '/'"
-            )));
-        }
-        if has_dot_segment(&text) {
-            return Err(serde::de::Error::custom(format!(
-                "{text:?}: a path prefix cannot hold '.' or '..' segments"
-            )));
-        }
-        Ok(Self(text))
-    }
-}
-
-/// Whether `path`, percent-decoded, has a `.` or `..` segment: one could climb out of an
-/// allowed prefix at an upstream that decodes before it resolves segments. Segments are split at
-/// `/` and `\` both, and at their encodings `%2f` and `%5c`, since some servers take either as
-/// a separator once decoded.
-fn has_dot_segment(path: &str) -> bool {
-    // Nearly every path has neither a dot nor an escape: no segment to look at then.
-    if !path.contains(['.', '%', '\\']) {
-        return false;
-    }
-    headers::percent_decoded(path.as_bytes())
-        .split(|&b| b == b'/' || b == b'\\')
-        .any(|segment| segment == b"." || segment == b"..")
-}
 
 /// What a connection tells each of its requests.
 pub struct Connection {
@@ -226,7 +167,7 @@ fn admit(generation: &Generation, request: &http::request::Parts) -> Result<(), 
     }
     let path = request.uri.path();
     let allowed = &generation.config.proxy.allowed_path_prefixes;
-    if !allowed.iter().any(|p| path.starts_with(&p.0)) || has_dot_segment(path) {
+    if !allowed.iter().any(|p| path.starts_with(p.as_str())) || has_dot_segment(path) {
         return Err(ProxyError::PathNotAllowed(path.to_owned()));
     }
     let limit = generation.config.server.max_request_body.0;

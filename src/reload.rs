@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use serde::Deserialize;
 use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -19,19 +18,6 @@ use crate::logging::Logging;
 use crate::outcome;
 use crate::systemd;
 use crate::watch::FileWatcher;
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Reload when the config file or a file it names changes, not only on SIGHUP.
-    pub watch_files: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self { watch_files: true }
-    }
-}
 
 pub enum Event {
     Reload,
