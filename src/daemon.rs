@@ -11,7 +11,7 @@ use crate::listeners::{self, ListenerSet};
 use crate::logging::{self, Logging};
 use crate::reload::{self, Event, Triggers};
 use crate::workers::Workers;
-use crate::{config, descriptors, drain, limits, systemd};
+use crate::{config, descriptors, drain, limits, routes, systemd};
 
 /// Like `nginx -t`: everything a start would load and build, without binding or serving.
 pub fn check(config: &Path) -> ExitCode {
@@ -111,8 +111,14 @@ fn serve(
             systemd::speak();
             listeners.store_all();
         }
-        systemd::spawn_watchdog(live.clone());
-        systemd::spawn_resting_status(live.clone());
+        let watched = live.clone();
+        systemd::spawn_watchdog(move || watched.listening().first().copied());
+        let (resting, line) = (live.clone(), live.clone());
+        systemd::spawn_resting_status(
+            &routes::RESTING_CHANGED,
+            move || resting.snapshot().routes.resting(),
+            move || line.status_now(),
+        );
         let status = listeners.status();
         systemd::ready(&status);
         tracing::info!(workers = workers.len(), "ready: {status}");
