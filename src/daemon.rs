@@ -1,17 +1,26 @@
 //! The daemon's life, start to exit: check a config, or run the proxy from it.
 
+mod descriptors;
+mod handover;
+mod inherited;
+mod listeners;
+mod logging;
+mod reload;
+mod systemd;
+mod watch;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::generation::{Generation, Live};
-use crate::handover::{self, Predecessor};
-use crate::inherited::{self, InheritedListener};
-use crate::listeners::{self, ListenerSet};
-use crate::logging::{self, Logging};
-use crate::reload::{self, Event, Triggers};
 use crate::workers::Workers;
-use crate::{config, descriptors, drain, limits, routes, systemd};
+use crate::{config, drain, limits, routes};
+use handover::Predecessor;
+use inherited::InheritedListener;
+use listeners::ListenerSet;
+use logging::Logging;
+use reload::{Event, Triggers};
 
 /// Like `nginx -t`: everything a start would load and build, without binding or serving.
 pub fn check(config: &Path) -> ExitCode {
@@ -75,7 +84,7 @@ enum StartError {
     Handover(String),
 }
 
-/// The daemon's life.
+/// The daemon's life: load and build, start the workers, then serve from the control thread.
 fn serve(
     config_path: PathBuf,
     inherited: Vec<InheritedListener>,
@@ -102,62 +111,105 @@ fn serve(
         // Listen: sockets systemd kept for us across a restart, freshly bound ones for the rest.
         let mut listeners = ListenerSet::start(live.clone(), &workers, inherited)?;
         let triggers = Triggers::start(&live)?;
-        // Connect upstream now, so that the first requests find a connection open.
-        live.snapshot().routes.preconnect(workers.handles());
+        announce_ready(&live, &mut listeners, &workers, predecessor)?;
+        let daemon = Daemon {
+            config_path,
+            exe,
+            live,
+            listeners,
+            logging,
+            limits,
+        };
+        daemon.serve(&triggers).await
+    })
+}
 
-        // Ready; when taking over from a predecessor, once it has named this the main process.
-        if let Some(predecessor) = predecessor.take() {
-            predecessor.ready().map_err(StartError::Handover)?;
-            systemd::speak();
-            listeners.store_all();
-        }
-        let watched = live.clone();
-        systemd::spawn_watchdog(move || watched.listening().first().copied());
-        let (resting, line) = (live.clone(), live.clone());
-        systemd::spawn_resting_status(
-            &routes::RESTING_CHANGED,
-            move || resting.snapshot().routes.resting(),
-            move || line.status_now(),
-        );
-        let status = listeners.status();
-        systemd::ready(&status);
-        tracing::info!(workers = workers.len(), "ready: {status}");
+/// Connects upstream, takes over from a predecessor if there is one, and tells systemd the
+/// proxy is ready.
+fn announce_ready(
+    live: &Arc<Live>,
+    listeners: &mut ListenerSet,
+    workers: &Workers,
+    predecessor: &mut Option<Predecessor>,
+) -> Result<(), StartError> {
+    // Connect upstream now, so that the first requests find a connection open.
+    live.snapshot().routes.preconnect(workers.handles());
 
-        // Serve, reloading on SIGHUP or a changed file, and handing over to a new binary when
-        // one has replaced this one (or when asked), as often as asked.
+    // Ready; when taking over from a predecessor, once it has named this the main process.
+    if let Some(predecessor) = predecessor.take() {
+        predecessor.ready().map_err(StartError::Handover)?;
+        systemd::speak();
+        listeners.store_all();
+    }
+    let watched = live.clone();
+    systemd::spawn_watchdog(move || watched.listening().first().copied());
+    let (resting, line) = (live.clone(), live.clone());
+    systemd::spawn_resting_status(
+        &routes::RESTING_CHANGED,
+        move || resting.snapshot().routes.resting(),
+        move || line.status_now(),
+    );
+    let status = listeners.status();
+    systemd::ready(&status);
+    tracing::info!(workers = workers.len(), "ready: {status}");
+    Ok(())
+}
+
+/// The running daemon's control plane.
+struct Daemon {
+    config_path: PathBuf,
+    /// The binary as it was at start.
+    exe: handover::Exe,
+    live: Arc<Live>,
+    listeners: ListenerSet,
+    logging: Logging,
+    limits: limits::Saver,
+}
+
+impl Daemon {
+    /// Serves, reloading on SIGHUP or a changed file, and handing over to a new binary when one
+    /// has replaced this one (or when asked), as often as asked; then drains.
+    async fn serve(mut self, triggers: &Triggers) -> Result<drain::Outcome, StartError> {
         loop {
             match triggers.next().await {
                 Event::Shutdown => break,
-                Event::Reload if !exe.replaced() => {
-                    if reload::reload(&config_path, &live, &mut listeners, &logging)
-                        .await
-                        .is_ok()
-                    {
-                        triggers.follow(&live.snapshot());
+                Event::Reload if !self.exe.replaced() => {
+                    let reloaded = reload::reload(
+                        &self.config_path,
+                        &self.live,
+                        &mut self.listeners,
+                        &self.logging,
+                    )
+                    .await;
+                    if reloaded.is_ok() {
+                        triggers.follow(&self.live.snapshot());
                     }
                 }
                 Event::Reload | Event::Handover => {
                     // The successor reads the limits' counters as they stand now.
-                    limits.save();
-                    if handover::hand_over(&exe, &listeners, &live).await {
-                        listeners.leave_admin().await;
+                    self.limits.save();
+                    if handover::hand_over(&self.exe, &self.listeners, &self.live).await {
+                        self.listeners.leave_admin().await;
                         break;
                     }
                 }
             }
         }
+        Ok(self.drain().await)
+    }
 
-        // Drain: stop accepting, let what is in flight finish, then exit.
-        let drain_timeout = live.snapshot().config.server.drain_timeout.0;
+    /// Stops accepting, lets what is in flight finish, then saves the limits' counters.
+    async fn drain(self) -> drain::Outcome {
+        let drain_timeout = self.live.snapshot().config.server.drain_timeout.0;
         systemd::stopping(&format!("draining for up to {drain_timeout:?}"));
         tracing::info!(?drain_timeout, "stopping: draining connections");
-        let outcome = listeners.drain(drain_timeout).await;
-        limits.save();
+        let outcome = self.listeners.drain(drain_timeout).await;
+        self.limits.save();
         tracing::info!(
             in_flight = outcome.in_flight,
             cut = outcome.cut,
             "drained; exiting"
         );
-        Ok(outcome)
-    })
+        outcome
+    }
 }

@@ -12,12 +12,12 @@ use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SI
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::listeners::ListenerSet;
+use super::logging::Logging;
+use super::systemd;
+use super::watch::FileWatcher;
 use crate::generation::{Generation, Live};
-use crate::listeners::ListenerSet;
-use crate::logging::Logging;
 use crate::outcome;
-use crate::systemd;
-use crate::watch::FileWatcher;
 
 pub enum Event {
     Reload,
@@ -98,7 +98,7 @@ async fn handle_signals(mut signals: signal_hook_tokio::Signals, notices: Notice
                     signal,
                     "second stop signal: exiting without waiting for the drain"
                 );
-                crate::logging::flush();
+                super::logging::flush();
                 std::process::exit(EXIT_CUT.into());
             }
             _ => {

@@ -14,11 +14,12 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
+use super::inherited::InheritedListener;
+use super::systemd;
 use crate::drain::{self, Drain};
 use crate::generation::{Generation, Live};
-use crate::inherited::InheritedListener;
 use crate::workers::Workers;
-use crate::{admin, server, systemd};
+use crate::{admin, server};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
