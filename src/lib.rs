@@ -12,6 +12,7 @@
 //!
 //! `.ci/layers.py` checks that no two top-level modules import each other through any path.
 #![deny(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 mod access_log;
 mod admin;

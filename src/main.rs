@@ -1,5 +1,6 @@
 //! openai-proxy's command line; the daemon and everything else live in the library.
 #![deny(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 use std::process::ExitCode;
 
