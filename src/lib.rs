@@ -4,13 +4,14 @@
 //! - leaves: `config` (the TOML and every section of it, plain data), `error`, `headers`,
 //!   `drain`, `workers`, `metrics`, `outcome`, `usage`, `keys`, `models`, `cli`;
 //! - HTTP: `framing`, `body`, `http1`, `http2`;
-//! - the upstream side: `upstream`, `routes`, `failover`, `limits`, `auth`;
+//! - the upstream side: `upstream`, `routes`, `failover`, `limits`;
 //! - `generation`: one loaded config with everything built from it;
-//! - one request's way through: `proxy`, `tunnel`, `access_log`;
+//! - one request's way through: `proxy`, `auth`, `tunnel`, `access_log`;
 //! - serving: `server`, `admin`;
-//! - `daemon`: the process's life (listeners, handover, systemd, reload, logging).
+//! - `daemon`: the process's life (listeners, handover, systemd, reload, watch, logging).
 //!
-//! `.ci/layers.py` checks that no two top-level modules import each other through any path.
+//! `.ci/layers.py` fails CI on any import cycle between top-level modules. Modules are public
+//! only where the binary (`main.rs`: the command line) reaches into them.
 #![deny(unsafe_code)]
 #![warn(clippy::too_many_lines)]
 
