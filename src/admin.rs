@@ -17,21 +17,12 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
-use toml::Spanned;
 
 use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::Live;
 use crate::{metrics, server};
-
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Where `/metrics`, `/healthz`, `/readyz` and `/status` are served; none by default.
-    pub listen: Vec<Spanned<SocketAddr>>,
-}
 
 /// Connections open at once on each admin listener: a scraper and a few probes need few.
 const MAX_CONNECTIONS: usize = 64;

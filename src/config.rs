@@ -1,8 +1,21 @@
-//! The TOML config: one plain struct per module, composed here, and the value types they share.
+//! The TOML config: one plain struct per section (`config/`), composed here, and the value types
+//! they share. Plain serde data: nothing here knows the runtime, and nothing else in the crate is
+//! imported here.
 //!
 //! Every value is checked while it is deserialized, so that toml can point at it: an error
 //! always reads `FILE:LINE:COLUMN: message`. Files the config names are read by `generation`,
 //! which reports their errors at the key that named them.
+
+pub mod admin;
+pub mod auth;
+pub mod limits;
+pub mod log;
+pub mod proxy;
+pub mod reload;
+pub mod routes;
+pub mod server;
+pub mod tls;
+pub mod upstream;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -12,9 +25,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::proxy::auth;
-use crate::{admin, limits, listeners, logging, proxy, reload, routes, server, upstream};
-
 pub const DEFAULT_PATH: &str = "/etc/openai-proxy/config.toml";
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -23,7 +33,7 @@ pub struct Config {
     /// Plain-HTTP listeners (HTTP/1.1 and HTTP/2 with prior knowledge).
     pub listen: Vec<Spanned<SocketAddr>>,
     #[serde(default)]
-    pub tls: Option<listeners::TlsConfig>,
+    pub tls: Option<tls::Config>,
     #[serde(default)]
     pub upstream: upstream::Config,
     /// More upstreams, by name.
@@ -37,7 +47,7 @@ pub struct Config {
     #[serde(default)]
     pub proxy: proxy::Config,
     #[serde(default)]
-    pub log: logging::Config,
+    pub log: log::Config,
     #[serde(default)]
     pub reload: reload::Config,
     #[serde(default)]
@@ -262,6 +272,30 @@ fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
         && a.port() != 0
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// `bytes` with each `%XX` escape decoded once; a `%` that starts no escape stays as it is.
+pub fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', high, low]) => hex(*high).zip(hex(*low)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).

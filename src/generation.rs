@@ -4,6 +4,8 @@
 //! when it starts and keeps it to its end; a reload builds the next generation off to the side
 //! and swaps it in whole, so serving never waits on a reload and never sees half of one.
 
+mod tls;
+
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -17,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Config, ConfigError, ConfigFile};
 use crate::upstream::Upstream;
-use crate::{listeners, workers};
+use crate::workers;
 
 pub struct Generation {
     pub number: u64,
@@ -63,7 +65,7 @@ impl Generation {
             vec![(path.to_owned(), file.text().as_bytes().to_vec())];
         let tls = match &config.tls {
             Some(tls) => {
-                let (acceptor, read) = listeners::tls_acceptor(tls, &file)?;
+                let (acceptor, read) = tls::acceptor(tls, &file)?;
                 contents.extend(read);
                 Some(acceptor)
             }

@@ -2,6 +2,8 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
+pub use crate::config::percent_decoded;
+
 /// Meaningful for one connection only (RFC 9110 §7.6.1), so never forwarded. (A match on the
 /// name rather than a list of HeaderNames: it looks at the length first, and runs for every
 /// field of every request and response.)
@@ -121,30 +123,6 @@ fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool)
     for name in found {
         headers.remove(name);
     }
-}
-
-/// `bytes` with each `%XX` escape decoded once; a `%` that starts no escape stays as it is.
-pub fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = match bytes.get(i..i + 3) {
-            Some([b'%', high, low]) => hex(*high).zip(hex(*low)).map(|(h, l)| (h * 16 + l) as u8),
-            _ => None,
-        };
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -21,27 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
-use serde::{Deserialize, Deserializer};
 
-use crate::config::{ConfigError, ConfigFile, Timeout};
+pub use crate::config::limits::{Backend, Config, Limit, OnBackendError};
+use crate::config::{ConfigError, ConfigFile};
 use crate::error::{ProxyError, RateLimited};
 use crate::usage::Usage;
-
-/// A limit: a whole number above zero (a zero limit would refuse everything).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limit(pub u64);
-
-impl<'de> Deserialize<'de> for Limit {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let n = i64::deserialize(d)?;
-        match u64::try_from(n) {
-            Ok(n) if n > 0 => Ok(Self(n)),
-            _ => Err(serde::de::Error::custom(
-                "a limit is a whole number above 0 (leave it out for no limit)",
-            )),
-        }
-    }
-}
 
 /// The limits of one token; each one unset means no limit of that kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,81 +49,6 @@ impl Quota {
 
     fn is_empty(&self) -> bool {
         *self == Quota::default()
-    }
-}
-
-/// Where the shared counters are kept.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Backend {
-    /// In this process, saved to the state directory.
-    #[default]
-    Local,
-    /// A Redis server, by its URL (`redis://` or `rediss://`); its Debug hides the password.
-    Redis(redis::Url),
-}
-
-impl<'de> Deserialize<'de> for Backend {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        if text == "local" {
-            Ok(Self::Local)
-        } else if text.starts_with("redis://") || text.starts_with("rediss://") {
-            redis::Url::parse(&text)
-                .map(Self::Redis)
-                .map_err(serde::de::Error::custom)
-        } else {
-            Err(serde::de::Error::custom(
-                "backend is \"local\", or a Redis URL: \"redis://HOST:PORT/DB\" (\"rediss://\" for TLS)",
-            ))
-        }
-    }
-}
-
-/// What a request meets while the backend cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnBackendError {
-    /// Let it through, uncounted.
-    #[default]
-    Allow,
-    /// Refuse it (503, `limits_unavailable`).
-    Deny,
-}
-
-/// `[limits]`: the default limits of every token, and where the counters live.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub requests_per_minute: Option<Limit>,
-    pub tokens_per_minute: Option<Limit>,
-    pub tokens_per_day: Option<Limit>,
-    pub max_concurrent: Option<Limit>,
-    pub backend: Backend,
-    pub on_backend_error: OnBackendError,
-    /// The longest a request waits for Redis before `on_backend_error` decides.
-    pub redis_timeout: Timeout,
-    /// Where the local backend saves its counters; `$STATE_DIRECTORY` (systemd's
-    /// `StateDirectory=`) wins, and without either it is the config file's directory.
-    pub state_directory: Option<PathBuf>,
-    /// Adds `stream_options.include_usage` to streamed chat completion requests that lack it,
-    /// so that their streams end with the usage chunk. Off: it changes the client's request
-    /// and its stream.
-    pub stream_usage: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            requests_per_minute: None,
-            tokens_per_minute: None,
-            tokens_per_day: None,
-            max_concurrent: None,
-            backend: Backend::Local,
-            on_backend_error: OnBackendError::Allow,
-            redis_timeout: Timeout(Duration::from_millis(50)),
-            state_directory: None,
-            stream_usage: false,
-        }
     }
 }
 

@@ -29,13 +29,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, Version, header};
-use serde::{Deserialize, Deserializer};
 
 use crate::body::{ClientBody, Inbound};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
-use crate::headers;
+
 use crate::http::OnUpgrade;
 
 pub mod access_log;
@@ -54,65 +53,6 @@ mod response_body;
 
 pub use crate::http::{Activity, Stage};
 pub use response_body::ResponseBody;
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Only paths under these prefixes are forwarded; anything else is answered 404 here.
-    pub allowed_path_prefixes: Vec<PathPrefix>,
-    /// Pass X-Forwarded-For, Forwarded, Via and the like upstream, and add the client's address
-    /// to X-Forwarded-For. Off: the upstream learns nothing about the client.
-    pub forward_client_identity: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            allowed_path_prefixes: vec![PathPrefix("/v1/".into())],
-            forward_client_identity: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathPrefix(String);
-
-impl PathPrefix {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for PathPrefix {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        if !text.starts_with('/') {
-            return Err(serde::de::Error::custom(format!(
-                "{text:?}: a path prefix starts with '/'"
-            )));
-        }
-        if has_dot_segment(&text) {
-            return Err(serde::de::Error::custom(format!(
-                "{text:?}: a path prefix cannot hold '.' or '..' segments"
-            )));
-        }
-        Ok(Self(text))
-    }
-}
-
-/// Whether `path`, percent-decoded, has a `.` or `..` segment: one could climb out of an
-/// allowed prefix at an upstream that decodes before it resolves segments. Segments are split at
-/// `/` and `\` both, and at their encodings `%2f` and `%5c`, since some servers take either as
-/// a separator once decoded.
-fn has_dot_segment(path: &str) -> bool {
-    // Nearly every path has neither a dot nor an escape: no segment to look at then.
-    if !path.contains(['.', '%', '\\']) {
-        return false;
-    }
-    headers::percent_decoded(path.as_bytes())
-        .split(|&b| b == b'/' || b == b'\\')
-        .any(|segment| segment == b"." || segment == b"..")
-}
 
 /// What a connection tells each of its requests.
 pub struct Connection {
@@ -239,7 +179,7 @@ const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::config::proxy::has_dot_segment;
 
     #[test]
     fn dot_segments_are_caught_in_any_spelling() {

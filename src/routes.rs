@@ -6,15 +6,13 @@
 //! first of its `upstreams`; when none matches, the default takes it. The request's model is
 //! looked for (as tokens mode reads it) only when some route names models, and passed in here.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
-use serde::Deserialize;
-use toml::Spanned;
 
+use crate::config::routes::RouteConfig;
 use crate::config::{ConfigError, ConfigFile, FileRead};
 use crate::keys::{Key, Keys};
 use crate::models::ModelRule;
@@ -28,22 +26,6 @@ pub const DEFAULT: &str = "default";
 
 /// Sent to the client with every upstream response: the name of the upstream that answered.
 pub const HEADER: HeaderName = HeaderName::from_static("x-openai-proxy-upstream");
-
-/// The `[upstreams.NAME]` tables.
-pub type UpstreamsConfig = BTreeMap<Spanned<String>, upstream::Config>;
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    /// Path prefixes, any of which matches.
-    #[serde(default)]
-    pub paths: Vec<Spanned<String>>,
-    /// Model names (`*` at the end: a prefix), any of which matches.
-    #[serde(default)]
-    pub models: Vec<Spanned<String>>,
-    /// Upstream names, in the order they are to be tried.
-    pub upstreams: Spanned<Vec<Spanned<String>>>,
-}
 
 /// A built upstream and what goes with its name.
 pub struct Named {

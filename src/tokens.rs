@@ -13,9 +13,9 @@ use http::HeaderValue;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::config::auth::{Config, Mode};
 use crate::config::{ConfigError, ConfigFile, FileRead, days_from_civil};
 use crate::models::ModelRule;
-use crate::proxy::auth::{Config, Mode};
 
 /// How a browser passes a key or token: as the WebSocket subprotocol `PREFIX` + key.
 pub const SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";

@@ -21,141 +21,26 @@ mod pool;
 mod resolve;
 mod tls;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use rustls::pki_types::ServerName;
-use serde::{Deserialize, Deserializer};
-use toml::Spanned;
 
 use crate::body::RequestBody;
-use crate::config::{ConfigError, ConfigFile, FileRead, Timeout};
+pub use crate::config::upstream::Config;
+use crate::config::upstream::bracket_ipv6;
+use crate::config::{ConfigError, ConfigFile, FileRead};
 use crate::error::ProxyError;
 use crate::workers;
 
 pub use body::UpstreamBody;
-use dial::{Dialer, bracket_ipv6};
+use dial::Dialer;
 use egress::Egress;
-pub use egress::{ProxyUrl, Secret};
+pub use egress::Secret;
 use errors::{failure, tls_error};
 use pool::{Pool, Ready};
 use tls::{Tls, client_tls};
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub url: UpstreamUrl,
-    /// Host header and TLS server name; the url's host when unset.
-    pub host: Option<HostName>,
-    /// Extra trust roots, besides the system store.
-    pub ca_file: Option<Spanned<PathBuf>>,
-    pub connect_timeout: Timeout,
-    /// From sending a request to its response headers. Reasoning models may think for minutes
-    /// before a non-streamed answer starts, so this is long.
-    pub response_timeout: Timeout,
-    /// The longest silence inside a request or response body.
-    pub idle_timeout: Timeout,
-    pub pool_idle_timeout: Timeout,
-    pub pool_max_idle: usize,
-    pub http2: bool,
-    /// How long the url's host's addresses are reused before they are looked up again.
-    pub dns_refresh: Timeout,
-    /// The egress proxy connections to the upstream go through; none: straight.
-    pub proxy: Option<Spanned<ProxyUrl>>,
-    /// The egress proxy's password, for the user its url names.
-    pub proxy_password_file: Option<Spanned<PathBuf>>,
-    /// The header the proxy's own key goes in, bare (Azure's `api-key`); unset: Authorization,
-    /// as `Bearer KEY`.
-    pub key_header: Option<Spanned<String>>,
-    /// Tokens mode: the proxy's own keys for this upstream, used in turn (instead of
-    /// `[auth] upstream_key_file`).
-    pub key_files: Vec<Spanned<PathBuf>>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            url: UpstreamUrl::parse("https://api.openai.com").expect("the default url parses"),
-            host: None,
-            ca_file: None,
-            connect_timeout: Timeout::secs(10),
-            response_timeout: Timeout::secs(15 * 60),
-            idle_timeout: Timeout::secs(5 * 60),
-            pool_idle_timeout: Timeout::secs(90),
-            pool_max_idle: 256,
-            http2: true,
-            dns_refresh: Timeout::secs(30),
-            proxy: None,
-            proxy_password_file: None,
-            key_header: None,
-            key_files: Vec::new(),
-        }
-    }
-}
-
-/// `scheme://host[:port][/base/path]`, checked when the config is read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub scheme: Scheme,
-    pub host: String,
-    pub port: u16,
-    pub base_path: String,
-    text: String,
-}
-
-impl UpstreamUrl {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-        let scheme = match uri.scheme_str() {
-            Some("https") => Scheme::HTTPS,
-            Some("http") => Scheme::HTTP,
-            _ => {
-                return Err(format!(
-                    "{text:?}: the upstream url must start with https:// or http://"
-                ));
-            }
-        };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{text:?} has no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!("{text:?}: credentials do not belong in the url"));
-        }
-        if uri.query().is_some() {
-            return Err(format!("{text:?}: the upstream url cannot have a query"));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = authority
-            .port_u16()
-            .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
-        Ok(Self {
-            scheme,
-            host: host.to_owned(),
-            port,
-            base_path: uri.path().trim_end_matches('/').to_owned(),
-            text: text.to_owned(),
-        })
-    }
-}
-
-impl std::fmt::Display for UpstreamUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl<'de> Deserialize<'de> for UpstreamUrl {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        UpstreamUrl::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-}
 
 /// The egress proxy `config` names, if any; an `https://` one is verified with `tls`'s roots.
 fn egress(
@@ -171,27 +56,6 @@ fn egress(
     Egress::new(proxy.get_ref(), password, tls, config.dns_refresh.0)
         .map(Some)
         .map_err(|message| file.error_at(proxy.span(), message))
-}
-
-/// A DNS name or IP address usable both as a Host header and as a TLS server name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostName(String);
-
-impl HostName {
-    fn parse(text: &str) -> Result<Self, String> {
-        ServerName::try_from(text).map_err(|_| format!("{text:?} is not a valid host name"))?;
-        Ok(Self(text.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for HostName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        HostName::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
 }
 
 /// The files an upstream's config names, as read for a build.
@@ -292,7 +156,7 @@ impl Upstream {
         let host = config
             .host
             .as_ref()
-            .map_or(url.host.as_str(), HostName::as_str);
+            .map_or(url.host.as_str(), |h| h.as_str());
         let server_name = ServerName::try_from(host.to_owned()).map_err(|_| ConfigError::File {
             path: file.path.clone(),
             message: format!("{host:?} is not a valid TLS server name"),
@@ -456,22 +320,5 @@ impl Upstream {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn url_parts() {
-        let url = UpstreamUrl::parse("https://example.test:8443/openai/").unwrap();
-        assert_eq!((url.host.as_str(), url.port), ("example.test", 8443));
-        assert_eq!(url.base_path, "/openai");
-        let url = UpstreamUrl::parse("https://[::1]").unwrap();
-        assert_eq!((url.host.as_str(), url.port), ("::1", 443));
-        assert!(UpstreamUrl::parse("ftp://x").is_err());
-        assert!(UpstreamUrl::parse("https://u:p@x").is_err());
-        assert!(UpstreamUrl::parse("https://x/?a=b").is_err());
     }
 }

@@ -15,78 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Now, Quota, Row, Tally, Used};
-
-/// A `redis://` or `rediss://` URL: `[[user:]password@]host[:port][/db]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Url {
-    tls: bool,
-    host: String,
-    port: u16,
-    user: Option<String>,
-    password: Option<String>,
-    db: u32,
-}
-
-/// Never shows the password.
-impl std::fmt::Debug for Url {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "rediss" } else { "redis" };
-        write!(f, "{scheme}://{}:{}/{}", self.host, self.port, self.db)
-    }
-}
-
-impl Url {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (tls, rest) = match (
-            text.strip_prefix("rediss://"),
-            text.strip_prefix("redis://"),
-        ) {
-            (Some(rest), _) => (true, rest),
-            (None, Some(rest)) => (false, rest),
-            _ => return Err("a Redis URL starts with redis:// or rediss://".into()),
-        };
-        let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
-        let db = match db {
-            "" => 0,
-            db => db
-                .parse()
-                .map_err(|_| "the database after '/' is a number")?,
-        };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((userinfo, hostport)) => (Some(userinfo), hostport),
-            None => (None, authority),
-        };
-        let decode = |s: &str| {
-            String::from_utf8_lossy(&crate::headers::percent_decoded(s.as_bytes())).into_owned()
-        };
-        let (user, password) = match userinfo.map(|u| u.split_once(':')) {
-            None => (None, None),
-            Some(Some((user, password))) => (
-                (!user.is_empty()).then(|| decode(user)),
-                Some(decode(password)),
-            ),
-            Some(None) => (None, userinfo.map(decode)),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => {
-                (host, port.parse().map_err(|_| "the port is a number")?)
-            }
-            _ => (hostport, 6379),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err("the Redis URL names no host".into());
-        }
-        Ok(Self {
-            tls,
-            host: host.to_owned(),
-            port,
-            user,
-            password,
-            db,
-        })
-    }
-}
+use crate::config::limits::RedisUrl as Url;
 
 /// A reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -547,30 +476,6 @@ async fn serve(stream: Box<dyn Stream>, calls: &mut mpsc::Receiver<Call>) -> std
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let url = Url::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!(
-            (url.host.as_str(), url.port, url.db, url.tls),
-            ("127.0.0.1", 6380, 2, false)
-        );
-        let url = Url::parse("rediss://:s%40cret@[::1]").unwrap();
-        assert_eq!(
-            (url.host.as_str(), url.port, url.password.as_deref()),
-            ("::1", 6379, Some("s@cret"))
-        );
-        assert!(url.tls && url.user.is_none());
-        let url = Url::parse("redis://app:pw@localhost/0").unwrap();
-        assert_eq!(
-            (url.user.as_deref(), url.password.as_deref()),
-            (Some("app"), Some("pw"))
-        );
-        assert!(!format!("{url:?}").contains("pw"));
-        assert!(Url::parse("redis://host:port").is_err());
-        assert!(Url::parse("redis:///0").is_err());
-        assert!(Url::parse("redis://h/x").is_err());
-    }
 
     #[tokio::test]
     async fn replies_parse() {

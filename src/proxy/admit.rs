@@ -5,6 +5,7 @@ use http::{Method, Version, header};
 
 use super::auth::{self, Grant};
 use crate::body::ClientBody;
+use crate::config::proxy::has_dot_segment;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::limits;
@@ -37,7 +38,7 @@ fn served(generation: &Generation, request: &Parts) -> Result<(), ProxyError> {
     }
     let path = request.uri.path();
     let allowed = &generation.config.proxy.allowed_path_prefixes;
-    if !allowed.iter().any(|p| path.starts_with(p.as_str())) || super::has_dot_segment(path) {
+    if !allowed.iter().any(|p| path.starts_with(p.as_str())) || has_dot_segment(path) {
         return Err(ProxyError::PathNotAllowed(path.to_owned()));
     }
     let limit = generation.config.server.max_request_body.0;

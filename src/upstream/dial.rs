@@ -167,12 +167,3 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
     }
     Err(last.unwrap_or_else(|| "no address to connect to".to_owned()))
 }
-
-/// A host as it stands in an authority: an IPv6 address in brackets.
-pub(super) fn bracket_ipv6(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    }
-}

@@ -14,110 +14,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
-use http::Uri;
 use rustls::pki_types::ServerName;
-use serde::{Deserialize, Deserializer};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::resolve::Resolver;
+use crate::config::upstream::{ProxyKind as Kind, ProxyUrl};
 use crate::error::ProxyError;
-use crate::headers;
-
-/// `http://`, `https://`, `socks5://` or `socks5h://`, an optional user, a host and a port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProxyUrl {
-    kind: Kind,
-    pub user: Option<String>,
-    host: String,
-    port: u16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Http,
-    Https,
-    /// The upstream's name is resolved here, and the proxy is given an address.
-    Socks5,
-    /// The proxy is given the upstream's name, and resolves it.
-    Socks5h,
-}
-
-impl ProxyUrl {
-    /// Errors never quote the url: it may hold a password.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|_| "the proxy is not a URL: write e.g. \"http://host:3128\"".to_owned())?;
-        let (kind, default_port) = match uri.scheme_str() {
-            Some("http") => (Kind::Http, 80),
-            Some("https") => (Kind::Https, 443),
-            Some("socks5") => (Kind::Socks5, 1080),
-            Some("socks5h") => (Kind::Socks5h, 1080),
-            _ => {
-                return Err(
-                    "the proxy url must start with http://, https://, socks5:// or socks5h://"
-                        .into(),
-                );
-            }
-        };
-        let authority = uri.authority().ok_or("the proxy url has no host")?;
-        let user = match authority.as_str().rsplit_once('@') {
-            Some((info, _)) if info.contains(':') => {
-                return Err("the proxy password does not belong in the url: \
-                     write it to a file named by proxy_password_file"
-                    .into());
-            }
-            Some((user, _)) => Some(
-                String::from_utf8(headers::percent_decoded(user.as_bytes()))
-                    .map_err(|_| "the proxy user is not UTF-8")?,
-            ),
-            None => None,
-        };
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err("the proxy url is a host and port: no path, no query".into());
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        Ok(Self {
-            kind,
-            user,
-            host: host.to_owned(),
-            port: authority.port_u16().unwrap_or(default_port),
-        })
-    }
-
-    pub fn is_socks(&self) -> bool {
-        matches!(self.kind, Kind::Socks5 | Kind::Socks5h)
-    }
-
-    /// `host:port`, as messages name the proxy.
-    fn address(&self) -> String {
-        format!("{}:{}", super::bracket_ipv6(&self.host), self.port)
-    }
-}
-
-/// Without the user: for `STATUS=` and `openai-proxy check`.
-impl std::fmt::Display for ProxyUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = match self.kind {
-            Kind::Http => "http",
-            Kind::Https => "https",
-            Kind::Socks5 => "socks5",
-            Kind::Socks5h => "socks5h",
-        };
-        write!(f, "{scheme}://{}", self.address())
-    }
-}
-
-impl<'de> Deserialize<'de> for ProxyUrl {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        ProxyUrl::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-}
 
 /// Bytes that must not be shown: the proxy's credentials, or a header made of them.
 #[derive(Clone, PartialEq, Eq)]
@@ -546,23 +450,6 @@ impl AsyncWrite for Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proxy_urls() {
-        let url = ProxyUrl::parse("socks5h://me%40corp@127.0.0.1:1080").unwrap();
-        assert_eq!(url.user.as_deref(), Some("me@corp"));
-        assert_eq!(url.to_string(), "socks5h://127.0.0.1:1080");
-        let url = ProxyUrl::parse("http://[::1]").unwrap();
-        assert_eq!((url.host.as_str(), url.port), ("::1", 80));
-        assert_eq!(url.user, None);
-        assert_eq!(url.address(), "[::1]:80");
-        let inline = ProxyUrl::parse("http://user:hunter2@proxy:3128").unwrap_err();
-        assert!(inline.contains("proxy_password_file"), "{inline}");
-        assert!(!inline.contains("hunter2"), "{inline}");
-        assert!(ProxyUrl::parse("ftp://proxy:21").is_err());
-        assert!(ProxyUrl::parse("http://proxy:3128/path").is_err());
-        assert!(ProxyUrl::parse("http://proxy:3128?a=b").is_err());
-    }
 
     #[test]
     fn secrets_do_not_print() {

@@ -452,7 +452,7 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::upstream::UpstreamUrl;
+    use crate::config::upstream::UpstreamUrl;
 
     /// A pool whose upstream speaks HTTP/1.1, as an http:// one does.
     fn http1() -> Facts {

@@ -9,13 +9,11 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-
-use crate::generation::Live;
 
 /// Whether this process is the one systemd listens to.
 static MAIN: AtomicBool = AtomicBool::new(true);
@@ -133,30 +131,36 @@ pub fn forget_listener(name: &str) {
     send(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
 }
 
-/// With `WatchdogSec=` set, pings at half the interval, but only after proving that the runtime
-/// still schedules tasks and a listener still accepts a connection.
-/// Keeps `STATUS=` saying which keys and upstreams rest: sent when one starts to rest, and
-/// each second while any does, until none does (then no timer runs).
-pub fn spawn_resting_status(live: Arc<Live>) {
+/// Keeps `STATUS=` saying what rests (keys, upstreams): `resting` names it (empty: nothing),
+/// `line` is the whole `STATUS=` line with it. Sent when `changed` is woken, and each second
+/// while anything rests, until nothing does (then no timer runs).
+pub fn spawn_resting_status(
+    changed: &'static tokio::sync::Notify,
+    resting: impl Fn() -> String + Send + 'static,
+    line: impl Fn() -> String + Send + 'static,
+) {
     tokio::spawn(async move {
         let mut shown = String::new();
         loop {
-            let changed = crate::routes::RESTING_CHANGED.notified();
+            let notified = changed.notified();
             if shown.is_empty() {
-                changed.await;
+                notified.await;
             } else {
-                let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
             }
-            let resting = live.snapshot().routes.resting();
-            if resting != shown {
-                status(&live.status_now());
-                shown = resting;
+            let now = resting();
+            if now != shown {
+                status(&line());
+                shown = now;
             }
         }
     });
 }
 
-pub fn spawn_watchdog(live: Arc<Live>) {
+/// With `WatchdogSec=` set, pings at half the interval, but only after proving that the runtime
+/// still schedules tasks and a listener still accepts a connection: the first address
+/// `listening` gives (None: nothing to prove yet).
+pub fn spawn_watchdog(listening: impl Fn() -> Option<SocketAddr> + Send + 'static) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -168,7 +172,7 @@ pub fn spawn_watchdog(live: Arc<Live>) {
             if !MAIN.load(Ordering::SeqCst) {
                 return;
             }
-            let Some(addr) = live.listening().first().copied() else {
+            let Some(addr) = listening() else {
                 continue;
             };
             match accepts(addr, interval / 4).await {

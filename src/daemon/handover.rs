@@ -26,10 +26,11 @@ use rustix::net::{
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use super::inherited::{self, HANDOVER_FD, InheritedListener};
+use super::listeners::ListenerSet;
+use super::systemd;
 use crate::generation::Live;
-use crate::inherited::{self, HANDOVER_FD, InheritedListener};
-use crate::listeners::ListenerSet;
-use crate::{outcome, systemd};
+use crate::outcome;
 
 /// How long a successor may take to load its config, take the sockets and serve.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -7,71 +7,19 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Deserialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use toml::Spanned;
 
-use crate::config::{ConfigError, ConfigFile, FileRead};
+use super::inherited::InheritedListener;
+use super::systemd;
 use crate::drain::{self, Drain};
 use crate::generation::{Generation, Live};
-use crate::inherited::InheritedListener;
 use crate::workers::Workers;
-use crate::{admin, server, systemd};
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// TLS listeners (ALPN h2 and http/1.1).
-    pub listen: Vec<Spanned<SocketAddr>>,
-    /// PEM: the certificate, then any intermediates.
-    pub cert_file: Spanned<PathBuf>,
-    /// PEM: PKCS#8, PKCS#1 or SEC1.
-    pub key_file: Spanned<PathBuf>,
-}
-
-/// The TLS acceptor for the listeners, and the files it was made from.
-pub fn tls_acceptor(
-    config: &TlsConfig,
-    file: &ConfigFile,
-) -> Result<(tokio_rustls::TlsAcceptor, Vec<FileRead>), ConfigError> {
-    let (cert_path, cert_pem) = file.read_named(&config.cert_file)?;
-    let (key_path, key_pem) = file.read_named(&config.key_file)?;
-    let at_cert = |message: String| file.error_at(config.cert_file.span(), message);
-    let at_key = |message: String| file.error_at(config.key_file.span(), message);
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| at_cert(format!("{}: bad PEM: {e}", cert_path.display())))?;
-    if chain.is_empty() {
-        return Err(at_cert(format!(
-            "{} holds no PEM certificate",
-            cert_path.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        at_key(format!(
-            "{}: no usable private key: {e}",
-            key_path.display()
-        ))
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| at_key(format!("the key does not fit the certificate: {e}")))?;
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    Ok((acceptor, vec![(cert_path, cert_pem), (key_path, key_pem)]))
-}
+use crate::{admin, server};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
@@ -92,7 +40,7 @@ pub struct ListenerSet {
 }
 
 /// What a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Proxy,
     /// `/metrics` and the health endpoints (`[admin] listen`).
@@ -116,6 +64,42 @@ fn wanted(generation: &Generation) -> impl Iterator<Item = (SocketAddr, Kind)> +
     proxy.chain(admin.map(|a| (*a.get_ref(), Kind::Admin)))
 }
 
+/// A listener: the address the config names (port 0 possibly) and what it serves.
+type Key = (SocketAddr, Kind);
+
+/// What a reload does to the listeners, per address and kind.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    /// Running and still wanted: the socket stays, and its connections with it.
+    keep: Vec<Key>,
+    /// Wanted and not running: bound before the new generation serves, in the config's order.
+    open: Vec<Key>,
+    /// Running and no longer wanted: retired once the new generation serves, in address order.
+    close: Vec<Key>,
+}
+
+/// Compares the listeners running with those wanted. Pure: binds and closes nothing.
+fn plan(running: impl IntoIterator<Item = Key>, wanted: impl IntoIterator<Item = Key>) -> Plan {
+    let running: Vec<Key> = running.into_iter().collect();
+    let mut plan = Plan::default();
+    for key in wanted {
+        if plan.keep.contains(&key) || plan.open.contains(&key) {
+            continue;
+        }
+        if running.contains(&key) {
+            plan.keep.push(key);
+        } else {
+            plan.open.push(key);
+        }
+    }
+    plan.close = running
+        .into_iter()
+        .filter(|key| !plan.keep.contains(key))
+        .collect();
+    plan.close.sort_unstable();
+    plan
+}
+
 struct Running {
     local: SocketAddr,
     /// Kept to be handed on: to systemd's fd store, or to a successor.
@@ -124,8 +108,12 @@ struct Running {
     accept_loops: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Sockets ready to serve, not yet serving. Dropping it closes the fresh ones.
-pub struct Bound(Vec<BoundSocket>);
+/// Sockets ready to serve, not yet serving, and the listeners to retire once they do. Dropping
+/// it closes the fresh ones and retires nothing.
+pub struct Bound {
+    sockets: Vec<BoundSocket>,
+    close: Vec<Key>,
+}
 
 struct BoundSocket {
     addr: SocketAddr,
@@ -186,40 +174,43 @@ impl ListenerSet {
             connections: Arc::default(),
             running: HashMap::new(),
         };
-        set.serve(Bound(sockets), &generation);
+        set.serve(sockets, &generation);
         Ok(set)
     }
 
-    /// Binds the addresses `next` adds. Nothing changes until `apply`.
+    /// Plans the change to `next`'s listeners and binds the addresses it adds. Nothing changes
+    /// until `apply`.
     pub fn bind_new(&self, next: &Generation) -> Result<Bound, BindError> {
-        let mut bound = Vec::new();
-        for (addr, kind) in wanted(next) {
-            if !self.running.contains_key(&(addr, kind)) {
-                bound.push(BoundSocket {
+        let Plan { open, close, .. } = plan(self.running.keys().copied(), wanted(next));
+        let sockets = open
+            .into_iter()
+            .map(|(addr, kind)| {
+                let listener = bind(addr)?;
+                Ok(BoundSocket {
                     addr,
                     kind,
-                    listener: bind(addr)?,
+                    listener,
                     fresh: true,
-                });
-            }
-        }
-        Ok(Bound(bound))
+                })
+            })
+            .collect::<Result<_, BindError>>()?;
+        Ok(Bound { sockets, close })
     }
 
-    /// Serves the new sockets and retires the listeners `generation` no longer has. Returns once
-    /// the retired ones accept nothing more, so that READY=1 means the new listeners are in place.
+    /// Serves the new sockets and retires the listeners the plan closes. Returns once the
+    /// retired ones accept nothing more, so that READY=1 means the new listeners are in place.
     pub async fn apply(&mut self, bound: Bound, generation: &Generation, drain_timeout: Duration) {
-        self.serve(bound, generation);
-        self.retire(generation, drain_timeout).await;
+        self.serve(bound.sockets, generation);
+        self.retire(bound.close, generation, drain_timeout).await;
     }
 
-    fn serve(&mut self, bound: Bound, generation: &Generation) {
+    fn serve(&mut self, sockets: Vec<BoundSocket>, generation: &Generation) {
         for BoundSocket {
             addr,
             kind,
             listener,
             fresh,
-        } in bound.0
+        } in sockets
         {
             if fresh {
                 systemd::store_listener(&kind.socket_name(addr), &listener);
@@ -305,20 +296,16 @@ impl ListenerSet {
         admin::publish(self.bound(generation), local(Kind::Admin));
     }
 
-    async fn retire(&mut self, generation: &Generation, drain_timeout: Duration) {
-        let wanted: Vec<(SocketAddr, Kind)> = wanted(generation).collect();
-        let retired: Vec<(SocketAddr, Kind)> = self
-            .running
-            .keys()
-            .filter(|a| !wanted.contains(a))
-            .copied()
-            .collect();
-        for (addr, kind) in retired {
-            let Running {
+    async fn retire(&mut self, close: Vec<Key>, generation: &Generation, drain_timeout: Duration) {
+        for (addr, kind) in close {
+            let Some(Running {
                 drain,
                 accept_loops,
                 ..
-            } = self.running.remove(&(addr, kind)).expect("listed above");
+            }) = self.running.remove(&(addr, kind))
+            else {
+                continue;
+            };
             systemd::forget_listener(&kind.socket_name(addr));
             tokio::spawn(async move {
                 let outcome = drain.drain(drain_timeout).await;
@@ -431,4 +418,73 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, BindError> {
         Ok(socket.into())
     };
     attempt().map_err(|source| BindError { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(addr: &str, kind: Kind) -> Key {
+        (addr.parse().unwrap(), kind)
+    }
+
+    #[test]
+    fn a_listener_still_listed_is_kept_and_one_added_is_opened() {
+        let a = key("127.0.0.1:8080", Kind::Proxy);
+        let b = key("127.0.0.1:8081", Kind::Proxy);
+        assert_eq!(
+            plan([a], [a, b]),
+            Plan {
+                keep: vec![a],
+                open: vec![b],
+                close: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn a_listener_no_longer_listed_is_closed() {
+        let a = key("127.0.0.1:8080", Kind::Proxy);
+        let b = key("[::1]:8080", Kind::Proxy);
+        let admin = key("127.0.0.1:9901", Kind::Admin);
+        assert_eq!(
+            plan([b, admin, a], [a]),
+            Plan {
+                keep: vec![a],
+                open: vec![],
+                close: vec![admin, b],
+            }
+        );
+    }
+
+    #[test]
+    fn an_address_that_changes_kind_is_closed_and_opened_again() {
+        let proxy = key("127.0.0.1:9000", Kind::Proxy);
+        let admin = key("127.0.0.1:9000", Kind::Admin);
+        assert_eq!(
+            plan([proxy], [admin]),
+            Plan {
+                keep: vec![],
+                open: vec![admin],
+                close: vec![proxy],
+            }
+        );
+    }
+
+    #[test]
+    fn port_zero_listeners_are_kept_by_their_configured_address() {
+        let proxy = key("127.0.0.1:0", Kind::Proxy);
+        let admin = key("127.0.0.1:0", Kind::Admin);
+        let plan = plan([proxy, admin], [admin, proxy]);
+        assert_eq!(plan.keep, vec![admin, proxy]);
+        assert!(plan.open.is_empty() && plan.close.is_empty());
+    }
+
+    #[test]
+    fn new_listeners_open_in_the_configs_order_once_each() {
+        let a = key("127.0.0.1:3", Kind::Proxy);
+        let b = key("127.0.0.1:1", Kind::Proxy);
+        let c = key("127.0.0.1:2", Kind::Admin);
+        assert_eq!(plan([], [a, b, c, b]).open, vec![a, b, c]);
+    }
 }

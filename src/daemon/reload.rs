@@ -8,30 +8,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use serde::Deserialize;
 use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::listeners::ListenerSet;
+use super::logging::Logging;
+use super::systemd;
+use super::watch::FileWatcher;
 use crate::generation::{Generation, Live};
-use crate::listeners::ListenerSet;
-use crate::logging::Logging;
 use crate::outcome;
-use crate::systemd;
-use crate::watch::FileWatcher;
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Reload when the config file or a file it names changes, not only on SIGHUP.
-    pub watch_files: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self { watch_files: true }
-    }
-}
 
 pub enum Event {
     Reload,
@@ -112,7 +98,7 @@ async fn handle_signals(mut signals: signal_hook_tokio::Signals, notices: Notice
                     signal,
                     "second stop signal: exiting without waiting for the drain"
                 );
-                crate::logging::flush();
+                super::logging::flush();
                 std::process::exit(EXIT_CUT.into());
             }
             _ => {
