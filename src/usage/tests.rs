@@ -378,37 +378,47 @@ fn meter_speed() {
         if std::env::var("USAGE_METER_CASE").is_ok_and(|case| !name.contains(&case)) {
             continue;
         }
-        // A stream compressed as it is sent: flushed after each event.
-        let bytes = match encoding {
-            Some(encoding) => compress(
-                encoding,
-                &body
-                    .split_inclusive("\n\n")
-                    .map(str::as_bytes)
-                    .collect::<Vec<_>>(),
-            ),
-            None => body.as_bytes().to_vec(),
-        };
-        let chunks: Vec<Bytes> = bytes.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
-        // The fastest of 20 batches: other work on the machine only ever slows one down.
-        let each = (0..20)
-            .map(|_| {
-                let started = std::time::Instant::now();
-                for _ in 0..rounds / 20 {
-                    let mut meter = encoded_meter(event_stream, encoding.map(sent_as));
-                    for chunk in &chunks {
-                        meter.pass(chunk);
-                    }
-                    assert!(std::hint::black_box(meter.finish()).model.is_some());
-                }
-                started.elapsed() / (rounds / 20)
-            })
-            .min()
-            .unwrap();
+        let (each, sent) = time_meter(body, event_stream, encoding, rounds);
         let rate = body.len() as f64 / each.as_secs_f64() / 1e6;
-        let sent = bytes.len();
         println!("{name} ({sent} bytes sent): {each:?} per answer, {rate:.0} MB/s of text");
     }
+}
+
+/// The fastest time the meter took over `body` (sent with `encoding`), and the bytes sent.
+fn time_meter(
+    body: &str,
+    event_stream: bool,
+    encoding: Option<&str>,
+    rounds: u32,
+) -> (std::time::Duration, usize) {
+    // A stream compressed as it is sent: flushed after each event.
+    let bytes = match encoding {
+        Some(encoding) => compress(
+            encoding,
+            &body
+                .split_inclusive("\n\n")
+                .map(str::as_bytes)
+                .collect::<Vec<_>>(),
+        ),
+        None => body.as_bytes().to_vec(),
+    };
+    let chunks: Vec<Bytes> = bytes.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
+    // The fastest of 20 batches: other work on the machine only ever slows one down.
+    let each = (0..20)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            for _ in 0..rounds / 20 {
+                let mut meter = encoded_meter(event_stream, encoding.map(sent_as));
+                for chunk in &chunks {
+                    meter.pass(chunk);
+                }
+                assert!(std::hint::black_box(meter.finish()).model.is_some());
+            }
+            started.elapsed() / (rounds / 20)
+        })
+        .min()
+        .unwrap();
+    (each, bytes.len())
 }
 
 #[test]
