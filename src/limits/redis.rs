@@ -296,7 +296,7 @@ impl Client {
         }
         if let Some(want) = taken.refill {
             let bytes = admit_command(false, name, quota, now, want);
-            let on_reply = self.on_admission(name, now, |_| {});
+            let on_reply = self.on_admission(name, now, 0, |_| {});
             let sent = self.send(Call {
                 bytes,
                 commands: 1,
@@ -323,7 +323,7 @@ impl Client {
         let mut whole = false;
         loop {
             let (tx, rx) = oneshot::channel();
-            let on_reply = self.on_admission(name, now, move |answer| {
+            let on_reply = self.on_admission(name, now, 1, move |answer| {
                 let _ = tx.send(answer);
             });
             self.send(Call {
@@ -341,12 +341,14 @@ impl Client {
         }
     }
 
-    /// What becomes of the script's reply: what is known of the token is updated (on the
-    /// connection's thread, whether or not anyone still waits), then `then` has the answer.
+    /// What becomes of the script's reply to a call for `own` requests (1: one waits for it;
+    /// 0: a refill): what is known of the token is updated (on the connection's thread, whether
+    /// or not anyone still waits), then `then` has the answer.
     fn on_admission(
         &self,
         name: &Arc<str>,
         now: &Now,
+        own: u64,
         then: impl FnOnce(Result<Admission, String>) + Send + 'static,
     ) -> OnReply {
         let (shared, name, now) = (self.shared.clone(), name.clone(), *now);
@@ -354,7 +356,7 @@ impl Client {
             let answer = reply.and_then(|value| Admission::parse(&value));
             if let Ok(answer) = &answer {
                 super::health::up();
-                let spare = answer.counted.saturating_sub(1);
+                let spare = answer.counted.saturating_sub(own);
                 shared.leases.answered(&name, &now, answer.used, spare);
             }
             then(answer);
