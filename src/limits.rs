@@ -146,7 +146,19 @@ impl Limiter {
         let Some(redis) = &self.redis else {
             return Ok(permit);
         };
-        let checked = tokio::time::timeout(self.redis_timeout, redis.admit(name, &quota, &now))
+        // With "allow", a token far from its limits need not wait for Redis (see
+        // `redis`'s doc); with "deny", every request waits for Redis's word.
+        let optimistic = self.on_backend_error == OnBackendError::Allow;
+        if optimistic && redis.admit_at_once(name, &quota, &now) {
+            return Ok(permit);
+        }
+        let ahead = if optimistic {
+            redis::lease_size(&quota)
+        } else {
+            1
+        };
+        let checked = redis.admit(name, &quota, &now, ahead);
+        let checked = tokio::time::timeout(self.redis_timeout, checked)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.redis_timeout)));
         match checked {

@@ -427,6 +427,95 @@ async fn two_proxies_on_one_redis_share_one_limit() {
 }
 
 #[tokio::test]
+async fn two_proxies_admitting_at_once_stop_at_the_shared_limit_exactly() {
+    bounded(60, async {
+        // 200 a minute: each proxy is granted admissions ahead (up to 6) while the minute has
+        // room, one at a time near its end.
+        let setup = RedisSetup::new("erin", "requests_per_minute = 200").await;
+        let proxies = [setup.proxy(), setup.proxy()];
+        let urls: Vec<String> = proxies
+            .iter()
+            .map(|p| p.url("/v1/chat/completions"))
+            .collect();
+        wait_for_room_in_minute(Duration::from_secs(25));
+        // 16 clients at once, 20 requests each, every other one to each proxy: 320 in all.
+        let mut clients = tokio::task::JoinSet::new();
+        for n in 0..16 {
+            let (urls, token) = (urls.clone(), setup.issued.token.clone());
+            clients.spawn(async move {
+                let client = http_client();
+                let mut statuses = Vec::new();
+                for i in 0..20 {
+                    let url = &urls[(n + i) % 2];
+                    statuses.push(send(&client, chat(url, &token)).await.status);
+                }
+                statuses
+            });
+        }
+        let statuses: Vec<StatusCode> = clients.join_all().await.concat();
+        let count = |status| statuses.iter().filter(|s| **s == status).count();
+        assert_eq!(count(StatusCode::OK), 200, "{statuses:?}");
+        assert_eq!(count(StatusCode::TOO_MANY_REQUESTS), 120, "{statuses:?}");
+        assert_eq!(setup.upstream.received().len(), 200, "only 200 went up");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_far_from_its_limits_does_not_wait_for_redis_and_one_near_them_does() {
+    bounded(40, async {
+        let setup = RedisSetup::new(
+            "far",
+            "redis_timeout = \"2s\"\nrequests_per_minute = 100000",
+        )
+        .await;
+        let near = issue("near");
+        let tokens = format!(
+            "{}{}",
+            setup.issued.table,
+            with_limits(&near, "requests_per_minute = 2")
+        );
+        let proxy = start_limited(&setup.upstream, &setup.pki, &setup.limits, &tokens);
+        let client = http_client();
+        let far = &setup.issued.token;
+        wait_for_room_in_minute(Duration::from_secs(15));
+        // Each token's first request waits for Redis, which tells the proxy where it stands.
+        assert_eq!(ask(&client, &proxy, far).await.status, StatusCode::OK);
+        assert_eq!(
+            ask(&client, &proxy, &near.token).await.status,
+            StatusCode::OK
+        );
+
+        // Stopped, Redis answers nothing. A request that waited for it would take the whole
+        // redis_timeout (2 s); the far token's are answered well within it.
+        setup.redis.signal("STOP");
+        for _ in 0..3 {
+            let started = Instant::now();
+            let answer = ask(&client, &proxy, far).await;
+            assert_eq!(answer.status, StatusCode::OK);
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(1), "waited for Redis: {took:?}");
+        }
+        // The near token (1 of 2 used) waits for Redis's own check, then on_backend_error
+        // ("allow") decides.
+        let started = Instant::now();
+        let answer = ask(&client, &proxy, &near.token).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(2), "did not wait: {took:?}");
+        logged_once(&proxy, "limits backend (Redis) unreachable").await;
+
+        // Back: Redis counted the near token's stalled check, so it is at its limit now.
+        setup.redis.signal("CONT");
+        let refused =
+            until_status(&client, &proxy, &near.token, StatusCode::TOO_MANY_REQUESTS).await;
+        assert_limited(&refused, "requests per minute");
+        assert_eq!(refused.headers["x-ratelimit-limit-requests"], "2");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn redis_killed_with_allow_lets_requests_through_and_is_logged_once() {
     bounded(40, async {
         let setup = RedisSetup::new(

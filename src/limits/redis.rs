@@ -1,18 +1,37 @@
 //! The Redis backend: counters shared by every instance pointed at the same Redis.
 //!
-//! A minimal RESP2 client of our own: one connection, on a thread of its own, with the commands
-//! of every request pipelined on it (replies come back in order). Admission is one round trip
-//! (a Lua script that checks and counts atomically, with keys that expire with their window);
-//! charging tokens after a response is sent without waiting for the reply. A caller never waits
-//! longer than its timeout: while the connection is down, calls fail at once, and the thread
-//! reconnects in the background.
+//! A minimal RESP2 client of our own: one connection, on a thread of its own. Whatever is
+//! queued while a write is in flight goes out in the next single write, and the replies come
+//! back in order. The checks live in one Lua script that checks and counts atomically, with
+//! keys that expire with their window.
+//!
+//! How the round trip is kept off the request path:
+//! - Admission without waiting (with `on_backend_error = "allow"`, the default). Each answer of
+//!   the script updates what this instance knows of the token (`lease`): Redis's counts, and
+//!   for a requests limit a few admissions counted ahead (credits) while the minute has room
+//!   for them. A request whose token has a credit left, and whose token limits Redis's recent
+//!   counts leave far from reached, is let in at once; the instance asks for more credits and
+//!   newer counts, without waiting, before it runs out. An unknown token, counts older than a
+//!   second, a token limit near, or no credit left: the request waits for the script, as near
+//!   a limit it must, so the shared limit holds exactly. Credits are counted in Redis before
+//!   they are spent, so instances never admit more than a requests limit together; unspent
+//!   ones lapse with their minute. With `"deny"` every request waits for Redis's word, so that
+//!   none passes while Redis cannot be reached.
+//! - Charging: a finished request's tokens and usage record are summed with the others of the
+//!   same token and model and written a moment later, without waiting (`pending`).
+//! - The timeout: a caller that waits never waits longer than `redis_timeout`; while the
+//!   connection is down, calls fail at once, and the thread reconnects in the background.
 
-use std::collections::VecDeque;
+mod lease;
+mod pending;
+
+pub use lease::size as lease_size;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{Now, Quota, Row, Tally, Used};
 use crate::config::limits::RedisUrl as Url;
@@ -28,31 +47,52 @@ pub enum Value {
 
 type Reply = Result<Value, String>;
 
-/// Encoded commands, and where the reply to the last goes (None: nobody waits for it).
+/// What becomes of the reply to a call's last command (None: nothing). Run on the
+/// connection's thread; dropped uncalled when the connection fails first.
+type OnReply = Box<dyn FnOnce(Reply) + Send>;
+
+/// Encoded commands, and what becomes of the reply to the last.
 struct Call {
     bytes: Vec<u8>,
     commands: usize,
-    reply: Option<oneshot::Sender<Reply>>,
+    reply: Option<OnReply>,
+}
+
+/// What the callers and the connection's thread share besides the calls.
+#[derive(Default)]
+struct Shared {
+    leases: lease::Leases,
+    pending: pending::Pending,
+    /// Something was added to `pending`: a flush is due.
+    wake: Notify,
 }
 
 pub struct Client {
     url: Url,
     /// Started by the first call, so that `openai-proxy check` connects nowhere.
     calls: OnceLock<mpsc::Sender<Call>>,
+    shared: Arc<Shared>,
 }
 
-/// Checks a request against the windows and counts it, atomically. Returns 1 and the counts
-/// before it when let in, 0 and the counts when refused.
+/// Checks a request against the windows and counts it, atomically, with up to ARGV[4]
+/// admissions in all counted ahead while the minute has room (an eighth of what is left at
+/// most, and at least the request itself). Returns 1, the counts before it and how many it
+/// counted when let in; 0, the counts and 0 when refused. ARGV[4] = 0 only reads the counts.
 const ADMIT: &str = r"
 local r = tonumber(redis.call('GET', KEYS[1]) or '0')
 local t = tonumber(redis.call('GET', KEYS[2]) or '0')
 local d = tonumber(redis.call('GET', KEYS[3]) or '0')
 local rpm, tpm, tpd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
 if (rpm > 0 and r >= rpm) or (tpm > 0 and t >= tpm) or (tpd > 0 and d >= tpd) then
-  return {0, r, t, d}
+  return {0, r, t, d, 0}
 end
-if redis.call('INCR', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], 120) end
-return {1, r, t, d}
+local grant = want
+if rpm > 0 and want > 1 then grant = math.max(1, math.min(want, math.floor((rpm - r) / 8))) end
+if grant > 0 and redis.call('INCRBY', KEYS[1], grant) == grant then
+  redis.call('EXPIRE', KEYS[1], 120)
+end
+return {1, r, t, d, grant}
 ";
 
 /// The admission script's SHA-1 in hex, as EVALSHA names it.
@@ -97,11 +137,66 @@ fn key(name: &str, window: &str, number: u64) -> Vec<u8> {
     format!("openai-proxy:limits:{name}:{window}:{number}").into_bytes()
 }
 
+/// The script's answer: whether the request was let in, the counts before it, and how many
+/// admissions it counted (the request's own and credits to spare).
+struct Admission {
+    admitted: bool,
+    used: Used,
+    counted: u64,
+}
+
+impl Admission {
+    fn parse(reply: &Value) -> Result<Self, String> {
+        let unexpected = || format!("unexpected reply from Redis: {reply:?}");
+        let Value::Array(items) = reply else {
+            return Err(unexpected());
+        };
+        let number = |at: usize| match items.get(at) {
+            Some(Value::Int(n)) => Ok(u64::try_from(*n).unwrap_or(0)),
+            _ => Err(unexpected()),
+        };
+        Ok(Self {
+            admitted: number(0)? == 1,
+            used: Used {
+                requests_minute: number(1)?,
+                tokens_minute: number(2)?,
+                tokens_day: number(3)?,
+            },
+            counted: number(4)?,
+        })
+    }
+}
+
+/// The admission script's command: by its SHA-1 (`EVALSHA`), or whole (`EVAL`).
+fn admit_command(whole: bool, name: &str, quota: &Quota, now: &Now, want: u64) -> Vec<u8> {
+    let limit = |l: Option<super::Limit>| l.map_or(0, |l| l.0).to_string().into_bytes();
+    let (verb, script) = match whole {
+        true => (b"EVAL".to_vec(), ADMIT.as_bytes().to_vec()),
+        false => (b"EVALSHA".to_vec(), admit_sha().to_vec()),
+    };
+    let args: Vec<Vec<u8>> = vec![
+        verb,
+        script,
+        b"3".to_vec(),
+        key(name, "rpm", now.minute),
+        key(name, "tpm", now.minute),
+        key(name, "tpd", now.day),
+        limit(quota.requests_per_minute),
+        limit(quota.tokens_per_minute),
+        limit(quota.tokens_per_day),
+        want.to_string().into_bytes(),
+    ];
+    let mut bytes = Vec::new();
+    encode(&mut bytes, &args);
+    bytes
+}
+
 impl Client {
     pub fn new(url: Url) -> Self {
         Self {
             url,
             calls: OnceLock::new(),
+            shared: Arc::default(),
         }
     }
 
@@ -110,96 +205,107 @@ impl Client {
     }
 
     fn send(&self, call: Call) -> Result<(), String> {
-        let calls = self.calls.get_or_init(|| start(self.url.clone()));
+        let calls = self
+            .calls
+            .get_or_init(|| start(self.url.clone(), self.shared.clone()));
         calls
             .try_send(call)
             .map_err(|_| "Redis is not keeping up".to_owned())
     }
 
-    /// Checks the windows of `quota` and counts the request: the counts before it, and whether
-    /// it was let in. One round trip.
+    /// Admits a request at once if what is known of its token allows (see the module's doc);
+    /// false: it is to wait for `admit`. Asks Redis for more credits or newer counts without
+    /// waiting when they run low or old.
+    pub fn admit_at_once(&self, name: &Arc<str>, quota: &Quota, now: &Now) -> bool {
+        let Some(taken) = self.shared.leases.take(name, quota, now) else {
+            return false;
+        };
+        if taken.uncounted && self.shared.pending.count(name, now) {
+            self.flush_soon();
+        }
+        if let Some(want) = taken.refill {
+            let bytes = admit_command(false, name, quota, now, want);
+            let on_reply = self.on_admission(name, now, 0, |_| {});
+            let sent = self.send(Call {
+                bytes,
+                commands: 1,
+                reply: Some(on_reply),
+            });
+            if let Err(error) = sent {
+                tracing::debug!(%error, "no refill asked of Redis");
+            }
+        }
+        true
+    }
+
+    /// Checks the windows of `quota` and counts the request, with up to `want` admissions in
+    /// all counted ahead: the counts before it, and whether it was let in. One round trip.
     pub async fn admit(
         &self,
-        name: &str,
+        name: &Arc<str>,
         quota: &Quota,
         now: &Now,
+        want: u64,
     ) -> Result<(bool, Used), String> {
-        let limit = |l: Option<super::Limit>| l.map_or(0, |l| l.0).to_string().into_bytes();
-        // The script by its SHA-1, as Redis caches it; sent whole only when Redis lacks it (its
-        // first use since Redis started, or after SCRIPT FLUSH), which costs a second round trip.
-        let mut args: Vec<Vec<u8>> = vec![
-            b"EVALSHA".to_vec(),
-            admit_sha().to_vec(),
-            b"3".to_vec(),
-            key(name, "rpm", now.minute),
-            key(name, "tpm", now.minute),
-            key(name, "tpd", now.day),
-            limit(quota.requests_per_minute),
-            limit(quota.tokens_per_minute),
-            limit(quota.tokens_per_day),
-        ];
-        let reply = match self.call(&args).await {
-            Err(error) if error.starts_with("NOSCRIPT") => {
-                args[0] = b"EVAL".to_vec();
-                args[1] = ADMIT.as_bytes().to_vec();
-                self.call(&args).await?
+        // The script by its SHA-1, as Redis caches it (loaded on connecting); sent whole only
+        // when Redis lacks it (after SCRIPT FLUSH), which costs a second round trip.
+        let mut whole = false;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let on_reply = self.on_admission(name, now, 1, move |answer| {
+                let _ = tx.send(answer);
+            });
+            self.send(Call {
+                bytes: admit_command(whole, name, quota, now, want.max(1)),
+                commands: 1,
+                reply: Some(on_reply),
+            })?;
+            let answer = rx
+                .await
+                .map_err(|_| "the connection to Redis closed".to_owned())?;
+            match answer {
+                Err(error) if error.starts_with("NOSCRIPT") && !whole => whole = true,
+                answer => return answer.map(|a| (a.admitted, a.used)),
             }
-            reply => reply?,
-        };
-        let number = |v: Option<&Value>| match v {
-            Some(Value::Int(n)) => Ok(u64::try_from(*n).unwrap_or(0)),
-            _ => Err(format!("unexpected reply from Redis: {reply:?}")),
-        };
-        let Value::Array(items) = &reply else {
-            return Err(format!("unexpected reply from Redis: {reply:?}"));
-        };
-        let used = Used {
-            requests_minute: number(items.get(1))?,
-            tokens_minute: number(items.get(2))?,
-            tokens_day: number(items.get(3))?,
-        };
-        Ok((number(items.first())? == 1, used))
+        }
+    }
+
+    /// What becomes of the script's reply to a call for `own` requests (1: one waits for it;
+    /// 0: a refill): what is known of the token is updated (on the connection's thread, whether
+    /// or not anyone still waits), then `then` has the answer.
+    fn on_admission(
+        &self,
+        name: &Arc<str>,
+        now: &Now,
+        own: u64,
+        then: impl FnOnce(Result<Admission, String>) + Send + 'static,
+    ) -> OnReply {
+        let (shared, name, now) = (self.shared.clone(), name.clone(), *now);
+        Box::new(move |reply| {
+            let answer = reply.and_then(|value| Admission::parse(&value));
+            if let Ok(answer) = &answer {
+                super::health::up();
+                let spare = answer.counted.saturating_sub(own);
+                shared.leases.answered(&name, &now, answer.used, spare);
+            }
+            then(answer);
+        })
     }
 
     /// Records a finished request: its tokens in its minute and day, and its usage in the
-    /// day's usage hash. Sent without waiting for Redis.
-    pub fn charge(&self, name: &str, model: &str, tally: &Tally, now: &Now) {
-        let mut bytes = Vec::new();
-        let mut commands = 0;
-        let mut add = |args: &[&[u8]]| {
-            let args: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
-            encode(&mut bytes, &args);
-            commands += 1;
-        };
-        let tokens = tally.tokens().to_string();
-        if tally.tokens() > 0 {
-            for (window, number, ttl) in
-                [("tpm", now.minute, MINUTE_TTL), ("tpd", now.day, DAY_TTL)]
-            {
-                let key = key(name, window, number);
-                add(&[b"INCRBY", &key, tokens.as_bytes()]);
-                add(&[b"EXPIRE", &key, ttl.as_bytes()]);
-            }
+    /// day's usage hash. Summed with the others and written a moment later, without waiting.
+    pub fn charge(&self, name: &Arc<str>, model: &str, tally: &Tally, now: &Now) {
+        self.shared.leases.charged(name, tally.tokens(), now);
+        if self.shared.pending.charge(name, model, tally, now) {
+            self.flush_soon();
         }
-        let usage = usage_key(now.day);
-        let model = model.replace(FIELD_SEPARATOR, " ");
-        for (kind, value) in kinds(tally) {
-            let field = format!("{name}{FIELD_SEPARATOR}{model}{FIELD_SEPARATOR}{kind}");
-            add(&[
-                b"HINCRBY",
-                &usage,
-                field.as_bytes(),
-                value.to_string().as_bytes(),
-            ]);
-        }
-        add(&[b"EXPIRE", &usage, USAGE_TTL.as_bytes()]);
-        if let Err(error) = self.send(Call {
-            bytes,
-            commands,
-            reply: None,
-        }) {
-            tracing::debug!(%error, "usage not recorded in Redis");
-        }
+    }
+
+    /// Has the connection's thread write what is pending in a moment.
+    fn flush_soon(&self) {
+        self.calls
+            .get_or_init(|| start(self.url.clone(), self.shared.clone()));
+        self.shared.wake.notify_one();
     }
 
     /// Sends one command and waits for its reply.
@@ -210,7 +316,9 @@ impl Client {
         self.send(Call {
             bytes,
             commands: 1,
-            reply: Some(tx),
+            reply: Some(Box::new(move |reply| {
+                let _ = tx.send(reply);
+            })),
         })?;
         rx.await
             .map_err(|_| "the connection to Redis closed".to_owned())?
@@ -328,7 +436,7 @@ pub async fn read_value<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> std:
 }
 
 /// The connection's thread: connects, serves calls until the connection fails, and again.
-fn start(url: Url) -> mpsc::Sender<Call> {
+fn start(url: Url, shared: Arc<Shared>) -> mpsc::Sender<Call> {
     let (tx, rx) = mpsc::channel(4096);
     let spawned = std::thread::Builder::new()
         .name("limits-redis".into())
@@ -337,7 +445,7 @@ fn start(url: Url) -> mpsc::Sender<Call> {
                 .enable_all()
                 .build()
                 .expect("a runtime for the Redis connection");
-            runtime.block_on(run(url, rx));
+            runtime.block_on(run(url, rx, shared));
         });
     if let Err(error) = spawned {
         tracing::error!(%error, "cannot start the Redis connection's thread");
@@ -347,24 +455,31 @@ fn start(url: Url) -> mpsc::Sender<Call> {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// How long charges gather before they are written.
+const FLUSH_AFTER: Duration = Duration::from_millis(5);
 
-async fn run(url: Url, mut calls: mpsc::Receiver<Call>) {
+async fn run(url: Url, mut calls: mpsc::Receiver<Call>, shared: Arc<Shared>) {
     loop {
         let served = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&url)).await {
-            Ok(Ok(stream)) => serve(stream, &mut calls).await,
+            Ok(Ok(stream)) => serve(stream, &mut calls, &shared).await,
             Ok(Err(error)) => Err(error),
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         };
         if let Err(error) = served {
             tracing::debug!(%error, redis = ?url, "Redis connection failed; reconnecting");
         }
-        // Until it retries, calls fail at once (their reply dropped) rather than wait.
+        // Until it retries, calls fail at once (their reply dropped) rather than wait, and
+        // charges are dropped: what passes meanwhile is uncounted.
         let retry = tokio::time::sleep(RETRY_AFTER);
         tokio::pin!(retry);
         loop {
             tokio::select! {
                 () = &mut retry => break,
                 call = calls.recv() => if call.is_none() { return },
+                () = shared.wake.notified() => {
+                    shared.pending.take();
+                    tracing::debug!("usage not recorded in Redis");
+                }
             }
         }
     }
@@ -398,15 +513,23 @@ async fn connect(url: &Url) -> std::io::Result<Box<dyn Stream>> {
         );
         commands += 1;
     }
-    if commands > 0 {
-        stream.write_all(&setup).await?;
-        let mut reader = BufReader::new(&mut stream);
-        for _ in 0..commands {
-            // Redis's own words (WRONGPASS, NOAUTH, DB index out of range) hold no secret.
-            read_value(&mut reader)
-                .await?
-                .map_err(std::io::Error::other)?;
-        }
+    // The admission script, so that EVALSHA finds it.
+    encode(
+        &mut setup,
+        &[
+            b"SCRIPT".to_vec(),
+            b"LOAD".to_vec(),
+            ADMIT.as_bytes().to_vec(),
+        ],
+    );
+    commands += 1;
+    stream.write_all(&setup).await?;
+    let mut reader = BufReader::new(&mut stream);
+    for _ in 0..commands {
+        // Redis's own words (WRONGPASS, NOAUTH, DB index out of range) hold no secret.
+        read_value(&mut reader)
+            .await?
+            .map_err(std::io::Error::other)?;
     }
     Ok(stream)
 }
@@ -431,41 +554,63 @@ async fn tls(
         .await
 }
 
-/// Writes the calls as they come and hands each reply to its caller, in order, until the
-/// connection fails. Callers still waiting then see their reply dropped.
-async fn serve(stream: Box<dyn Stream>, calls: &mut mpsc::Receiver<Call>) -> std::io::Result<()> {
+/// Writes the calls as they come, and what is pending `FLUSH_AFTER` after it was first added,
+/// and hands each reply to its call, in order, until the connection fails. Calls still waiting
+/// for a reply are then dropped.
+async fn serve(
+    stream: Box<dyn Stream>,
+    calls: &mut mpsc::Receiver<Call>,
+    shared: &Shared,
+) -> std::io::Result<()> {
     let (read, mut write) = tokio::io::split(stream);
     let mut reader = BufReader::new(read);
-    let (pending_tx, mut pending_rx) =
-        mpsc::unbounded_channel::<(usize, Option<oneshot::Sender<Reply>>)>();
+    let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<(usize, Option<OnReply>)>();
     let replies = async move {
-        while let Some((commands, reply)) = pending_rx.recv().await {
+        while let Some((commands, on_reply)) = pending_rx.recv().await {
             let mut last = Ok(Value::Nil);
             for _ in 0..commands {
                 last = read_value(&mut reader).await?;
             }
-            if let Some(reply) = reply {
-                let _ = reply.send(last);
+            if let Some(on_reply) = on_reply {
+                on_reply(last);
             }
         }
         Ok(())
     };
     let requests = async move {
-        let mut batch = VecDeque::new();
-        while let Some(call) = calls.recv().await {
-            batch.push_back(call);
+        let mut flush_at: Option<tokio::time::Instant> = None;
+        loop {
+            let flush = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut bytes = Vec::new();
+            tokio::select! {
+                call = calls.recv() => {
+                    let Some(call) = call else { return Ok(()) };
+                    bytes.extend_from_slice(&call.bytes);
+                    let _ = pending_tx.send((call.commands, call.reply));
+                }
+                () = shared.wake.notified(), if flush_at.is_none() => {
+                    flush_at = Some(tokio::time::Instant::now() + FLUSH_AFTER);
+                    continue;
+                }
+                () = flush => {
+                    flush_at = None;
+                    let (charges, commands) = shared.pending.take();
+                    bytes = charges;
+                    let _ = pending_tx.send((commands, None));
+                }
+            }
             // Whatever else is already queued goes in the same write.
             while let Ok(call) = calls.try_recv() {
-                batch.push_back(call);
-            }
-            let mut bytes = Vec::new();
-            for call in batch.drain(..) {
                 bytes.extend_from_slice(&call.bytes);
                 let _ = pending_tx.send((call.commands, call.reply));
             }
             write.write_all(&bytes).await?;
         }
-        Ok::<(), std::io::Error>(())
     };
     tokio::select! {
         result = replies => result,
