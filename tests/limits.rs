@@ -447,7 +447,7 @@ async fn two_proxies_admitting_at_once_stop_at_the_shared_limit_exactly() {
                 let mut statuses = Vec::new();
                 for i in 0..20 {
                     let url = &urls[(n + i) % 2];
-                    statuses.push(send(&client, chat(url, &token)).await.status);
+                    statuses.push(send(&client, chat_with_token(url, &token)).await.status);
                 }
                 statuses
             });
