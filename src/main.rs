@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use openai_proxy::cli::{self, Command};
 use openai_proxy::{daemon, limits, outcome, tokens};
 
-/// hyper allocates and frees a little for every request; mimalloc does that in thread-local
-/// pages, where glibc's malloc was a tenth of the CPU time under load (bench/README.md).
+/// Every request allocates and frees a little; mimalloc serves that from thread-local pages
+/// (the measurement behind the choice is in bench/README.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -34,7 +34,6 @@ use crate::body::{ClientBody, Inbound};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::generation::{Generation, Live};
-
 use crate::http::OnUpgrade;
 
 pub mod access_log;
@@ -43,13 +42,12 @@ pub mod auth;
 mod failover;
 mod peer;
 mod respond;
+mod response_body;
 mod rewrite;
 mod tunnel;
 
 use access_log::{AccessRecord, RequestId};
 use auth::Grant;
-
-mod response_body;
 
 pub use crate::http::{Activity, Stage};
 pub use response_body::ResponseBody;
