@@ -1,5 +1,6 @@
 //! Which headers cross the proxy.
 
+use http::Version;
 use http::header::{self, HeaderMap, HeaderName};
 
 pub use crate::config::percent_decoded;
@@ -52,10 +53,14 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 /// RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host, and an HTTP/1.0 one at most one;
 /// its value is an authority without user info (nginx answers 400 otherwise, as here).
-pub fn check_host(headers: &HeaderMap, http11: bool) -> Result<(), &'static str> {
+pub fn check_host(headers: &HeaderMap, version: Version) -> Result<(), &'static str> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let Some(host) = hosts.next() else {
-        return if http11 { Err("no Host field") } else { Ok(()) };
+        return if version == Version::HTTP_11 {
+            Err("no Host field")
+        } else {
+            Ok(())
+        };
     };
     if hosts.next().is_some() {
         return Err("more than one Host field");
@@ -85,9 +90,25 @@ fn tokens(value: &header::HeaderValue) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
+/// What a request asks of its connection: an exchange of a request and a response, or a switch
+/// to another protocol (a WebSocket), which needs a connection of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exchange {
+    Plain,
+    Upgrade,
+}
+
+impl Exchange {
+    /// `Upgrade` where `upgrade` holds.
+    pub fn upgrade_if(upgrade: bool) -> Self {
+        if upgrade { Self::Upgrade } else { Self::Plain }
+    }
+}
+
 /// Drops hop-by-hop headers, and the ones `Connection` names. An upgrade keeps
 /// `Connection: upgrade` and `Upgrade`, which the next hop needs to agree to it.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, exchange: Exchange) {
+    let upgrade = exchange == Exchange::Upgrade;
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -150,7 +171,7 @@ mod tests {
             ("authorization", "Bearer sk-test"),
             ("content-type", "application/json"),
         ]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, Exchange::Plain);
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["authorization", "content-type"]);
@@ -164,7 +185,7 @@ mod tests {
             ("sec-websocket-key", "abc"),
         ]);
         assert!(is_websocket_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
+        strip_hop_by_hop(&mut h, Exchange::Upgrade);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["sec-websocket-key"], "abc");
@@ -174,13 +195,13 @@ mod tests {
 
     #[test]
     fn host_fields() {
-        assert!(check_host(&map(&[("host", "api.example:8080")]), true).is_ok());
-        assert!(check_host(&map(&[("host", "[::1]:80")]), true).is_ok());
-        assert!(check_host(&map(&[]), false).is_ok());
-        assert!(check_host(&map(&[]), true).is_err());
-        assert!(check_host(&map(&[("host", "a"), ("host", "a")]), true).is_err());
-        assert!(check_host(&map(&[("host", "")]), true).is_err());
-        assert!(check_host(&map(&[("host", "u@h")]), true).is_err());
-        assert!(check_host(&map(&[("host", "a/b")]), true).is_err());
+        assert!(check_host(&map(&[("host", "api.example:8080")]), Version::HTTP_11).is_ok());
+        assert!(check_host(&map(&[("host", "[::1]:80")]), Version::HTTP_11).is_ok());
+        assert!(check_host(&map(&[]), Version::HTTP_10).is_ok());
+        assert!(check_host(&map(&[]), Version::HTTP_11).is_err());
+        assert!(check_host(&map(&[("host", "a"), ("host", "a")]), Version::HTTP_11).is_err());
+        assert!(check_host(&map(&[("host", "")]), Version::HTTP_11).is_err());
+        assert!(check_host(&map(&[("host", "u@h")]), Version::HTTP_11).is_err());
+        assert!(check_host(&map(&[("host", "a/b")]), Version::HTTP_11).is_err());
     }
 }

@@ -217,11 +217,19 @@ pub fn request(request: &Request<'_>) {
     registry.named.request(request, class);
 }
 
+/// Where the try after a failed one goes: the same upstream with another key, or another
+/// upstream (a failover).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextTry {
+    Key,
+    Upstream,
+}
+
 /// Counts a try on `upstream` that was not the client's answer and was followed by another:
-/// `reason` is one of `REASONS`; `failover` when the next try goes to another upstream.
-pub fn upstream_retried(upstream: &str, reason: &'static str, failover: bool) {
+/// `reason` is one of `REASONS`.
+pub fn upstream_retried(upstream: &str, reason: &'static str, next: NextTry) {
     if let Some(reason) = REASONS.iter().position(|r| *r == reason) {
-        REGISTRY.named.retried(upstream, reason, failover);
+        REGISTRY.named.retried(upstream, reason, next);
     }
 }
 

@@ -32,10 +32,11 @@ pub use crate::config::upstream::Config;
 use crate::config::upstream::bracket_ipv6;
 use crate::config::{ConfigError, ConfigFile, FileRead};
 use crate::error::ProxyError;
+use crate::headers::Exchange;
 use crate::workers;
 
 pub use body::UpstreamBody;
-use dial::Dialer;
+use dial::{Dialer, Protocols};
 use egress::Egress;
 pub use egress::Secret;
 use errors::{failure, tls_error};
@@ -239,11 +240,11 @@ impl Upstream {
     pub async fn send(
         &self,
         request: Request<RequestBody>,
-        upgrade: bool,
+        exchange: Exchange,
     ) -> Result<(Response<UpstreamBody>, Option<http1::Upgraded>), ProxyError> {
         let timeout = self.config.response_timeout.0;
         let sending = async {
-            if upgrade {
+            if exchange == Exchange::Upgrade {
                 // Boxed, as dialing is below: what is rare should not make every request's
                 // state larger, since that state is moved as a whole.
                 Box::pin(self.send_upgrade(request)).await
@@ -263,7 +264,7 @@ impl Upstream {
         request: Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, Option<http1::Upgraded>), ProxyError> {
         let conn = self.dialer.dial_http1().await?;
-        let mut outgoing = http1::Outgoing::new(request, &self.host_header, true);
+        let mut outgoing = http1::Outgoing::new(request, &self.host_header, Exchange::Upgrade);
         match http1::exchange(conn, &mut outgoing, &Weak::new()).await {
             Ok((response, upgraded)) => Ok((response.map(UpstreamBody::http1), upgraded)),
             Err(http1::Failure::Stale(error) | http1::Failure::Failed(error)) => Err(error),
@@ -283,7 +284,11 @@ impl Upstream {
         let mut retries = 0;
         loop {
             // Once written out for HTTP/1.1 (and found a stale connection), it stays HTTP/1.1.
-            let conn = match pool.ready(outgoing.is_some()).await? {
+            let protocols = match outgoing {
+                Some(_) => Protocols::Http1Only,
+                None => Protocols::Any,
+            };
+            let conn = match pool.ready(protocols).await? {
                 Ready::Stream(mut sender, in_flight) => {
                     let unsent = request
                         .take()
@@ -307,9 +312,11 @@ impl Upstream {
             };
             let out = match (&mut outgoing, request.take()) {
                 (Some(out), _) => out,
-                (None, Some(request)) => {
-                    outgoing.insert(http1::Outgoing::new(request, &self.host_header, false))
-                }
+                (None, Some(request)) => outgoing.insert(http1::Outgoing::new(
+                    request,
+                    &self.host_header,
+                    Exchange::Plain,
+                )),
                 (None, None) => unreachable!("a request is either unsent or outgoing"),
             };
             match http1::exchange(conn, out, &Arc::downgrade(pool)).await {

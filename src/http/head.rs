@@ -167,7 +167,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, ProxyErr
     let uri = Uri::from_maybe_shared(head.slice(path.0 as usize..path.1 as usize))
         .map_err(|_| malformed("invalid request target"))?;
     let (map, noted) = spans.header_map(&head).map_err(malformed)?;
-    headers::check_host(&map, version == Version::HTTP_11).map_err(malformed)?;
+    headers::check_host(&map, version).map_err(malformed)?;
     let framing = if noted.framed {
         framing::from_fields(&map, version).map_err(malformed)?
     } else {

@@ -167,12 +167,21 @@ impl Admission {
     }
 }
 
-/// The admission script's command: by its SHA-1 (`EVALSHA`), or whole (`EVAL`).
-fn admit_command(whole: bool, name: &str, quota: &Quota, now: &Now, want: u64) -> Vec<u8> {
+/// How the admission script is named in its command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// By its SHA-1 (`EVALSHA`), as Redis caches it.
+    Sha,
+    /// Whole (`EVAL`), when Redis lacks it.
+    Whole,
+}
+
+/// The admission script's command.
+fn admit_command(script: Script, name: &str, quota: &Quota, now: &Now, want: u64) -> Vec<u8> {
     let limit = |l: Option<super::Limit>| l.map_or(0, |l| l.0).to_string().into_bytes();
-    let (verb, script) = match whole {
-        true => (b"EVAL".to_vec(), ADMIT.as_bytes().to_vec()),
-        false => (b"EVALSHA".to_vec(), admit_sha().to_vec()),
+    let (verb, script) = match script {
+        Script::Whole => (b"EVAL".to_vec(), ADMIT.as_bytes().to_vec()),
+        Script::Sha => (b"EVALSHA".to_vec(), admit_sha().to_vec()),
     };
     let args: Vec<Vec<u8>> = vec![
         verb,
@@ -224,7 +233,7 @@ impl Client {
             self.flush_soon();
         }
         if let Some(want) = taken.refill {
-            let bytes = admit_command(false, name, quota, now, want);
+            let bytes = admit_command(Script::Sha, name, quota, now, want);
             let on_reply = self.on_admission(name, now, 0, |_| {});
             let sent = self.send(Call {
                 bytes,
@@ -249,14 +258,14 @@ impl Client {
     ) -> Result<(bool, Used), String> {
         // The script by its SHA-1, as Redis caches it (loaded on connecting); sent whole only
         // when Redis lacks it (after SCRIPT FLUSH), which costs a second round trip.
-        let mut whole = false;
+        let mut script = Script::Sha;
         loop {
             let (tx, rx) = oneshot::channel();
             let on_reply = self.on_admission(name, now, 1, move |answer| {
                 let _ = tx.send(answer);
             });
             self.send(Call {
-                bytes: admit_command(whole, name, quota, now, want.max(1)),
+                bytes: admit_command(script, name, quota, now, want.max(1)),
                 commands: 1,
                 reply: Some(on_reply),
             })?;
@@ -264,7 +273,9 @@ impl Client {
                 .await
                 .map_err(|_| "the connection to Redis closed".to_owned())?;
             match answer {
-                Err(error) if error.starts_with("NOSCRIPT") && !whole => whole = true,
+                Err(error) if error.starts_with("NOSCRIPT") && script == Script::Sha => {
+                    script = Script::Whole;
+                }
                 answer => return answer.map(|a| (a.admitted, a.used)),
             }
         }

@@ -244,7 +244,7 @@ impl Named {
         }
     }
 
-    pub fn retried(&self, upstream: &str, reason: usize, failover: bool) {
+    pub fn retried(&self, upstream: &str, reason: usize, next: super::NextTry) {
         let maps = self.maps.load();
         self.with(
             &maps.upstreams,
@@ -252,7 +252,7 @@ impl Named {
             upstream,
             |upstream| {
                 upstream.retries[reason].fetch_add(1, Ordering::Relaxed);
-                if failover {
+                if next == super::NextTry::Upstream {
                     upstream.failovers.fetch_add(1, Ordering::Relaxed);
                 }
             },

@@ -18,7 +18,9 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 
 use crate::body::{ClientBody, RequestBody};
 use crate::error::ProxyError;
+use crate::headers::Exchange;
 use crate::keys::Key;
+use crate::metrics::NextTry;
 use crate::routes::{Choice, Named, RESTING_CHANGED};
 use crate::upstream::{UpstreamBody, http1::Upgraded};
 
@@ -34,7 +36,7 @@ pub struct Outgoing<'a> {
     /// The client's URI, which each upstream puts under its own url.
     pub uri: &'a Uri,
     pub headers: HeaderMap,
-    pub upgrade: bool,
+    pub exchange: Exchange,
     /// Tokens mode: the proxy's key is in `headers`, to go where each upstream takes it.
     pub own_key: bool,
     pub body_limit: u64,
@@ -64,7 +66,8 @@ pub async fn forward<'a>(
 ) -> Result<Answered<'a>, ProxyError> {
     let rotating = |named: &Named| out.own_key && !named.keys.is_empty();
     let may_retry = choice.count() > 1 || choice.iter().any(|n| rotating(n) && n.keys.len() > 1);
-    let replayable = may_retry && (out.upgrade || read_whole(choice, &out, body).await?);
+    let replayable =
+        may_retry && (out.exchange == Exchange::Upgrade || read_whole(choice, &out, body).await?);
     let started = Instant::now();
     let mut tried = String::new();
     let mut tries = 0;
@@ -111,8 +114,11 @@ pub async fn forward<'a>(
                 _ => Next::Answer,
             };
             if let Next::Key(reason) | Next::Upstream(reason) = next {
-                let failover = matches!(next, Next::Upstream(_));
-                crate::metrics::upstream_retried(&named.name, reason, failover);
+                let next = match next {
+                    Next::Upstream(_) => NextTry::Upstream,
+                    _ => NextTry::Key,
+                };
+                crate::metrics::upstream_retried(&named.name, reason, next);
             }
             match next {
                 Next::Answer => {
@@ -251,7 +257,7 @@ async fn send_one(
 ) -> Tried {
     let upstream = &named.upstream;
     let idle = upstream.config().idle_timeout.0;
-    let (body, body_failed) = if out.upgrade {
+    let (body, body_failed) = if out.exchange == Exchange::Upgrade {
         (RequestBody::empty(), None)
     } else {
         let (body, failed) = RequestBody::new(body, out.body_limit, idle, out.bytes_in.clone());
@@ -265,11 +271,11 @@ async fn send_one(
         named.place_key(request.headers_mut(), key);
     }
     let Some(mut body_failed) = body_failed else {
-        return upstream.send(request, out.upgrade).await;
+        return upstream.send(request, out.exchange).await;
     };
     tokio::select! {
         // A request that failed because its body did says so, not how the upstream saw it.
-        response = upstream.send(request, out.upgrade) => match response {
+        response = upstream.send(request, out.exchange) => match response {
             Ok(response) => Ok(response),
             Err(error) => Err(body_failed.try_recv().unwrap_or(error)),
         },

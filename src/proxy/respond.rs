@@ -10,7 +10,7 @@ use super::failover::Answered;
 use super::{Connection, Ctx, auth, tunnel};
 use crate::error::ProxyError;
 use crate::generation::Generation;
-use crate::headers;
+use crate::headers::{self, Exchange};
 use crate::proxy::ResponseBody;
 use crate::usage;
 
@@ -35,7 +35,7 @@ pub async fn response_filter(
     answered
         .named
         .mark(answered.tried, &mut parts.extensions, &mut head.headers);
-    headers::strip_hop_by_hop(&mut head.headers, switched && upgrade);
+    headers::strip_hop_by_hop(&mut head.headers, Exchange::upgrade_if(switched && upgrade));
     if ctx.grant.is_some() {
         auth::hide_key_in_answer(&parts.extensions, &mut head.headers);
     }

@@ -12,7 +12,7 @@ use super::{Connection, Ctx, auth};
 use crate::body::ClientBody;
 use crate::error::ProxyError;
 use crate::generation::Generation;
-use crate::headers;
+use crate::headers::{self, Exchange};
 use crate::usage;
 
 /// Asks a streamed chat request for its usage, asks for the model list unencoded where it is
@@ -31,13 +31,13 @@ pub async fn upstream_request_filter<'p>(
     // The HTTP/1.1 server hands over the connection only for an upgrade without a body; any
     // other request with Upgrade fields goes as a plain request, without them.
     ctx.client_upgrade = parts.extensions.remove::<crate::http::OnUpgrade>();
-    let upgrade = ctx.client_upgrade.is_some();
-    let headers = upstream_headers(generation, conn, parts, upgrade);
+    let exchange = Exchange::upgrade_if(ctx.client_upgrade.is_some());
+    let headers = upstream_headers(generation, conn, parts, exchange);
     Ok(Outgoing {
         method: &parts.method,
         uri: &parts.uri,
         headers,
-        upgrade,
+        exchange,
         own_key: ctx.grant.is_some(),
         body_limit: generation.config.server.max_request_body.0,
         bytes_in,
@@ -50,10 +50,10 @@ fn upstream_headers(
     generation: &Generation,
     conn: &Connection,
     parts: &mut Parts,
-    upgrade: bool,
+    exchange: Exchange,
 ) -> http::HeaderMap {
     let mut headers = std::mem::take(&mut parts.headers);
-    headers::strip_hop_by_hop(&mut headers, upgrade);
+    headers::strip_hop_by_hop(&mut headers, exchange);
     // The client's `Expect: 100-continue` is answered on its connection; not the upstream's to answer.
     headers.remove(header::EXPECT);
     if generation.config.proxy.forward_client_identity {

@@ -16,6 +16,14 @@ use super::{Config, http1, resolve};
 use crate::body::RequestBody;
 use crate::error::ProxyError;
 
+/// The protocols a new connection may speak: HTTP/2 or HTTP/1.1, as ALPN settles, or HTTP/1.1
+/// only (for a request already written out for HTTP/1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocols {
+    Any,
+    Http1Only,
+}
+
 /// Opens connections to the upstream: TCP to the url's host and port, TLS with the configured
 /// host as server name (like `curl --connect-to`), then HTTP/2 or HTTP/1.1 as ALPN decides.
 pub(super) struct Dialer {
@@ -61,7 +69,7 @@ impl Dialer {
     }
 
     pub async fn dial(&self) -> Result<Connected, ProxyError> {
-        match self.transport(false).await? {
+        match self.transport(Protocols::Any).await? {
             Transport::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
                 Ok(Connected::Http2(self.handshake(TokioIo::new(tls)).await?))
             }
@@ -89,7 +97,7 @@ impl Dialer {
     /// An HTTP/1.1 connection, whatever the upstream would prefer: for upgrades, which cannot
     /// ride HTTP/2, and for the pool of HTTP/1.1 connections.
     pub async fn dial_http1(&self) -> Result<http1::Connection, ProxyError> {
-        let io: http1::Stream = match self.transport(true).await? {
+        let io: http1::Stream = match self.transport(Protocols::Http1Only).await? {
             Transport::Tls(tls) => tls,
             Transport::Plain(link) => Box::new(link),
         };
@@ -98,9 +106,9 @@ impl Dialer {
 
     /// TCP (or a tunnel through the egress proxy), then TLS for https://, both within the
     /// connect timeout.
-    async fn transport(&self, http1_only: bool) -> Result<Transport, ProxyError> {
+    async fn transport(&self, protocols: Protocols) -> Result<Transport, ProxyError> {
         let limit = self.connect_timeout;
-        let transport = tokio::time::timeout(limit, self.connect(http1_only))
+        let transport = tokio::time::timeout(limit, self.connect(protocols))
             .await
             .unwrap_or_else(|_| {
                 Err(match &self.egress {
@@ -117,7 +125,7 @@ impl Dialer {
         transport
     }
 
-    async fn connect(&self, http1_only: bool) -> Result<Transport, ProxyError> {
+    async fn connect(&self, protocols: Protocols) -> Result<Transport, ProxyError> {
         let link = match &self.egress {
             Some(egress) => egress.connect(&self.resolver).await?,
             None => Link::Tcp(self.tcp().await?),
@@ -125,7 +133,10 @@ impl Dialer {
         let Some(tls) = &self.tls else {
             return Ok(Transport::Plain(link));
         };
-        let connector = if http1_only { &tls.http1 } else { &tls.pooled };
+        let connector = match protocols {
+            Protocols::Any => &tls.pooled,
+            Protocols::Http1Only => &tls.http1,
+        };
         match connector.connect(tls.server_name.clone(), link).await {
             Ok(stream) => {
                 let session = stream.get_ref().1;

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use super::Pool;
 use crate::body::{BodyError, RequestBody};
 use crate::error::ProxyError;
+use crate::headers::Exchange;
 use crate::http::framing::Peer;
 use crate::http::head::{self, Asked, MAX_RESPONSE_HEAD, ResponseHead};
 use crate::http::{BoxIo, Carrier, Encoder, Framing, Outlet, Rewind, WireBody, pump};
@@ -102,7 +103,7 @@ struct Replay {
 impl Outgoing {
     /// `request` carries the upstream's path (origin form) and no Host field; `host` is the one
     /// to send.
-    pub fn new(request: Request<RequestBody>, host: &HeaderValue, upgrade: bool) -> Self {
+    pub fn new(request: Request<RequestBody>, host: &HeaderValue, exchange: Exchange) -> Self {
         let (parts, body) = request.into_parts();
         let mut idempotent = matches!(
             parts.method,
@@ -156,7 +157,7 @@ impl Outgoing {
             idempotent,
             asked: Asked {
                 head_method: parts.method == Method::HEAD,
-                upgrade,
+                upgrade: exchange == Exchange::Upgrade,
             },
         }
     }
@@ -821,7 +822,11 @@ mod properties {
             .uri("/v1/models")
             .body(RequestBody::empty())
             .unwrap();
-        Outgoing::new(request, &HeaderValue::from_static("upstream"), upgrade)
+        Outgoing::new(
+            request,
+            &HeaderValue::from_static("upstream"),
+            Exchange::upgrade_if(upgrade),
+        )
     }
 
     /// Polls `future` once. A Script never waits on a waker, so Pending means that it wants

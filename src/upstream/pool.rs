@@ -13,7 +13,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use hyper::client::conn::http2;
 use tokio::time::Instant;
 
-use super::dial::{Connected, Dialer};
+use super::dial::{Connected, Dialer, Protocols};
 use super::load::{InFlight, Load};
 use super::{Config, http1};
 use crate::body::RequestBody;
@@ -205,11 +205,11 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A connection for a request (HTTP/1.1 when `http1_only`): one the pool has, or the one
+    /// A connection for a request, speaking `protocols`: one the pool has, or the one
     /// being opened once it is open, or a new one of the request's own, as `plan` says.
-    pub async fn ready(self: &Arc<Self>, http1_only: bool) -> Result<Ready, ProxyError> {
+    pub async fn ready(self: &Arc<Self>, protocols: Protocols) -> Result<Ready, ProxyError> {
         loop {
-            let busy = match self.checkout(http1_only, Instant::now()) {
+            let busy = match self.checkout(protocols, Instant::now()) {
                 Checkout::Stream(sender, in_flight) => return Ok(Ready::Stream(sender, in_flight)),
                 Checkout::Idle(conn) => return Ok(Ready::Http1(conn)),
                 Checkout::Wait(connecting) => {
@@ -225,7 +225,7 @@ impl Pool {
             };
             // Boxed: what is rare should not make every request's state larger, since that
             // state is moved as a whole.
-            let mut conn = if http1_only {
+            let mut conn = if protocols == Protocols::Http1Only {
                 Box::pin(self.dialer.dial_http1()).await?
             } else {
                 match Box::pin(self.dialer.dial()).await? {
@@ -242,7 +242,7 @@ impl Pool {
     }
 
     /// Where the next request goes, as of `now`, per `plan`; starts what the plan opens.
-    fn checkout(self: &Arc<Self>, http1_only: bool, now: Instant) -> Checkout {
+    fn checkout(self: &Arc<Self>, protocols: Protocols, now: Instant) -> Checkout {
         let mut state = self.lock();
         let idle = self.take_idle(&mut state, now);
         state.lanes.retain(|lane| !lane.sender.is_closed());
@@ -253,7 +253,7 @@ impl Pool {
             .enumerate()
             .min_by_key(|&(_, in_flight)| in_flight);
         let plan = plan(&Facts {
-            http1_only,
+            http1_only: protocols == Protocols::Http1Only,
             idle_ready: idle.is_some(),
             idle: state.idle.len(),
             busy: Arc::strong_count(&state.busy) - 1,
@@ -634,12 +634,12 @@ mod tests {
     /// Sends a GET over the HTTP/1.1 connection the pool has ready, and returns its response,
     /// whose body holds the connection until it is read to its end.
     async fn get(pool: &Arc<Pool>) -> Response<http1::ResponseBody> {
-        let Ready::Http1(conn) = pool.ready(false).await.unwrap() else {
+        let Ready::Http1(conn) = pool.ready(Protocols::Any).await.unwrap() else {
             panic!("an http:// upstream is spoken to over HTTP/1.1");
         };
         let request = Request::get("/").body(RequestBody::empty()).unwrap();
         let host = HeaderValue::from_static("upstream");
-        let mut out = http1::Outgoing::new(request, &host, false);
+        let mut out = http1::Outgoing::new(request, &host, crate::headers::Exchange::Plain);
         match http1::exchange(conn, &mut out, &Arc::downgrade(pool)).await {
             Ok((response, _)) => response,
             Err(_) => panic!("the upstream answers"),
@@ -679,10 +679,16 @@ mod tests {
         let put = Instant::now();
         pool.put_idle(pool.dialer.dial_http1().await.unwrap());
         let almost = put + pool.idle_timeout - Duration::from_millis(1);
-        assert!(matches!(pool.checkout(false, almost), Checkout::Idle(_)));
+        assert!(matches!(
+            pool.checkout(Protocols::Any, almost),
+            Checkout::Idle(_)
+        ));
         pool.put_idle(pool.dialer.dial_http1().await.unwrap());
         let past = Instant::now() + pool.idle_timeout;
-        assert!(matches!(pool.checkout(false, past), Checkout::Dial(_)));
+        assert!(matches!(
+            pool.checkout(Protocols::Any, past),
+            Checkout::Dial(_)
+        ));
         assert_eq!(
             pool.connections_idle(),
             0,
@@ -719,7 +725,8 @@ mod tests {
         // pool is seen as it is.
         let mut streams = Vec::new();
         for n in 0..STREAMS_PER_CONNECTION {
-            let Checkout::Stream(sender, in_flight) = pool.checkout(false, Instant::now()) else {
+            let Checkout::Stream(sender, in_flight) = pool.checkout(Protocols::Any, Instant::now())
+            else {
                 panic!("request {n} rides the HTTP/2 connection");
             };
             streams.push((sender, in_flight));
@@ -736,12 +743,12 @@ mod tests {
             );
         }
         assert!(matches!(
-            pool.checkout(false, Instant::now()),
+            pool.checkout(Protocols::Any, Instant::now()),
             Checkout::Wait(_)
         ));
         // A second connection takes the requests the first has no room for.
         pool.add_lane(http2_lane(&pool).await);
-        let Checkout::Stream(_, _in_flight) = pool.checkout(false, Instant::now()) else {
+        let Checkout::Stream(_, _in_flight) = pool.checkout(Protocols::Any, Instant::now()) else {
             panic!("the next request rides the second HTTP/2 connection");
         };
         assert_eq!(pool.lock().lanes[1].load.in_flight(), 1);
