@@ -25,6 +25,22 @@ async fn answered_by(client: &HttpClient, request: Request<Full<Bytes>>, name: &
     assert_eq!(answer.headers["x-openai-proxy-upstream"], name);
 }
 
+/// What `upstream` received, a line each: the path and the body's model.
+fn paths(upstream: &FakeUpstream) -> Vec<String> {
+    upstream
+        .received()
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            format!(
+                "{} {}",
+                r.uri.parse::<http::Uri>().unwrap().path(),
+                body["model"].as_str().unwrap_or("-")
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_reach_the_upstream_their_route_names() {
     bounded(30, async {
@@ -76,21 +92,6 @@ async fn requests_reach_the_upstream_their_route_names() {
             .unwrap();
         answered_by(&client, models, "default").await;
 
-        let paths = |upstream: &FakeUpstream| -> Vec<String> {
-            upstream
-                .received()
-                .iter()
-                .map(|r| {
-                    let body: serde_json::Value =
-                        serde_json::from_slice(&r.body).unwrap_or_default();
-                    format!(
-                        "{} {}",
-                        r.uri.parse::<http::Uri>().unwrap().path(),
-                        body["model"].as_str().unwrap_or("-")
-                    )
-                })
-                .collect()
-        };
         assert_eq!(
             paths(&second),
             [
@@ -153,6 +154,35 @@ async fn the_key_goes_in_the_upstreams_key_header() {
             format!("Bearer {UPSTREAM_KEY}")
         );
         assert!(seen.headers.get("api-key").is_none());
+    })
+    .await;
+}
+
+/// A token limited to some models, with routes by model: the model its check reads routes the
+/// request, and a model it may not use is refused before any upstream sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_model_check_and_routes_by_model_agree() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let default = FakeUpstream::start(&pki, Alpn::Both).await;
+        let second = FakeUpstream::start(&pki, Alpn::Both).await;
+        let alice = issue("alice");
+        let table = format!("{}models = [\"gpt-4o*\", \"gpt-3.5-turbo\"]\n", alice.table);
+        let config = format!(
+            "{}{}{ROUTES}",
+            basic_config(&default, &pki, TOKENS_AUTH),
+            named_toml("second", &second, &pki, "")
+        );
+        let proxy = Proxy::start_in(tokens_dir(&table), &config, ProxyOptions::default());
+        let client = http_client();
+        let chat_url = proxy.url("/v1/chat/completions");
+        let chat = |model: &str| post_json_as(&chat_url, chat_for(model), Some(&alice.token));
+        answered_by(&client, chat("gpt-4o-mini"), "second").await;
+        answered_by(&client, chat("gpt-3.5-turbo"), "default").await;
+        let refused = send(&client, chat("o1")).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{:?}", refused.body);
+        assert_eq!(paths(&second), ["/v1/chat/completions gpt-4o-mini"]);
+        assert_eq!(paths(&default), ["/v1/chat/completions gpt-3.5-turbo"]);
     })
     .await;
 }

@@ -46,9 +46,11 @@ pub async fn admit(
     let token = verify(tokens, &parts.headers)?;
     parts.extensions.insert(TokenName(token.name.clone()));
     if token.restricts_models() {
-        let upgrade = parts.extensions.get::<crate::http::OnUpgrade>().is_some();
-        let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
-        inspect::check_models(generation, &token, parts, body).await?;
+        let body = inspected_body(parts, body);
+        let models = inspect::check_models(generation, &token, parts, body).await?;
+        parts
+            .extensions
+            .insert(NamedModel(models.into_iter().next()));
     }
     if let Some(theirs) = subprotocol_entry(&parts.headers) {
         parts.extensions.insert(TokenSubprotocol(theirs));
@@ -59,15 +61,31 @@ pub async fn admit(
 
 /// The model a request names, for routes that choose an upstream by model: the first found
 /// where tokens mode looks. None for an upgrade, a file upload or a body too large to read.
+/// A request whose token's model check has read its models already is not read again.
 pub async fn request_model(
     generation: &Generation,
     parts: &http::request::Parts,
     body: &ClientBody,
 ) -> Result<Option<String>, ProxyError> {
-    let upgrade = parts.extensions.get::<crate::http::OnUpgrade>().is_some();
-    let body = (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body);
+    if let Some(NamedModel(model)) = parts.extensions.get::<NamedModel>() {
+        return Ok(model.clone());
+    }
+    let body = inspected_body(parts, body);
     let (models, _) = inspect::request_models(generation, parts, body).await?;
     Ok(models.into_iter().next())
+}
+
+/// The first model a request names, as the token's model check found it (its body read whole).
+#[derive(Clone)]
+struct NamedModel(Option<String>);
+
+/// The body to look for models in: none for an upgrade or an upload.
+fn inspected_body<'b>(
+    parts: &http::request::Parts,
+    body: &'b ClientBody,
+) -> Option<&'b ClientBody> {
+    let upgrade = parts.extensions.get::<crate::http::OnUpgrade>().is_some();
+    (!upgrade && inspect::body_may_name_a_model(parts.uri.path())).then_some(body)
 }
 
 /// The subprotocol entry a client sent its token in, as it sent it.

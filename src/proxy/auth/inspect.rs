@@ -39,12 +39,13 @@ pub fn body_may_name_a_model(path: &str) -> bool {
     })
 }
 
+/// Refuses a request that names a model `token` may not use; the models it names otherwise.
 pub async fn check_models(
     generation: &Generation,
     token: &Token,
     parts: &http::request::Parts,
     body: Option<&ClientBody>,
-) -> Result<(), ProxyError> {
+) -> Result<Vec<String>, ProxyError> {
     let limit = generation.config.server.max_request_body.0;
     let (models, complete) = request_models(generation, parts, body).await?;
     if !complete {
@@ -58,7 +59,7 @@ pub async fn check_models(
     }
     match models.iter().find(|m| !token.allows(m)) {
         Some(refused) => Err(ProxyError::ModelNotAllowed(refused.to_string())),
-        None => Ok(()),
+        None => Ok(models),
     }
 }
 
